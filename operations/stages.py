@@ -1,0 +1,21 @@
+"""
+The order of the stages. Each layer module owns its facts, operations and NixOS rendering;
+this file only says which runs when. Checks that refuse a run happen first, from facts only.
+"""
+
+from __future__ import annotations
+
+from operations.settings import Settings
+
+
+def deploy(settings: Settings) -> None:
+    from operations import disks, gpt, luks, filesystems, btrfs, mounts  # noqa: F401 (layers)
+
+    profile = settings.profile
+    disks.guard(profile, settings)          # refuse wrong/in-use/foreign disks: facts only
+    gpt.apply(profile)                      # partition tables by partlabel, udev settled
+    luks.apply(profile)                     # luksFormat (new only) + open
+    filesystems.apply(profile)              # mkfs where no signature is present
+    btrfs.apply(profile)                    # subvolumes, blank snapshot
+    mounts.apply(profile)                   # everything under /mnt, parents first
+    btrfs.apply_swapfiles(profile)          # swapfiles after their subvolume is mounted
