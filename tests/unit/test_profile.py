@@ -1,0 +1,245 @@
+"""The profile model: the shipped profiles load as the references describe, bad input names its field."""
+
+import textwrap
+
+import pytest
+
+from operations.profile import ProfileError, host_hash, load_profile, parse_size
+from operations.secrets import SecretError, read_secret
+from operations.settings import load_settings
+
+NVME = "/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_TABULA-NVME0"
+ZFS_VARS = {
+    "hostname": "tabula-zfs",
+    "ssd": "/dev/disk/by-id/virtio-TABULA-SSD",
+    "rz1": "/dev/disk/by-id/virtio-TABULA-RZ1",
+    "rz2": "/dev/disk/by-id/virtio-TABULA-RZ2",
+    "rz3": "/dev/disk/by-id/virtio-TABULA-RZ3",
+}
+
+
+def test_sizes_are_binary_units():
+    assert parse_size("1GiB") == parse_size("1G") == 1024**3
+    assert parse_size("512M") == 512 * 1024**2
+    assert parse_size(4096) == 4096
+    with pytest.raises(ValueError, match="bad size"):
+        parse_size("12Q")
+
+
+def test_host_hash_is_sha256_prefix():
+    # printf tabula-zfs | sha256sum | cut -c1-8
+    assert host_hash("tabula-zfs") == "2790ee34"
+    assert len(host_hash("x")) == 8
+
+
+def test_zephyrus_profile_matches_the_guide():
+    profile = load_profile("zephyrus-btrfs", {"disk": NVME})
+    (disk,) = profile.disks.values()
+    efi, cryptroot = disk.partitions
+    assert (efi.label, efi.type, efi.size_bytes) == ("EFI", "EF00", 1024**3)
+    assert efi.content.format == "vfat" and efi.content.fs_label == "EFI"
+    assert (cryptroot.label, cryptroot.type, cryptroot.size) == ("cryptroot", "8300", "rest")
+    luks = cryptroot.content
+    assert (luks.mapper, luks.luks_type, luks.pbkdf) == ("cryptroot", "luks2", "argon2id")
+    btrfs = luks.content
+    assert btrfs.fs_label == "nixos"
+    assert [s.path for s in btrfs.subvolumes] == ["@root", "@nix", "@home", "@persist", "@log", "@swap"]
+    assert btrfs.subvolumes[0].blank_snapshot == "@root-blank"
+    mounts = {m.mountpoint: m for m in profile.all_mounts()}
+    assert mounts["/"].options == ("subvol=@root", "compress=zstd", "noatime", "discard=async")
+    assert mounts["/swap"].options == ("subvol=@swap", "noatime")
+    assert mounts["/boot"].device == "/dev/disk/by-partlabel/EFI"
+    assert btrfs.subvolumes[-1].swapfile.size_bytes == 32 * 1024**3  # the guide's default
+    # parents mount before children
+    order = [m.mountpoint for m in profile.all_mounts()]
+    assert order[0] == "/" and order.index("/var/log") > order.index("/home")
+
+
+def test_inventory_vars_override_defaults():
+    profile = load_profile("zephyrus-btrfs", {
+        "disk": NVME, "hostname": "g16", "user": "ada", "swap_size": "256M",
+        "luks_pbkdf": "pbkdf2", "luks_pbkdf_iterations": 1000,
+    })
+    assert profile.nixos.hostname == "g16" and profile.nixos.user == "ada"
+    luks = profile.luks_devices()[0][1]
+    assert (luks.pbkdf, luks.pbkdf_iterations) == ("pbkdf2", 1000)  # typed, not the string "1000"
+    assert luks.content.subvolumes[-1].swapfile.size_bytes == 256 * 1024**2
+
+
+def test_zfs_profile_labels_carry_the_host_hash():
+    profile = load_profile("zfs-raidz1", ZFS_VARS)
+    h = host_hash("tabula-zfs")
+    labels = [p.label for _, _, p in profile.partitions()]
+    assert labels == [f"boot-{h}", f"swap-{h}", f"rpool-zil-{h}", f"rpool-arc-{h}",
+                      f"rpool-rz1-{h}", f"rpool-rz2-{h}", f"rpool-rz3-{h}"]
+    pool = profile.pools["rpool"]
+    assert pool.name == f"rpool-{h}"
+    assert pool.vdevs[0].mode == "raidz1" and len(pool.vdevs[0].members) == 3
+    assert pool.log == [f"rpool-zil-{h}"] and pool.cache == [f"rpool-arc-{h}"]
+    assert profile.host_id == h
+
+
+def test_light_profile_has_tmpfs_root_and_binds():
+    profile = load_profile("light-tmpfs-f2fs", {"hostname": "tabula-light", "disk": "/dev/disk/by-id/virtio-TABULA-SSD"})
+    mounts = {m.mountpoint: m for m in profile.all_mounts()}
+    assert mounts["/"].fstype == "tmpfs"
+    assert mounts["/nix"].options[0] == "bind" and mounts["/nix"].device == "/.local/nix"
+    assert "compress_algorithm=lz4" in mounts["/.local"].options
+
+
+# --- bad input: each rejected with a message naming the field ------------------------------
+
+BAD_VARS = [
+    ({}, "tabula_vars['disk']"),
+    ({"disk": "/dev/sda"}, "disks.main.device"),
+    ({"disk": NVME, "swap_size": "12Q"}, "swapfile.size"),
+    ({"disk": NVME, "hostname": "Bad_Host"}, "nixos.hostname"),
+    ({"disk": NVME, "user": "root"}, "nixos.user"),
+    ({"disk": NVME, "luks_pbkdf": "scrypt"}, "pbkdf"),
+    ({"disk": NVME, "luks_pbkdf_iterations": 10}, "pbkdf_iterations"),
+    ({"disk": NVME, "luks_pbkdf_iterations": "many"}, "pbkdf_iterations"),
+    ({"disk": NVME, "dsik": NVME}, "unknown variable(s) ['dsik']"),
+    ({"disk": NVME, "disk_size": "512M"}, "declared as 512M"),
+]
+
+
+@pytest.mark.parametrize("variables,expected", BAD_VARS, ids=[e for _, e in BAD_VARS])
+def test_bad_vars_name_the_field(variables, expected):
+    with pytest.raises(ProfileError) as err:
+        load_profile("zephyrus-btrfs", variables)
+    assert expected in str(err.value)
+
+
+def write_profile(tmp_path, body: str):
+    path = tmp_path / "custom.yaml"
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+BASE = """
+name: custom
+nixos: {hostname: box, user: ada}
+disks:
+  main:
+    device: /dev/disk/by-id/virtio-X
+    partitions:
+      - {label: EFI, type: ef00, size: 512M, content: {type: filesystem, format: vfat, mountpoint: /boot}}
+      - label: data
+        size: rest
+        content:
+          type: filesystem
+          format: btrfs
+          subvolumes: [SUBVOLS]
+"""
+
+
+@pytest.mark.parametrize("subvols,expected", [
+    ("{path: '@root', mountpoint: /}, {path: 'a/b', mountpoint: /x}", "invalid subvolume name 'a/b'"),
+    ("{path: '@root', mountpoint: /}, {path: '@home', mountpoint: /home}, {path: '@h2', mountpoint: /home}", "mount points used twice"),
+    ("{path: '@root', mountpoint: /}, {path: '@root', mountpoint: /r}", "subvolume names used twice"),
+    ("{path: '@root', mountpoint: /, mount_option: [noatime]}", "unknown key"),
+    ("{path: '@home', mountpoint: /home}", "no file system is mounted at '/'"),
+    ("{path: '@root', mountpoint: 'relative'}", "must be an absolute path"),
+])
+def test_bad_layouts_are_rejected(tmp_path, subvols, expected):
+    with pytest.raises(ProfileError) as err:
+        load_profile(write_profile(tmp_path, BASE.replace("SUBVOLS", subvols)))
+    assert expected in str(err.value)
+
+
+def test_raidz1_with_two_disks_is_rejected(tmp_path):
+    import yaml
+    from operations.profile import profile_path
+
+    raw = yaml.safe_load(profile_path("zfs-raidz1").read_text())
+    raw["pools"]["rpool"]["vdevs"][0]["members"].pop()
+    del raw["disks"]["raidz3"]
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ProfileError, match=r"raidz1 needs at least 3 members, got 2"):
+        load_profile(str(path), ZFS_VARS | {})  # rz3 var is still declared, just unused
+
+
+def test_invalid_dataset_name_is_rejected(tmp_path):
+    import yaml
+    from operations.profile import profile_path
+
+    raw = yaml.safe_load(profile_path("zfs-raidz1").read_text())
+    raw["pools"]["rpool"]["datasets"][1]["name"] = "temp/ro ot"
+    path = tmp_path / "ds.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ProfileError, match=r"pools.rpool.datasets.1.name: invalid dataset name"):
+        load_profile(str(path), ZFS_VARS)
+
+
+def test_two_disks_on_one_device_are_rejected():
+    with pytest.raises(ProfileError, match="two disks name the same device"):
+        load_profile("zfs-raidz1", ZFS_VARS | {"rz2": ZFS_VARS["rz1"]})
+
+
+def test_pool_member_must_be_a_zfs_partition(tmp_path):
+    import yaml
+    from operations.profile import profile_path
+
+    raw = yaml.safe_load(profile_path("zfs-raidz1").read_text())
+    raw["pools"]["rpool"]["log"] = ["boot-${hash}"]
+    path = tmp_path / "log.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ProfileError, match=r"has no content 'type: zfs, pool: rpool'"):
+        load_profile(str(path), ZFS_VARS)
+
+
+def test_unknown_profile_lists_the_available_ones():
+    with pytest.raises(ProfileError, match=r"unknown profile 'zephyrus-zfs'.*zephyrus-btrfs"):
+        load_profile("zephyrus-zfs", {})
+
+
+def test_misspelled_key_in_yaml_is_named(tmp_path):
+    body = BASE.replace("SUBVOLS", "{path: '@root', mountpoint: /}").replace("format: vfat", "fromat: vfat")
+    with pytest.raises(ProfileError, match=r"fromat: unknown key"):
+        load_profile(write_profile(tmp_path, body))
+
+
+def test_settings_name_the_data_key():
+    with pytest.raises(ProfileError, match="tabula_profile|unknown profile"):
+        load_settings({"tabula_profile": "nope"})
+    from operations.errors import TabulaError
+
+    with pytest.raises(TabulaError, match="tabula_vars: must be a mapping"):
+        load_settings({"tabula_profile": "zephyrus-btrfs", "tabula_vars": "disk=x"})
+    with pytest.raises(TabulaError, match="tabula_confirm_wipe"):
+        load_settings({"tabula_profile": "zephyrus-btrfs", "tabula_vars": {"disk": NVME}, "tabula_confirm_wipe": [1]})
+    settings = load_settings({"tabula_profile": "zephyrus-btrfs", "tabula_vars": {"disk": NVME}, "tabula_confirm_wipe": NVME})
+    assert settings.confirm_wipe == (NVME,)
+
+
+# --- secrets from the controller -----------------------------------------------------------
+
+
+def test_secret_from_env_does_not_print_itself(monkeypatch):
+    monkeypatch.setenv("TABULA_LUKS_PASSPHRASE", "hunter2-correct-horse")
+    secret = read_secret("LUKS_PASSPHRASE")
+    assert secret.reveal() == "hunter2-correct-horse"
+    assert "hunter2" not in repr(secret) and "hunter2" not in f"{secret}"
+
+
+def test_secret_missing_says_how_to_set_it(monkeypatch):
+    monkeypatch.delenv("TABULA_LUKS_PASSPHRASE", raising=False)
+    monkeypatch.delenv("TABULA_LUKS_PASSPHRASE_FILE", raising=False)
+    with pytest.raises(SecretError, match="TABULA_LUKS_PASSPHRASE or TABULA_LUKS_PASSPHRASE_FILE"):
+        read_secret("LUKS_PASSPHRASE")
+
+
+def test_secret_file_must_be_private_and_readable(monkeypatch, tmp_path):
+    monkeypatch.delenv("TABULA_LUKS_PASSPHRASE", raising=False)
+    path = tmp_path / "pass"
+    path.write_text("s3cret\n")
+    path.chmod(0o644)
+    monkeypatch.setenv("TABULA_LUKS_PASSPHRASE_FILE", str(path))
+    with pytest.raises(SecretError, match="readable by others"):
+        read_secret("LUKS_PASSPHRASE")
+    path.chmod(0o600)
+    assert read_secret("LUKS_PASSPHRASE").reveal() == "s3cret"
+    monkeypatch.setenv("TABULA_LUKS_PASSPHRASE_FILE", str(tmp_path / "absent"))
+    with pytest.raises(SecretError, match="cannot read the file"):
+        read_secret("LUKS_PASSPHRASE")
