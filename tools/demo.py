@@ -1,0 +1,117 @@
+"""
+The main job, end to end: boot the live VM (building its image on first use), install the default
+profile onto its blank disks with `pyinfra install-target deploy.py`, run the deploy a second time
+to show it converged, then verify the target against the profile.
+
+    ./dev.sh demo                     # default profile (group_data/all.py)
+    ./dev.sh demo --keep-disks        # do not reset the VM's disks first (resume a previous demo)
+
+The VM's disks are scratch files of the test bed; the demo resets them before installing.
+Demo secrets are generated once into ~/.cache/tabula/demo (0700 dir, 0600 files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import crypt  # stdlib up to 3.12: SHA-512 crypt hashes for the demo users
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from operations.profile import load_profile  # noqa: E402
+from tests.verify.checks import verify_target  # noqa: E402
+from tools.livevm import LiveVM  # noqa: E402
+
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tabula" / "demo"
+
+
+def step(text: str) -> None:
+    print(f"\n=== {time.strftime('%H:%M:%S')} {text}", flush=True)
+
+
+def demo_secrets() -> dict[str, str]:
+    """Secret files for the demo run, made once: the controller env names files, never values."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    CACHE.chmod(0o700)
+    files = {
+        "LUKS_PASSPHRASE": lambda: secrets.token_urlsafe(24),
+        "ROOT_PASSWORD_HASH": lambda: crypt.crypt(secrets.token_urlsafe(16), crypt.mksalt(crypt.METHOD_SHA512)),
+        "USER_PASSWORD_HASH": lambda: crypt.crypt(secrets.token_urlsafe(16), crypt.mksalt(crypt.METHOD_SHA512)),
+    }
+    env = {}
+    for name, make in files.items():
+        path = CACHE / name.lower()
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(make())
+        env[f"TABULA_{name}_FILE"] = str(path)
+    return env
+
+
+def default_profile_name() -> str:
+    namespace: dict = {}
+    exec((REPO / "group_data" / "all.py").read_text(), namespace)
+    return namespace["tabula_profile"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--keep-disks", action="store_true", help="do not reset the VM's disks first")
+    args = parser.parse_args()
+
+    step("live VM: build (or reuse) the image and boot")
+    vm = LiveVM()
+    vm.ensure_up()
+    vm.install_standins()
+    print(vm.run("lsblk -o NAME,SIZE,SERIAL,TYPE,MODEL").stdout)
+
+    profile_name = default_profile_name()
+    variables = {
+        "disk": vm.disk_by_serial("TABULA-NVME0"),
+        "swap_size": "1G",                               # the VM's disk is 16 GiB
+        "luks_pbkdf": "pbkdf2", "luks_pbkdf_iterations": 1000,  # fast key derivation for the VM only
+    }
+    profile = load_profile(profile_name, variables)
+    env = {**os.environ, **demo_secrets()}
+    pyinfra = [str(REPO / ".venv" / "bin" / "pyinfra"), *vm.pyinfra_args(), "deploy.py", "-y",
+               "--data", f"tabula_vars={json.dumps(variables)}"]
+
+    if not args.keep_disks:
+        step("reset the VM's target disks (scratch files of the test bed)")
+        vm.reset_disks()
+
+    step(f"install profile {profile_name}: {' '.join(pyinfra)}")
+    first = subprocess.run(pyinfra, cwd=REPO, env=env)
+    if first.returncode != 0:
+        print("first run failed: fix the cause and run `./dev.sh demo --keep-disks` to resume", file=sys.stderr)
+        return first.returncode
+
+    step("second run: must converge with no changes")
+    second = subprocess.run(pyinfra, cwd=REPO, env=env, capture_output=True, text=True)
+    print(second.stdout[-3000:])
+    if second.returncode != 0:
+        print(second.stderr, file=sys.stderr)
+        return second.returncode
+
+    step("verify the target against the profile")
+    failures = verify_target(vm.testinfra_host(), profile)
+    for failure in failures:
+        print(f"FAIL {failure}")
+    print("target matches the profile" if not failures else f"{len(failures)} check(s) failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
