@@ -5,6 +5,8 @@ What a run is asked to do, from pyinfra host data (group_data/, inventory.py, ``
     tabula_vars          values for the profile's vars                          e.g. {"disk": "/dev/disk/by-id/nvme-..."}
     tabula_confirm_wipe  stable ids (by-id path or serial) of disks the user confirms may be wiped
     tabula_install       run nixos-install at the end (default True)
+    tabula_export_pools  export the ZFS pools at the end, ready for the first boot (default True;
+                         false keeps them imported and mounted under /mnt for inspection)
 
 Everything is validated here, before any command runs; errors name the data key at fault.
 """
@@ -23,6 +25,7 @@ class Settings:
     profile: Profile
     confirm_wipe: tuple[str, ...] = ()
     install: bool = True
+    export_pools: bool = True
     data: dict[str, Any] = field(default_factory=dict)
 
 
@@ -45,5 +48,8 @@ def load_settings(host_data: Any) -> Settings:
     install = get("tabula_install", True)
     if not isinstance(install, bool):
         raise TabulaError(f"tabula_install: must be true or false, got {install!r}")
+    export_pools = get("tabula_export_pools", True)
+    if not isinstance(export_pools, bool):
+        raise TabulaError(f"tabula_export_pools: must be true or false, got {export_pools!r}")
     profile = load_profile(profile_name, variables)
-    return Settings(profile=profile, confirm_wipe=tuple(confirm), install=install)
+    return Settings(profile=profile, confirm_wipe=tuple(confirm), install=install, export_pools=export_pools)

@@ -9,13 +9,16 @@ from operations.settings import Settings
 
 
 def deploy(settings: Settings) -> None:
-    from operations import disks, gpt, luks, filesystems, btrfs, mounts  # noqa: F401 (layers)
+    from operations import disks, gpt, luks, filesystems, btrfs, mounts, zfs  # noqa: F401 (layers)
 
     profile = settings.profile
     disks.guard(profile, settings)          # refuse wrong/in-use/foreign disks: facts only
     gpt.apply(profile)                      # partition tables by partlabel, udev settled
     luks.apply(profile)                     # luksFormat (new only) + open
     filesystems.apply(profile)              # mkfs where no signature is present
+    zfs.apply(profile)                      # pools imported/created, datasets, @empty, keys loaded
     btrfs.apply(profile)                    # subvolumes, blank snapshot
     mounts.apply(profile)                   # everything under /mnt, parents first
     btrfs.apply_swapfiles(profile)          # swapfiles after their subvolume is mounted
+    if settings.export_pools:
+        zfs.export(profile)                 # at the very end: unmounted and exported for first boot

@@ -1,0 +1,520 @@
+"""
+The ZFS layer: pools with their exact topology, datasets by category (temp/local/remote) with their
+properties, native encryption, the ``@empty`` snapshots of temp datasets, and the NixOS settings that
+import, unlock and roll back the pool at boot.
+
+Pools and datasets hang in the profile tree (``Profile.pools``; members are partitions whose
+content is ``type: zfs``), mounts are done by ``operations.mounts`` from ``Profile.all_mounts()``
+(datasets use ``mountpoint=legacy``), so this module only creates and checks.
+
+    zfs.apply(profile)      # module loaded, pools imported or created, datasets + @empty, key loaded
+    zfs.export(profile)     # at the end of a run: unmount the pools' mounts, zpool export
+    zfs.nixos_module(profile)     # NixOS module text for configuration.nix's imports
+    zfs.rollback_script(profile)  # what the initrd runs before / is mounted (and the e2e tests)
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterable
+
+from pyinfra import host
+from pyinfra.api import FactBase, QuoteString, StringCommand, operation
+
+from operations.errors import TabulaError
+from operations.profile import Dataset, Pool, Profile
+
+# Properties that can only be chosen at creation: a difference is reported, never "fixed".
+ONE_TIME_PROPERTIES = frozenset({
+    "encryption", "keyformat", "pbkdf2iters", "casesensitivity", "normalization", "utf8only",
+    "volblocksize", "ashift",
+})
+EMPTY_SNAPSHOT = "empty"
+
+
+class ZfsError(TabulaError):
+    """A pool or dataset on the target differs from the profile in a way tabula will not change."""
+
+
+# --- facts ----------------------------------------------------------------------------------
+
+
+class ZfsModuleLoaded(FactBase):
+    """
+    Whether the zfs kernel module is loaded (the zpool/zfs tools do nothing without it).
+    """
+
+    default = bool
+
+    def command(self) -> str:
+        return "test -e /sys/module/zfs && echo loaded || true"
+
+    def process(self, output) -> bool:
+        return "loaded" in output
+
+
+def parse_zpool_status(lines: Iterable[str]) -> dict:
+    """
+    The ``config:`` section of ``zpool status -PL POOL`` as
+    ``{"vdevs": [(mode, [device, ...]), ...], "log": [...], "cache": [...], "spare": [...]}``;
+    mode is raidz1/raidz2/raidz3/mirror, or stripe for a top-level disk.
+    """
+    topology: dict = {"vdevs": [], "log": [], "cache": [], "spare": []}
+    section = None  # None: before the pool line; "vdevs" / "log" / ...
+    in_config = False
+    group: list[str] | None = None
+    for raw in lines:
+        line = raw.rstrip("\n")
+        if line.strip().startswith("config:"):
+            in_config = True
+            continue
+        if not in_config:
+            continue
+        if line.strip().startswith("errors:"):
+            break
+        if not line.strip() or line.strip().startswith("NAME"):
+            continue
+        # zpool indents with one tab, then 2 spaces per level
+        body = line.lstrip("\t")
+        level = (len(body) - len(body.lstrip(" "))) // 2
+        word = body.split()[0]
+        if level == 0:
+            section = {"logs": "log", "cache": "cache", "spares": "spare"}.get(word, "vdevs")
+            group = None
+            continue
+        if level == 1:
+            mode = word.rsplit("-", 1)[0] if word.split("-")[0] in ("raidz1", "raidz2", "raidz3", "mirror") else None
+            if word.startswith("raidz") and mode == "raidz":
+                mode = "raidz1"
+            if mode and section == "vdevs":
+                group = []
+                topology["vdevs"].append((mode, group))
+            elif section == "vdevs":
+                group = None
+                topology["vdevs"].append(("stripe", [word]))
+            elif mode:  # a mirrored log
+                group = []
+                topology[section].append((mode, group))
+            else:
+                topology[section].append(word)
+            continue
+        if group is not None:
+            group.append(word)
+    return topology
+
+
+class ZfsPoolState(FactBase):
+    """
+    The state of one pool: ``{"state": "imported" | "importable" | "absent", "topology": {...},
+    "devices": {given path: real path}}``. Importable means exported (or not yet imported by this
+    system) and found on ``search_dirs``; topology (imported pools only) lists real device paths.
+
+    + pool_name: the pool's name
+    + search_dirs: where ``zpool import -d`` looks for members
+    + devices: member paths to resolve (by-partlabel links), so they compare with the topology
+    """
+
+    default = dict
+
+    def command(self, pool_name: str, search_dirs: tuple[str, ...] = (), devices: tuple[str, ...] = ()) -> str:
+        pool = shlex.quote(pool_name)
+        dirs = " ".join(f"-d {shlex.quote(d)}" for d in search_dirs)
+        resolve = "".join(
+            f'echo "device {shlex.quote(d)} $(readlink -f {shlex.quote(d)} 2>/dev/null)"; ' for d in devices
+        )
+        return (
+            f"{resolve}"
+            f"if ! test -e /sys/module/zfs; then echo state absent; "
+            f"elif zpool list -H -o name {pool} >/dev/null 2>&1; then echo state imported; zpool status -PL {pool}; "
+            f"elif zpool import {dirs} 2>/dev/null | awk '$1 == \"pool:\" {{print $2}}' | grep -qxF {pool}; "
+            f"then echo state importable; else echo state absent; fi"
+        )
+
+    def process(self, output) -> dict:
+        lines = list(output)
+        devices = {}
+        state = "absent"
+        for line in lines:
+            parts = line.split()
+            if line.startswith("device ") and len(parts) >= 2:
+                devices[parts[1]] = parts[2] if len(parts) > 2 else ""
+            elif line.startswith("state "):
+                state = parts[1]
+        topology = parse_zpool_status(lines) if state == "imported" else {}
+        return {"state": state, "topology": topology, "devices": devices}
+
+
+class ZfsPoolDatasets(FactBase):
+    """
+    Filesystems and snapshots of one imported pool with every property:
+    ``{"pool/ds": {"property": (value, source)}, "pool/ds@snap": {...}}``; empty if not imported.
+
+    + pool_name: the pool's name
+    """
+
+    default = dict
+
+    def command(self, pool_name: str) -> str:
+        pool = shlex.quote(pool_name)
+        return (
+            f"test -e /sys/module/zfs && zpool list -H -o name {pool} >/dev/null 2>&1 && "
+            f"zfs get -H -r -t filesystem,snapshot -o name,property,value,source all {pool} || true"
+        )
+
+    def process(self, output) -> dict:
+        datasets: dict = {}
+        for line in output:
+            parts = line.split("\t")
+            if len(parts) != 4:
+                continue
+            dataset_name, prop, value, source = parts
+            datasets.setdefault(dataset_name, {})[prop] = (value, source)
+        return datasets
+
+
+# --- operations -----------------------------------------------------------------------------
+
+
+@operation()
+def kernel_module():
+    """
+    Load the zfs kernel module (the live system ships it via DKMS; it is not loaded at boot).
+
+    **Example:**
+
+    .. code:: python
+
+        zfs.kernel_module(name="Load the zfs kernel module")
+    """
+    if host.get_fact(ZfsModuleLoaded):
+        host.noop("the zfs kernel module is already loaded")
+        return
+    yield "modprobe zfs"
+
+
+def _expected_topology(pool: Pool, devices: dict[str, str], resolved: dict[str, str]) -> dict:
+    """The profile's pool as real device paths (what ``zpool status -PL`` shows)."""
+    real = {label: resolved.get(path) or path for label, path in devices.items()}
+    return {
+        "vdevs": [(vdev.mode, [real[m] for m in vdev.members]) if vdev.mode != "stripe" else None
+                  for vdev in pool.vdevs],
+        "stripes": [real[m] for vdev in pool.vdevs if vdev.mode == "stripe" for m in vdev.members],
+        "log": [real[m] for m in pool.log],
+        "cache": [real[m] for m in pool.cache],
+    }
+
+
+def topology_differences(pool: Pool, devices: dict[str, str], state: dict) -> list[str]:
+    """How the imported pool differs from the profile, one line each (empty: identical)."""
+    expected = _expected_topology(pool, devices, state.get("devices", {}))
+    found = state.get("topology", {})
+    found_groups = [(mode, sorted(members)) for mode, members in found.get("vdevs", []) if mode != "stripe"]
+    found_stripes = sorted(m for mode, members in found.get("vdevs", []) if mode == "stripe" for m in members)
+    want_groups = [(mode, sorted(members)) for mode, members in filter(None, expected["vdevs"])]
+    problems = []
+    if sorted(found_groups) != sorted(want_groups):
+        problems.append(f"data vdevs {found_groups} (profile: {want_groups})")
+    if found_stripes != sorted(expected["stripes"]):
+        problems.append(f"single-device vdevs {found_stripes} (profile: {sorted(expected['stripes'])})")
+    for section in ("log", "cache"):
+        have = sorted(m if isinstance(m, str) else f"{m[0]}:{sorted(m[1])}" for m in found.get(section, []))
+        if have != sorted(expected[section]):
+            problems.append(f"{section} {have} (profile: {sorted(expected[section])})")
+    return problems
+
+
+def create_pool_command(pool: Pool, devices: dict[str, str]) -> StringCommand:
+    """``zpool create`` with the profile's options, root properties and exact topology."""
+    bits: list = ["zpool", "create"]
+    for key, value in pool.options.items():
+        bits += ["-o", QuoteString(f"{key}={value}")]
+    # The live system's cache file would make it re-import the pool at its next boot: none.
+    if "cachefile" not in pool.options:
+        bits += ["-o", "cachefile=none"]
+    for key, value in pool.root_properties.items():
+        bits += ["-O", QuoteString(f"{key}={value}")]
+    bits.append(QuoteString(pool.name))
+    for vdev in pool.vdevs:
+        if vdev.mode != "stripe":
+            bits.append(vdev.mode)
+        bits += [QuoteString(devices[m]) for m in vdev.members]
+    if pool.log:
+        bits += ["log", *(QuoteString(devices[m]) for m in pool.log)]
+    if pool.cache:
+        bits += ["cache", *(QuoteString(devices[m]) for m in pool.cache)]
+    return StringCommand(*bits)
+
+
+@operation()
+def pool(pool: Pool, devices: dict[str, str]):
+    """
+    Make a pool imported with exactly the profile's topology: import it if it exists (exported by
+    an earlier run), create it if absent, refuse if it is imported with another layout.
+
+    + pool: the profile's ``Pool``
+    + devices: partlabel -> block device of every member (``Profile.pool_members``)
+
+    **Example:**
+
+    .. code:: python
+
+        zfs.pool(profile.pools["rpool"], {"rpool-rz1-2790ee34": "/dev/disk/by-partlabel/rpool-rz1-2790ee34", ...})
+    """
+    search_dirs = tuple(sorted({path.rsplit("/", 1)[0] for path in devices.values()}))
+    state = host.get_fact(ZfsPoolState, pool_name=pool.name, search_dirs=search_dirs,
+                          devices=tuple(devices.values()))
+    if state.get("state") == "imported":
+        problems = topology_differences(pool, devices, state)
+        if problems:
+            raise ZfsError(
+                f"pool {pool.name} is imported with another layout: {'; '.join(problems)}. "
+                f"Tabula never rebuilds a pool; export or destroy it yourself if it is the wrong one"
+            )
+        host.noop(f"pool {pool.name} is imported with the profile's topology")
+    elif state.get("state") == "importable":
+        # -N: mount nothing (all datasets are legacy and mounted by operations.mounts)
+        yield StringCommand("zpool", "import", "-N", "-o", "cachefile=none",
+                            *[x for d in search_dirs for x in ("-d", QuoteString(d))], QuoteString(pool.name))
+    else:
+        yield create_pool_command(pool, devices)
+
+
+def dataset_properties(dataset: Dataset) -> dict[str, str]:
+    """The properties a dataset is created with (mounted datasets are always legacy)."""
+    props = dict(dataset.properties)
+    if dataset.mountpoint:
+        props.setdefault("mountpoint", "legacy")
+    return props
+
+
+def property_drift(wanted: dict[str, str], current: dict) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """(settable differences, one-time differences) between wanted and the fact's properties."""
+    settable, fixed = {}, {}
+    for key, value in wanted.items():
+        have = current.get(key, (None, None))[0]
+        if have == value:
+            continue
+        if key in ONE_TIME_PROPERTIES:
+            fixed[key] = (have, value)
+        else:
+            settable[key] = value
+    return settable, fixed
+
+
+@operation()
+def dataset(dataset_name: str, properties: dict[str, str] | None = None, encryption: dict[str, str] | None = None,
+            empty_snapshot: bool = False):
+    """
+    Create a filesystem dataset (with its ``@empty`` snapshot taken in the same command), or fix
+    settable property drift on an existing one with ``zfs set``; load the key of an encrypted one.
+    The encryption key is read from stdin: pass it with ``_stdin=`` (never in argv).
+
+    + dataset_name: full name, e.g. ``rpool-2790ee34/temp/root``
+    + properties: properties to create with and keep (one-time ones are only checked)
+    + encryption: ``{"encryption": ..., "keyformat": ..., "keylocation": "prompt"}`` for an encryption root
+    + empty_snapshot: snapshot ``@empty`` right after creation (never later, never again)
+
+    **Example:**
+
+    .. code:: python
+
+        zfs.dataset("rpool-2790ee34/remote", properties={"canmount": "off"},
+                    encryption={"encryption": "aes-256-gcm", "keyformat": "passphrase", "keylocation": "prompt"},
+                    _stdin=read_secret("ZFS_KEY").reveal())
+    """
+    pool_name = dataset_name.split("/", 1)[0]
+    datasets = host.get_fact(ZfsPoolDatasets, pool_name=pool_name)
+    wanted = {**(properties or {}), **(encryption or {})}
+    current = datasets.get(dataset_name)
+
+    if current is None:
+        bits: list = ["zfs", "create"]
+        for key, value in wanted.items():
+            bits += ["-o", QuoteString(f"{key}={value}")]
+        bits.append(QuoteString(dataset_name))
+        if empty_snapshot:
+            # The same command: nothing can be written to the dataset before its @empty exists.
+            bits += ["&&", "zfs", "snapshot", QuoteString(f"{dataset_name}@{EMPTY_SNAPSHOT}")]
+        yield StringCommand(*bits)
+        return
+
+    settable, fixed = property_drift(wanted, current)
+    if fixed:
+        details = ", ".join(f"{k}={have} (profile: {want})" for k, (have, want) in fixed.items())
+        raise ZfsError(f"dataset {dataset_name} has {details}: set only at creation, tabula will not recreate it")
+    if empty_snapshot and f"{dataset_name}@{EMPTY_SNAPSHOT}" not in datasets:
+        raise ZfsError(
+            f"dataset {dataset_name} exists without @{EMPTY_SNAPSHOT}: its content is unknown, so tabula will not "
+            f"snapshot it now; destroy it (zfs destroy -r {dataset_name}) and re-run to recreate it empty"
+        )
+    changed = False
+    if settable:
+        changed = True
+        yield StringCommand("zfs", "set", *[QuoteString(f"{k}={v}") for k, v in settable.items()],
+                            QuoteString(dataset_name))
+    if encryption and current.get("keystatus", ("",))[0] == "unavailable":
+        changed = True
+        yield StringCommand("zfs", "load-key", QuoteString(dataset_name))
+    if not changed:
+        host.noop(f"dataset {dataset_name} exists with the profile's properties"
+                  + (f" and its @{EMPTY_SNAPSHOT} snapshot" if empty_snapshot else "")
+                  + (" and its key loaded" if encryption else ""))
+
+
+@operation()
+def export_pool(pool_name: str):
+    """
+    Unmount every mount of the pool (and what is mounted below them) and export it, so the
+    installed system imports it at its first boot as a pool it may take.
+
+    + pool_name: the pool's name
+
+    **Example:**
+
+    .. code:: python
+
+        zfs.export_pool("rpool-2790ee34")
+    """
+    state = host.get_fact(ZfsPoolState, pool_name=pool_name)
+    if state.get("state") != "imported":
+        host.noop(f"pool {pool_name} is not imported")
+        return
+    pool_q = shlex.quote(pool_name)
+    # Shortest mount point first: umount -R takes the mounts below it (e.g. /mnt/boot on /mnt).
+    yield (
+        f"awk -v p={pool_q} '$3 == \"zfs\" && ($1 == p || index($1, p \"/\") == 1) {{print $2}}' /proc/mounts"
+        f" | awk '{{print length, $0}}' | sort -n | cut -d' ' -f2-"
+        f" | while read -r target; do if mountpoint -q \"$target\"; then umount -R \"$target\" || exit 1; fi; done"
+        f" && zpool export {pool_q}"
+    )
+
+
+# --- stages ---------------------------------------------------------------------------------
+
+
+def member_devices(profile: Profile, pool_key: str) -> dict[str, str]:
+    return {part.label: device for device, part in profile.pool_members(pool_key)}
+
+
+def ordered_datasets(pool: Pool) -> list[Dataset]:
+    """Parents before children; a child whose parent is not declared is a profile error."""
+    names = {d.name for d in pool.datasets}
+    for ds in pool.datasets:
+        parent = ds.name.rsplit("/", 1)[0] if "/" in ds.name else None
+        if parent and parent not in names:
+            raise ZfsError(f"pools: dataset {ds.name!r} needs its parent {parent!r} declared before it")
+    return sorted(pool.datasets, key=lambda d: d.name.count("/"))
+
+
+def apply(profile: Profile) -> None:
+    """Pools imported or created, datasets with properties, @empty snapshots, keys loaded."""
+    if not profile.pools:
+        return
+    from operations.secrets import read_secret
+
+    needs_key = any(ds.encryption for pool in profile.pools.values() for ds in pool.datasets)
+    key = read_secret("ZFS_KEY") if needs_key else None
+    kernel_module(name="ZFS: load the kernel module")
+    for pool_key, pool_def in profile.pools.items():
+        devices = member_devices(profile, pool_key)
+        pool(pool_def, devices, name=f"ZFS: pool {pool_def.name} imported with its topology")
+        dataset(pool_def.name, properties=dict(pool_def.root_properties),
+                name=f"ZFS: {pool_def.name} root properties")
+        for ds in ordered_datasets(pool_def):
+            full = f"{pool_def.name}/{ds.name}"
+            extra = {}
+            if ds.encryption:
+                extra["_stdin"] = key.reveal()
+                if len(key.reveal()) < 8:
+                    raise ZfsError(f"{key.source}: a ZFS passphrase needs at least 8 characters")
+            dataset(
+                full,
+                properties=dataset_properties(ds),
+                encryption=ds.encryption.model_dump() if ds.encryption else None,
+                empty_snapshot=ds.empty_snapshot,
+                name=f"ZFS: dataset {full}" + (" (encrypted)" if ds.encryption else ""),
+                **extra,
+            )
+
+
+def export(profile: Profile) -> None:
+    """At the end of a run: every pool unmounted and exported cleanly."""
+    for pool_def in profile.pools.values():
+        export_pool(pool_def.name, name=f"ZFS: export pool {pool_def.name}")
+
+
+# --- NixOS ----------------------------------------------------------------------------------
+
+
+def temp_datasets(profile: Profile) -> list[str]:
+    """Full names of the datasets rolled back to @empty at boot."""
+    return [f"{p.name}/{d.name}" for p in profile.pools.values() for d in p.datasets if d.empty_snapshot]
+
+
+def rollback_script(profile: Profile) -> str:
+    """The shell script that rolls every temp dataset back to @empty (initrd, and the e2e tests)."""
+    lines = ["set -eu"]
+    lines += [f"zfs rollback -r {shlex.quote(f'{name}@{EMPTY_SNAPSHOT}')}" for name in temp_datasets(profile)]
+    return "\n".join(lines) + "\n"
+
+
+def _nix_str(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${") + '"'
+
+
+def _nix_list(values: Iterable[str]) -> str:
+    return "[ " + " ".join(_nix_str(v) for v in values) + " ]"
+
+
+def nixos_module(profile: Profile) -> str | None:
+    """
+    A NixOS module (file text) with the ZFS settings of the profile, or None without pools:
+    ZFS support, ``networking.hostId`` (= ``profile.host_id``), pool import by partlabel, the
+    passphrase prompt for encrypted datasets, and the initrd service that rolls temp back.
+
+    Unlocking: the encrypted datasets keep ``keylocation=prompt``; with
+    ``boot.zfs.requestEncryptionCredentials`` the initrd asks for the passphrase (the same one
+    tabula read from TABULA_ZFS_KEY) when it imports the pool, before the neededForBoot mounts
+    (``/remote``). Nothing that unlocks the data is stored on the machine.
+    """
+    if not profile.pools:
+        return None
+    encrypted = [f"{p.name}/{d.name}" for p in profile.pools.values() for d in p.datasets if d.encryption]
+    pools = [p.name for p in profile.pools.values()]
+    lines = [
+        "# Generated by tabula from the profile's pools: do not edit, re-run tabula instead.",
+        "{ config, lib, pkgs, ... }:",
+        "{",
+        '  boot.supportedFilesystems = [ "zfs" ];',
+        f"  networking.hostId = {_nix_str(profile.host_id)};  # first 8 hex chars of sha256(host name)",
+        "  # Member partitions are found by their partlabels (they carry the host hash).",
+        '  boot.zfs.devNodes = "/dev/disk/by-partlabel";',
+        "  # Prompt for the passphrase of the encrypted datasets in the initrd (keylocation=prompt).",
+        f"  boot.zfs.requestEncryptionCredentials = {_nix_list(encrypted) if encrypted else 'false'};",
+        "  services.zfs.autoScrub.enable = true;",
+        "  boot.initrd.systemd.enable = true;",
+    ]
+    if any(fs.format == "f2fs" and fs.needed_for_boot for _, fs in profile.filesystems()):
+        # The notes: the f2fs module must sometimes be in the initrd explicitly to mount /.local.
+        lines.append('  boot.initrd.kernelModules = [ "f2fs" ];')
+    temps = temp_datasets(profile)
+    if temps:
+        script = rollback_script(profile).replace("''", "'''").replace("${", "''${")
+        after = " ".join(_nix_str(f"zfs-import-{name}.service") for name in pools)
+        lines += [
+            "  # The temp datasets return to their @empty snapshots before / is mounted.",
+            "  boot.initrd.systemd.services.tabula-rollback-temp = {",
+            '    description = "Roll the temp datasets back to @empty";',
+            '    wantedBy = [ "initrd.target" ];',
+            f"    after = [ {after} ];",
+            '    before = [ "sysroot.mount" ];',
+            "    path = [ config.boot.zfs.package ];",
+            '    unitConfig.DefaultDependencies = "no";',
+            '    serviceConfig.Type = "oneshot";',
+            "    script = ''",
+            *[f"      {line}" for line in script.splitlines()],
+            "    '';",
+            "  };",
+        ]
+    lines.append("}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,176 @@
+"""The ZFS layer's pure parts: zpool status parsing, topology comparison, pool creation command,
+property drift, dataset order, and the NixOS module (valid Nix, hostId, rollback service)."""
+
+import pytest
+
+from operations import zfs
+from operations.nixpatch import parse
+from operations.profile import host_hash, load_profile
+
+HASH = host_hash("tabula-zfs")
+ZFS_VARS = {
+    "hostname": "tabula-zfs",
+    "ssd": "/dev/disk/by-id/virtio-TABULA-SSD",
+    "rz1": "/dev/disk/by-id/virtio-TABULA-RZ1",
+    "rz2": "/dev/disk/by-id/virtio-TABULA-RZ2",
+    "rz3": "/dev/disk/by-id/virtio-TABULA-RZ3",
+}
+LIGHT_VARS = {"hostname": "tabula-light", "disk": "/dev/disk/by-id/virtio-TABULA-SSD"}
+
+# Captured in the live VM: `zpool status -PL` of the zfs-raidz1 profile's pool right after creation.
+RAIDZ1_STATUS = f"""\
+  pool: rpool-{HASH}
+ state: ONLINE
+config:
+
+\tNAME           STATE     READ WRITE CKSUM
+\trpool-{HASH}   ONLINE       0     0     0
+\t  raidz1-0     ONLINE       0     0     0
+\t    /dev/vda1  ONLINE       0     0     0
+\t    /dev/vdb1  ONLINE       0     0     0
+\t    /dev/vdc1  ONLINE       0     0     0
+\tlogs\t
+\t  /dev/vdd3    ONLINE       0     0     0
+\tcache
+\t  /dev/vdd4    ONLINE       0     0     0
+
+errors: No known data errors
+"""
+
+STRIPE_STATUS = """\
+  pool: rpool-x
+ state: ONLINE
+config:
+
+\tNAME         STATE     READ WRITE CKSUM
+\trpool-x      ONLINE       0     0     0
+\t  /dev/vdd4  ONLINE       0     0     0
+
+errors: No known data errors
+"""
+
+
+def raidz1_state(status: str = RAIDZ1_STATUS) -> dict:
+    devices = {
+        f"/dev/disk/by-partlabel/rpool-rz1-{HASH}": "/dev/vda1",
+        f"/dev/disk/by-partlabel/rpool-rz2-{HASH}": "/dev/vdb1",
+        f"/dev/disk/by-partlabel/rpool-rz3-{HASH}": "/dev/vdc1",
+        f"/dev/disk/by-partlabel/rpool-zil-{HASH}": "/dev/vdd3",
+        f"/dev/disk/by-partlabel/rpool-arc-{HASH}": "/dev/vdd4",
+    }
+    return {"state": "imported", "topology": zfs.parse_zpool_status(status.splitlines()), "devices": devices}
+
+
+def test_zpool_status_topology_is_parsed():
+    topology = zfs.parse_zpool_status(RAIDZ1_STATUS.splitlines())
+    assert topology["vdevs"] == [("raidz1", ["/dev/vda1", "/dev/vdb1", "/dev/vdc1"])]
+    assert topology["log"] == ["/dev/vdd3"]
+    assert topology["cache"] == ["/dev/vdd4"]
+    assert zfs.parse_zpool_status(STRIPE_STATUS.splitlines())["vdevs"] == [("stripe", ["/dev/vdd4"])]
+
+
+def test_the_profile_pool_matches_its_own_topology():
+    profile = load_profile("zfs-raidz1", ZFS_VARS)
+    devices = zfs.member_devices(profile, "rpool")
+    assert zfs.topology_differences(profile.pools["rpool"], devices, raidz1_state()) == []
+
+
+def test_a_pool_with_log_and_cache_swapped_differs():
+    profile = load_profile("zfs-raidz1", ZFS_VARS)
+    swapped = RAIDZ1_STATUS.replace("/dev/vdd3", "/dev/TMP").replace("/dev/vdd4", "/dev/vdd3").replace("/dev/TMP", "/dev/vdd4")
+    problems = zfs.topology_differences(profile.pools["rpool"], zfs.member_devices(profile, "rpool"), raidz1_state(swapped))
+    assert any(p.startswith("log") for p in problems) and any(p.startswith("cache") for p in problems)
+
+
+def test_a_stripe_instead_of_raidz1_differs():
+    profile = load_profile("zfs-raidz1", ZFS_VARS)
+    flat = RAIDZ1_STATUS.replace("\t  raidz1-0     ONLINE       0     0     0\n", "").replace("\t    /dev/vd", "\t  /dev/vd")
+    problems = zfs.topology_differences(profile.pools["rpool"], zfs.member_devices(profile, "rpool"), raidz1_state(flat))
+    assert problems and problems[0].startswith("data vdevs")
+
+
+def test_pool_is_created_with_exact_topology_and_properties():
+    profile = load_profile("zfs-raidz1", ZFS_VARS)
+    command = zfs.create_pool_command(profile.pools["rpool"], zfs.member_devices(profile, "rpool")).get_raw_value()
+    part = "/dev/disk/by-partlabel/rpool"
+    assert command.endswith(
+        f"rpool-{HASH} raidz1 {part}-rz1-{HASH} {part}-rz2-{HASH} {part}-rz3-{HASH} "
+        f"log {part}-zil-{HASH} cache {part}-arc-{HASH}"
+    )
+    for option in ("-o ashift=12", "-o cachefile=none", "-O compression=zstd", "-O xattr=sa",
+                   "-O acltype=posixacl", "-O mountpoint=none"):
+        assert option in command
+
+
+def test_property_drift_splits_settable_from_one_time():
+    current = {"sync": ("standard", "default"), "encryption": ("off", "default"), "atime": ("off", "local")}
+    settable, fixed = zfs.property_drift({"sync": "disabled", "atime": "off", "encryption": "aes-256-gcm"}, current)
+    assert settable == {"sync": "disabled"}
+    assert fixed == {"encryption": ("off", "aes-256-gcm")}
+
+
+def test_datasets_are_ordered_parents_first_and_mounted_ones_are_legacy():
+    profile = load_profile("zfs-raidz1", ZFS_VARS)
+    ordered = zfs.ordered_datasets(profile.pools["rpool"])
+    names = [d.name for d in ordered]
+    for ds in names:
+        if "/" in ds:
+            assert names.index(ds.rsplit("/", 1)[0]) < names.index(ds)
+    assert all(zfs.dataset_properties(d)["mountpoint"] == "legacy" for d in ordered if d.mountpoint)
+
+
+def test_layout_categories_and_properties():
+    profile = load_profile("zfs-raidz1", ZFS_VARS)
+    pool = profile.pools["rpool"]
+    by_mount = {d.mountpoint: d for d in pool.datasets if d.mountpoint}
+    assert {mp: d.name for mp, d in by_mount.items()} == {
+        "/": "temp/root", "/tmp": "temp/tmp", "/local": "local/system", "/nix": "local/nix",
+        "/var/log": "local/logs", "/remote": "remote/system",
+    }
+    for mp in ("/", "/tmp", "/nix"):
+        assert by_mount[mp].properties["sync"] == "disabled" and by_mount[mp].properties["logbias"] == "throughput"
+    assert all(set(d.mount_options) >= {"nosuid", "nodev", "noatime"} for d in by_mount.values())
+    assert [d.name for d in pool.datasets if d.empty_snapshot] == ["temp/root", "temp/tmp"]
+    assert [d.name for d in pool.datasets if d.encryption] == ["remote"]
+    assert pool.name == f"rpool-{HASH}" and pool.options["ashift"] == "12"
+
+
+def test_rollback_script_rolls_back_every_temp_dataset():
+    profile = load_profile("zfs-raidz1", ZFS_VARS)
+    assert zfs.rollback_script(profile) == (
+        f"set -eu\nzfs rollback -r rpool-{HASH}/temp/root@empty\nzfs rollback -r rpool-{HASH}/temp/tmp@empty\n"
+    )
+
+
+def test_nixos_module_for_raidz1_is_valid_nix_with_host_id_and_rollback_service():
+    profile = load_profile("zfs-raidz1", ZFS_VARS)
+    text = zfs.nixos_module(profile)
+    parse(text)  # raises on a syntax error
+    assert f'networking.hostId = "{profile.host_id}";' in text and profile.host_id == HASH
+    assert 'boot.supportedFilesystems = [ "zfs" ];' in text
+    assert f'boot.zfs.requestEncryptionCredentials = [ "rpool-{HASH}/remote" ];' in text
+    assert f'after = [ "zfs-import-rpool-{HASH}.service" ];' in text
+    assert 'before = [ "sysroot.mount" ];' in text
+    assert f"zfs rollback -r rpool-{HASH}/temp/root@empty" in text
+
+
+def test_nixos_module_for_light_has_no_rollback_and_loads_f2fs():
+    profile = load_profile("light-tmpfs-f2fs", LIGHT_VARS)
+    text = zfs.nixos_module(profile)
+    parse(text)
+    assert "rollback" not in text
+    assert f'networking.hostId = "{host_hash("tabula-light")}";' in text
+    assert 'boot.initrd.kernelModules = [ "f2fs" ];' in text
+
+
+def test_a_dataset_without_its_parent_is_refused(tmp_path):
+    import yaml
+    from operations.profile import profile_path
+
+    raw = yaml.safe_load(profile_path("light-tmpfs-f2fs").read_text())
+    raw["pools"]["rpool"]["datasets"] = [d for d in raw["pools"]["rpool"]["datasets"] if d["name"] != "remote"]
+    path = tmp_path / "orphan.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    profile = load_profile(str(path), LIGHT_VARS)
+    with pytest.raises(zfs.ZfsError, match="needs its parent 'remote'"):
+        zfs.ordered_datasets(profile.pools["rpool"])
