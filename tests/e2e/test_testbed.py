@@ -1,0 +1,96 @@
+"""The live VM is what the install deploys expect: disks by serial, ZFS, the disk tools, and
+pyinfra reaching it both over SSH (host install-target) and as @local inside the guest."""
+import re
+
+import pytest
+
+GiB = 1024**3
+# The test bed's contract (what the profiles are written against), checked against the guest.
+NVME = ("TABULA-NVME0", 16 * GiB)
+VIRTIO_DISKS = {"TABULA-RZ1": 4 * GiB, "TABULA-RZ2": 4 * GiB, "TABULA-RZ3": 4 * GiB,
+                "TABULA-SSD": 8 * GiB}
+DISK_TOOLS = "sgdisk cryptsetup mkfs.btrfs mkfs.vfat mkfs.f2fs zpool wipefs blkdiscard".split()
+TRIVIAL_DEPLOY = "tests/e2e/deploys/trivial.py"
+MARKER = "/root/tabula-trivial"
+
+
+def sysfs_disk(livevm, device):
+    """(serial, size in bytes) of a whole disk, straight from the guest's sysfs."""
+    name = device.removeprefix("/dev/")
+    serial_file = f"/sys/block/{name}/device/serial" if name.startswith("nvme") \
+        else f"/sys/block/{name}/serial"
+    serial = livevm.run(["cat", serial_file]).stdout.strip()
+    sectors = int(livevm.run(["cat", f"/sys/block/{name}/size"]).stdout)
+    return serial, sectors * 512
+
+
+def test_nvme_disk(livevm):
+    serial, size = sysfs_disk(livevm, "/dev/nvme0n1")
+    assert (serial, size) == NVME
+    lsblk = livevm.run("lsblk -bdno SERIAL,SIZE /dev/nvme0n1").stdout.split()
+    assert lsblk == [NVME[0], str(NVME[1])]
+
+
+@pytest.mark.parametrize("serial", sorted(VIRTIO_DISKS))
+def test_virtio_disk(livevm, serial):
+    device = livevm.disk_by_serial(serial)
+    assert device.startswith("/dev/vd")
+    assert sysfs_disk(livevm, device) == (serial, VIRTIO_DISKS[serial])
+
+
+def test_zfs_module_loads(livevm, target):
+    livevm.run("modprobe zfs")
+    assert target.file("/sys/module/zfs").is_directory
+
+
+@pytest.mark.parametrize("tool", DISK_TOOLS)
+def test_disk_tool_on_path(target, tool):
+    assert target.exists(tool)
+
+
+def test_reset_disks_wipes_everything(clean_disks, livevm):
+    """Leave partitions, a mount, a LUKS mapping and a ZFS pool behind, then reset."""
+    rz1, rz2, rz3, ssd = (livevm.disk_by_serial(s) for s in sorted(VIRTIO_DISKS))
+    livevm.run(f"""set -e
+        sgdisk -n1:0:+512M -n2:0:0 {rz1} && udevadm settle
+        mkfs.ext4 -q {rz1}1 && mkdir -p /mnt/leftover && mount {rz1}1 /mnt/leftover
+        mkswap -q {rz1}2 && swapon {rz1}2
+        echo -n key > /tmp/key
+        cryptsetup luksFormat -q --pbkdf pbkdf2 --pbkdf-force-iterations 1000 {ssd} /tmp/key
+        cryptsetup open --key-file /tmp/key {ssd} leftover
+        modprobe zfs && zpool create -f -m /mnt/leftover-pool leftover {rz2} {rz3}
+    """)
+    livevm.reset_disks()
+    livevm.reset_disks()   # idempotent on blank disks
+    assert livevm.run("zpool list -H").stdout == ""
+    assert livevm.run("findmnt -rno TARGET | grep ^/mnt || true").stdout == ""
+    assert livevm.run("ls /dev/mapper").stdout.split() == ["control"]
+    layout = livevm.run(f"lsblk -lno TYPE,FSTYPE {rz1} {rz2} {rz3} {ssd}").stdout.split()
+    assert layout == ["disk"] * 4
+
+
+def pyinfra_changes(output):
+    """(success, error) columns of pyinfra's 'Grand total' results row: '-' means none."""
+    match = re.search(r"^\s*Grand total\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", output, re.M)
+    assert match, f"no results table in pyinfra output:\n{output}"
+    _hosts, success, error, _no_change = match.groups()
+    return success, error
+
+
+def test_trivial_deploy_over_ssh(livevm, target, run_pyinfra):
+    livevm.run(["rm", "-f", MARKER])
+    first = run_pyinfra([TRIVIAL_DEPLOY])
+    assert first.returncode == 0, first.stdout + first.stderr
+    marker = target.file(MARKER)
+    assert marker.content_string == "deployed-to=install-target\nhostname=tabula-live\n"
+
+    second = run_pyinfra([TRIVIAL_DEPLOY])
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert pyinfra_changes(second.stdout + second.stderr) == ("-", "-")
+
+
+def test_trivial_deploy_local_in_guest(livevm, target, run_pyinfra):
+    livevm.run(["rm", "-f", MARKER])
+    result = run_pyinfra([TRIVIAL_DEPLOY], local=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert target.file(MARKER).content_string == "deployed-to=@local\nhostname=tabula-live\n"

@@ -1,0 +1,603 @@
+#!/usr/bin/env python3
+"""Live-VM test bed for Tabula: a Debian 12 live system in QEMU with blank target disks.
+
+The VM plays the "booted from a USB stick" installer environment: every boot starts from a
+pristine cached image (through a throw-away qcow2 overlay) and sees five empty target disks,
+identified by serial like the real machines' disks.
+
+    .venv/bin/python tools/livevm.py build|up|down|status|ssh [CMD..]|disks|ssh-config|
+                                     reset-disks|push-project|install-standins
+
+Stdlib only, so it runs before the project's venv exists. TABULA_VM_INSTANCE selects the VM.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+GUEST_DIR = PROJECT_DIR / "tools" / "guest"
+GUEST_ROOTFS = GUEST_DIR / "rootfs"          # files copied verbatim into the image
+STANDINS_DIR = GUEST_DIR / "standins"
+
+# Bump when the build steps change, so stale cached images are not reused.
+RECIPE_VERSION = "1"
+SUITE = "bookworm"
+COMPONENTS = ("main", "contrib")              # zfs-dkms lives in contrib
+PACKAGES = (
+    "systemd-sysv udev kmod iproute2 openssh-server btrfs-progs gdisk cryptsetup cryptsetup-bin "
+    "dosfstools f2fs-tools e2fsprogs util-linux python3 python3-venv linux-image-amd64 "
+    "linux-headers-amd64 procps psmisc attr"
+).split()
+ZFS_PACKAGES = ("zfs-dkms", "zfsutils-linux")   # installed after the kernel headers exist
+IMAGE_SIZE = "6G"
+IMAGE_LABEL = "tabula-live"
+
+# Target disks: (serial, size, QEMU device). The NVMe plays the laptop's Samsung 990; the
+# RZ disks are the raidz1 members and SSD the fast disk of the ZFS profile.
+TARGET_DISKS = (
+    ("TABULA-NVME0", "16G", "nvme"),
+    ("TABULA-RZ1", "4G", "virtio-blk-pci"),
+    ("TABULA-RZ2", "4G", "virtio-blk-pci"),
+    ("TABULA-RZ3", "4G", "virtio-blk-pci"),
+    ("TABULA-SSD", "8G", "virtio-blk-pci"),
+)
+VM_MEMORY = "4096"
+VM_CPUS = "2"
+SSH_TIMEOUT = 300
+GUEST_SRC = "/opt/tabula/src"
+GUEST_VENV = "/opt/tabula/venv"
+GUEST_WHEELS = "/opt/tabula/wheels"
+
+
+class LiveVMError(RuntimeError):
+    """Something about the image or the VM is wrong; the message says what."""
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tabula"
+
+
+def run(cmd, **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("check", True)
+    return subprocess.run(cmd, **kwargs)
+
+
+# ---------------------------------------------------------------- image build
+
+def host_debian_mirror() -> str:
+    """The Debian mirror the host's apt uses (never hard-coded: each machine has its own)."""
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    if sources.exists():
+        for stanza in sources.read_text().split("\n\n"):
+            fields = dict(re.findall(r"^(\w[\w-]*):\s*(.*)$", stanza, re.M))
+            if "deb" in fields.get("Types", "").split() and "security" not in fields.get("URIs", ""):
+                return fields["URIs"].split()[0]
+    sources_list = Path("/etc/apt/sources.list")
+    if sources_list.exists():
+        for line in sources_list.read_text().splitlines():
+            words = [w for w in re.sub(r"\[.*?\]", "", line).split()]
+            if words[:1] == ["deb"] and "security" not in words[1]:
+                return words[1]
+    raise LiveVMError("no Debian mirror found in the host's apt sources")
+
+
+def recipe_hash() -> str:
+    digest = hashlib.sha256()
+    digest.update(f"{RECIPE_VERSION} {SUITE} {COMPONENTS} {PACKAGES} {ZFS_PACKAGES} {IMAGE_SIZE}".encode())
+    for path in sorted(p for p in GUEST_ROOTFS.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(GUEST_ROOTFS)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def image_dir() -> Path:
+    return cache_root() / "images" / recipe_hash()
+
+
+@contextlib.contextmanager
+def chroot_mounts(rootdir: Path):
+    """/proc, /sys and /dev inside the chroot, only for as long as commands run there."""
+    mounted = []
+    try:
+        for fs, args in (("proc", ["-t", "proc", "proc"]), ("sys", ["-t", "sysfs", "sys"]),
+                         ("dev", ["--bind", "/dev"]), ("dev/pts", ["--bind", "/dev/pts"])):
+            target = rootdir / fs
+            run(["mount", *args, str(target)])
+            mounted.append(target)
+        yield
+    finally:
+        for target in reversed(mounted):
+            run(["umount", "-l", str(target)], check=False)
+
+
+def chroot(rootdir: Path, command: str) -> None:
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "DEBIAN_FRONTEND": "noninteractive",
+           "LC_ALL": "C", "HOME": "/root"}
+    run(["chroot", str(rootdir), "sh", "-euc", command], env=env)
+
+
+def apt_install(rootdir: Path, packages) -> None:
+    chroot(rootdir, "apt-get install -y -q --no-install-recommends " + " ".join(packages))
+
+
+def guest_kernel_version(rootdir: Path) -> str:
+    versions = sorted(p.name[len("vmlinuz-"):] for p in (rootdir / "boot").glob("vmlinuz-*"))
+    if len(versions) != 1:
+        raise LiveVMError(f"expected one guest kernel in /boot, found {versions}")
+    return versions[0]
+
+
+def install_packages(rootdir: Path) -> None:
+    # Services must not start inside the build chroot.
+    policy = rootdir / "usr/sbin/policy-rc.d"
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    shutil.copy("/etc/resolv.conf", rootdir / "etc/resolv.conf")
+    try:
+        with chroot_mounts(rootdir):
+            chroot(rootdir, "apt-get update -q")
+            log("installing packages (kernel, tools)")
+            apt_install(rootdir, PACKAGES)
+            log("installing zfs-dkms and building zfs (slow)")
+            apt_install(rootdir, ZFS_PACKAGES)
+            build_zfs_for_guest_kernel(rootdir)
+            chroot(rootdir, "apt-get clean")
+    finally:
+        policy.unlink()
+        (rootdir / "etc/resolv.conf").unlink(missing_ok=True)
+
+
+def build_zfs_for_guest_kernel(rootdir: Path) -> None:
+    # dkms defaults to `uname -r`, the HOST kernel; name the guest's explicitly.
+    version = guest_kernel_version(rootdir)
+    chroot(rootdir, f"dkms autoinstall -k {version}")
+    chroot(rootdir, f"depmod -a {version}")
+    zfs_ko = rootdir / f"lib/modules/{version}/updates/dkms/zfs.ko"
+    if not zfs_ko.exists():
+        raise LiveVMError(f"zfs module was not built for guest kernel {version}: {zfs_ko} missing")
+    log(f"zfs built for guest kernel {version}")
+
+
+def configure_guest(rootdir: Path, public_key: str) -> None:
+    shutil.copytree(GUEST_ROOTFS, rootdir, dirs_exist_ok=True, symlinks=True)
+    ssh_dir = rootdir / "root/.ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    (ssh_dir / "authorized_keys").write_text(public_key)
+    (ssh_dir / "authorized_keys").chmod(0o600)
+    # Empty machine-id: each boot of the image gets its own.
+    (rootdir / "etc/machine-id").write_text("")
+    chroot(rootdir, "systemctl enable systemd-networkd ssh serial-getty@ttyS0.service"
+                    " && passwd -d root")
+
+
+def remove_build_dir(path: Path) -> None:
+    # A leftover bind mount of /dev under a half-built image must never be rm -rf'ed.
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    if any(m.startswith(str(path) + "/") for m in mounts):
+        raise LiveVMError(f"refusing to delete {path}: something is still mounted below it")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def build_lock(target: Path):
+    """Several VM instances share one image cache: only one of them builds it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f"{target.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another build of image {target.name}")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def build_image(force: bool = False) -> Path:
+    """Build the live image into the cache, or reuse a complete one."""
+    target = image_dir()
+    with build_lock(target):
+        if (target / "complete").exists() and not force:
+            log(f"reusing cached image {target.name}")
+            return target
+        return build_image_locked(target)
+
+
+def build_image_locked(target: Path) -> Path:
+    started = time.monotonic()
+    remove_build_dir(target)
+    target.mkdir(parents=True)
+    rootdir = target / "rootfs"
+    mirror = host_debian_mirror()
+    log(f"debootstrap {SUITE} from {mirror} into {rootdir}")
+    run(["debootstrap", "--variant=minbase", f"--components={','.join(COMPONENTS)}",
+         SUITE, str(rootdir), mirror])
+    log("debootstrap done")
+    install_packages(rootdir)
+    key = target / "id_ed25519"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "tabula-livevm", "-f", str(key)])
+    configure_guest(rootdir, (target / "id_ed25519.pub").read_text())
+    version = guest_kernel_version(rootdir)
+    shutil.copy(rootdir / f"boot/vmlinuz-{version}", target / "vmlinuz")
+    shutil.copy(rootdir / f"boot/initrd.img-{version}", target / "initrd.img")
+    log("writing ext4 image (mkfs.ext4 -d, no mount)")
+    run(["mkfs.ext4", "-q", "-F", "-L", IMAGE_LABEL, "-d", str(rootdir),
+         str(target / "image.raw"), IMAGE_SIZE])
+    shutil.rmtree(rootdir)
+    (target / "complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    log(f"image {target.name} built in {time.monotonic() - started:.0f} s")
+    return target
+
+
+# ---------------------------------------------------------------- the VM
+
+class GuestCommandError(subprocess.CalledProcessError):
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n--- stdout:\n{self.stdout}\n--- stderr:\n{self.stderr}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+class LiveVM:
+    """One QEMU instance; its state lives in ~/.cache/tabula/vm/<instance>/."""
+
+    def __init__(self, instance: str | None = None):
+        self.instance = instance or os.environ.get("TABULA_VM_INSTANCE") or "default"
+        self.state_dir = cache_root() / "vm" / self.instance
+        self.pidfile = self.state_dir / "qemu.pid"
+        self.serial_log = self.state_dir / "serial.log"
+        self.ssh_config_path = self.state_dir / "ssh_config"
+        self.started_here = False      # did ensure_up() boot it (tests shut down only those)
+
+    # -- state
+    @property
+    def port(self) -> int:
+        port_file = self.state_dir / "port"
+        if not port_file.exists():
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            port_file.write_text(f"{free_port()}\n")
+        return int(port_file.read_text())
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pidfile.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        return pid if b"qemu" in cmdline else None
+
+    def is_running(self) -> bool:
+        return self.pid() is not None
+
+    def ssh_answers(self) -> bool:
+        return self.is_running() and self.run("true", check=False, timeout=20).returncode == 0
+
+    # -- ssh
+    def write_ssh_config(self) -> Path:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.ssh_config_path.write_text(
+            "Host install-target\n"
+            "    HostName 127.0.0.1\n"
+            f"    Port {self.port}\n"
+            "    User root\n"
+            f"    IdentityFile {image_dir() / 'id_ed25519'}\n"
+            "    IdentitiesOnly yes\n"
+            "    StrictHostKeyChecking no\n"
+            "    UserKnownHostsFile /dev/null\n"
+            "    LogLevel ERROR\n"
+            "    ConnectTimeout 10\n"
+            "    ServerAliveInterval 15\n"
+        )
+        return self.ssh_config_path
+
+    def ssh_argv(self, *extra: str) -> list[str]:
+        if not self.ssh_config_path.exists():
+            self.write_ssh_config()
+        return ["ssh", "-F", str(self.ssh_config_path), "-o", "BatchMode=yes", *extra,
+                "install-target"]
+
+    def run(self, cmd, check: bool = True, input=None, timeout: float | None = 600,
+            binary: bool = False) -> subprocess.CompletedProcess:
+        """Run a shell command (str) or argv (list) in the guest as root."""
+        command = cmd if isinstance(cmd, str) else shlex.join(cmd)
+        result = subprocess.run(self.ssh_argv("--", command), input=input,
+                                capture_output=True, text=not binary, timeout=timeout)
+        if check and result.returncode != 0:
+            raise GuestCommandError(result.returncode, command, result.stdout, result.stderr)
+        return result
+
+    def pyinfra_args(self) -> list[str]:
+        """argv fragment that makes pyinfra deploy to this VM by the name install-target."""
+        return ["install-target", "--data", f"ssh_config_file={self.write_ssh_config()}"]
+
+    def testinfra_host(self):
+        import testinfra   # only the tests need it; the CLI stays stdlib-only
+        return testinfra.get_host("paramiko://install-target",
+                                  ssh_config=str(self.write_ssh_config()))
+
+    # -- lifecycle
+    def ensure_up(self) -> None:
+        if self.is_running():
+            if self.ssh_answers():
+                log(f"VM '{self.instance}' already up and reachable on port {self.port}")
+                return
+            log(f"VM '{self.instance}' is running but SSH does not answer yet; waiting")
+            self.wait_for_ssh(time.monotonic())
+            return
+        if not shutil.which("qemu-system-x86_64"):
+            raise LiveVMError("qemu-system-x86_64 not found: run ./dev.sh setup")
+        image = build_image()
+        self.prepare_disks(image)
+        started = time.monotonic()
+        self.start_qemu(image)
+        self.wait_for_ssh(started)
+        self.started_here = True
+        log(f"VM '{self.instance}' booted to SSH in {time.monotonic() - started:.0f} s "
+            f"(port {self.port})")
+
+    def prepare_disks(self, image: Path) -> None:
+        """Fresh overlay over the pristine image; target disks are kept if they exist."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        overlay = self.state_dir / "live-overlay.qcow2"
+        overlay.unlink(missing_ok=True)
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
+             "-b", str(image / "image.raw"), str(overlay)])
+        for serial, size, _device in TARGET_DISKS:
+            disk = self.disk_file(serial)
+            if not disk.exists():
+                run(["truncate", "-s", size, str(disk)])
+
+    def disk_file(self, serial: str) -> Path:
+        return self.state_dir / f"{serial.lower()}.raw"
+
+    def qemu_argv(self, image: Path) -> list[str]:
+        if not port_is_free(self.port):
+            (self.state_dir / "port").unlink()     # taken by someone else: pick another
+        self.write_ssh_config()
+        argv = [
+            "qemu-system-x86_64", "-name", f"tabula-{self.instance}",
+            "-machine", "q35", "-accel", "tcg,thread=multi", "-m", VM_MEMORY, "-smp", VM_CPUS,
+            "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
+            "-append", f"root=LABEL={IMAGE_LABEL} console=ttyS0 rw",
+            # -nographic minus the stdio serial console, which -daemonize cannot keep.
+            "-display", "none", "-serial", f"file:{self.serial_log}", "-monitor", "none",
+            "-daemonize", "-pidfile", str(self.pidfile),
+            "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.port}-:22",
+            "-device", "virtio-net-pci,netdev=net0",
+            "-drive", f"if=none,id=live,format=qcow2,file={self.state_dir / 'live-overlay.qcow2'}",
+            "-device", "virtio-blk-pci,drive=live,serial=TABULA-LIVE-IMAGE",
+        ]
+        for index, (serial, _size, device) in enumerate(TARGET_DISKS):
+            drive = f"target{index}"
+            argv += ["-drive", f"if=none,id={drive},format=raw,discard=unmap,"
+                               f"file={self.disk_file(serial)}",
+                     "-device", f"{device},drive={drive},serial={serial}"]
+        return argv
+
+    def start_qemu(self, image: Path) -> None:
+        self.serial_log.unlink(missing_ok=True)
+        log(f"booting VM '{self.instance}' (TCG, serial log {self.serial_log})")
+        run(self.qemu_argv(image))
+
+    def wait_for_ssh(self, started: float) -> None:
+        while time.monotonic() - started < SSH_TIMEOUT:
+            if not self.is_running():
+                raise LiveVMError(f"QEMU exited during boot; serial log:\n{self.serial_tail()}")
+            if self.run("true", check=False, timeout=20).returncode == 0:
+                return
+            time.sleep(3)
+        raise LiveVMError(f"no SSH after {SSH_TIMEOUT} s; serial log:\n{self.serial_tail()}")
+
+    def serial_tail(self, lines: int = 40) -> str:
+        if not self.serial_log.exists():
+            return "(no serial log)"
+        text = self.serial_log.read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def down(self) -> None:
+        pid = self.pid()
+        if pid is None:
+            log(f"VM '{self.instance}' is not running")
+            self.pidfile.unlink(missing_ok=True)
+            return
+        # A clean poweroff flushes the guest's writes to the target disks.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.run("systemctl poweroff", check=False, timeout=15)
+        if not self.wait_for_exit(60):
+            os.kill(pid, 15)
+            if not self.wait_for_exit(10):
+                os.kill(pid, 9)
+        self.pidfile.unlink(missing_ok=True)
+        log(f"VM '{self.instance}' is down")
+
+    def wait_for_exit(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if not self.is_running():
+                return True
+            time.sleep(1)
+        return False
+
+    def status(self) -> str:
+        if not self.is_running():
+            return f"instance {self.instance}: stopped (state in {self.state_dir})"
+        reachable = "SSH answers" if self.ssh_answers() else "SSH does not answer"
+        return (f"instance {self.instance}: running, pid {self.pid()}, port {self.port}, "
+                f"{reachable} (state in {self.state_dir})")
+
+    # -- guest helpers
+    def disks_report(self) -> str:
+        return self.run("lsblk -o NAME,SIZE,SERIAL,TYPE,MODEL; echo; ls -l /dev/disk/by-id").stdout
+
+    def disk_by_serial(self, serial: str) -> str:
+        """The guest's /dev path of the whole disk with this serial (via /dev/disk/by-id)."""
+        script = (f"for link in /dev/disk/by-id/*[-_]{shlex.quote(serial)}; do "
+                  "[ -e \"$link\" ] && readlink -f \"$link\"; done | sort -u")
+        paths = self.run(script).stdout.split()
+        if len(paths) != 1:
+            raise RuntimeError(f"disk with serial {serial}: found {paths or 'none'} in the guest")
+        return paths[0]
+
+    def reset_disks(self) -> None:
+        """Wipe the five target disks back to blank; the live image disk is never touched."""
+        script = (GUEST_DIR / "reset-disks.sh").read_text()
+        serials = [serial for serial, _size, _device in TARGET_DISKS]
+        self.run(["sh", "-s", "--", *serials], input=script, timeout=300)
+
+    def push_tar(self, files_from_dir: Path, names: list[str], guest_dir: str, replace: bool) -> None:
+        tar = subprocess.run(["tar", "-C", str(files_from_dir), "-cf", "-", "--", *names],
+                             capture_output=True, check=True).stdout
+        prepare = f"rm -rf {guest_dir} && " if replace else ""
+        self.run(f"{prepare}mkdir -p {guest_dir} && tar -xf - -C {guest_dir} --no-same-owner",
+                 input=tar, binary=True)
+
+    def push_project(self) -> None:
+        """Project source to /opt/tabula/src and its dependencies into /opt/tabula/venv."""
+        wheelhouse = build_wheelhouse()
+        marker = f"{GUEST_WHEELS}/.{wheelhouse.name}"
+        if self.run(f"test -e {marker}", check=False).returncode != 0:
+            log(f"pushing wheelhouse {wheelhouse.name} and creating {GUEST_VENV}")
+            self.push_tar(wheelhouse, sorted(p.name for p in wheelhouse.iterdir()),
+                          GUEST_WHEELS, replace=True)
+            requirements = " ".join(shlex.quote(d) for d in project_dependencies())
+            self.run(f"rm -rf {GUEST_VENV} && python3 -m venv {GUEST_VENV} && "
+                     f"{GUEST_VENV}/bin/pip install -q --no-index --find-links {GUEST_WHEELS} "
+                     f"{requirements} && touch {marker} && "
+                     # The source tree on sys.path, like the editable install on the host.
+                     f"echo {GUEST_SRC} > $({GUEST_VENV}/bin/python -c "
+                     "'import sysconfig; print(sysconfig.get_path(\"purelib\"))')/tabula-src.pth",
+                     timeout=900)
+        files = project_files()
+        self.push_tar(PROJECT_DIR, files, GUEST_SRC, replace=True)
+        log(f"pushed {len(files)} project files to {GUEST_SRC}")
+
+    def install_standins(self) -> None:
+        standins = sorted(p.name for p in STANDINS_DIR.glob("*")
+                          if p.is_file() and os.access(p, os.X_OK)) if STANDINS_DIR.is_dir() else []
+        if not standins:
+            log(f"no executable stand-ins in {STANDINS_DIR}")
+            return
+        self.push_tar(STANDINS_DIR, standins, "/usr/local/bin", replace=False)
+        log(f"installed stand-ins in /usr/local/bin: {' '.join(standins)}")
+
+
+# ---------------------------------------------------------------- project push helpers
+
+def project_dependencies() -> list[str]:
+    import tomllib
+    with open(PROJECT_DIR / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["project"]["dependencies"]
+
+
+def build_wheelhouse() -> Path:
+    """Wheels of the project's dependencies, rebuilt only when pyproject.toml changes."""
+    key = hashlib.sha256((PROJECT_DIR / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    wheelhouse = cache_root() / "wheels" / key
+    if (wheelhouse / ".complete").exists():
+        return wheelhouse
+    log(f"building wheelhouse {key}")
+    wheelhouse.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="wheels-", dir=wheelhouse.parent))
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(tmp),
+         *project_dependencies()])
+    (tmp / ".complete").touch()
+    shutil.rmtree(wheelhouse, ignore_errors=True)
+    tmp.rename(wheelhouse)
+    return wheelhouse
+
+
+def project_files() -> list[str]:
+    """Tracked plus untracked-but-not-ignored files, as git sees the work tree."""
+    out = run(["git", "-C", str(PROJECT_DIR), "ls-files", "-z", "--cached", "--others",
+               "--exclude-standard"], capture_output=True).stdout.decode()
+    names = sorted({n for n in out.split("\0") if n})
+    return [n for n in names if (PROJECT_DIR / n).is_file()]
+
+
+# ---------------------------------------------------------------- CLI
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="build or reuse the cached live image")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    sub.add_parser("up", help="boot the VM (building the image if needed)")
+    sub.add_parser("down", help="power off the VM")
+    sub.add_parser("status")
+    sub.add_parser("disks", help="show the guest's block devices")
+    sub.add_parser("ssh-config", help="write the ssh_config for host install-target")
+    sub.add_parser("reset-disks", help="wipe the five target disks in the guest")
+    sub.add_parser("push-project", help="copy the project and a venv into the guest")
+    sub.add_parser("install-standins", help="copy tools/guest/standins/* to /usr/local/bin")
+    ssh = sub.add_parser("ssh", help="command (or shell) in the guest as root")
+    ssh.add_argument("cmd", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    try:
+        return run_command(args)
+    except (LiveVMError, subprocess.CalledProcessError) as error:
+        log(f"error: {error}")
+        return 1
+
+
+def run_command(args) -> int:
+    vm = LiveVM()
+    if args.command == "build":
+        build_image(force=args.force)
+    elif args.command == "up":
+        vm.ensure_up()
+    elif args.command == "down":
+        vm.down()
+    elif args.command == "status":
+        print(vm.status())
+    elif args.command == "disks":
+        print(vm.disks_report(), end="")
+    elif args.command == "ssh-config":
+        print(vm.write_ssh_config())
+        print("deploy with: .venv/bin/pyinfra " + shlex.join(vm.pyinfra_args()) + " deploy.py",
+              file=sys.stderr)
+    elif args.command == "reset-disks":
+        vm.reset_disks()
+        log("target disks are blank")
+    elif args.command == "push-project":
+        vm.push_project()
+    elif args.command == "install-standins":
+        vm.install_standins()
+    elif args.command == "ssh":
+        if not args.cmd:
+            return subprocess.call(vm.ssh_argv("-t"))
+        # Joined like ssh itself does, so `ssh 'echo $HOME'` expands in the guest.
+        return subprocess.call(vm.ssh_argv("--", " ".join(args.cmd)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
