@@ -9,7 +9,7 @@ content is ``type: zfs``), mounts are done by ``operations.mounts`` from ``Profi
 
     zfs.apply(profile)      # module loaded, pools imported or created, datasets + @empty, key loaded
     zfs.export(profile)     # at the end of a run: unmount the pools' mounts, zpool export
-    zfs.nixos_module(profile)     # NixOS module text for configuration.nix's imports
+    zfs.nix_fragments(profile)    # NixOS bindings for operations.nixos (LAYER_RENDERERS)
     zfs.rollback_script(profile)  # what the initrd runs before / is mounted (and the e2e tests)
 """
 
@@ -30,6 +30,15 @@ ONE_TIME_PROPERTIES = frozenset({
     "volblocksize", "ashift",
 })
 EMPTY_SNAPSHOT = "empty"
+# Values zfs accepts but shows under another name (zfs get prints the canonical one).
+VALUE_ALIASES = {
+    "acltype": {"posixacl": "posix", "noacl": "off"},
+}
+
+
+def canonical(prop: str, value: str) -> str:
+    """The value as ``zfs get`` shows it: acltype=posixacl reads back as posix."""
+    return VALUE_ALIASES.get(prop, {}).get(value, value)
 
 
 class ZfsError(TabulaError):
@@ -292,7 +301,7 @@ def property_drift(wanted: dict[str, str], current: dict) -> tuple[dict[str, str
     settable, fixed = {}, {}
     for key, value in wanted.items():
         have = current.get(key, (None, None))[0]
-        if have == value:
+        if have == canonical(key, value):
             continue
         if key in ONE_TIME_PROPERTIES:
             fixed[key] = (have, value)
@@ -303,7 +312,7 @@ def property_drift(wanted: dict[str, str], current: dict) -> tuple[dict[str, str
 
 @operation()
 def dataset(dataset_name: str, properties: dict[str, str] | None = None, encryption: dict[str, str] | None = None,
-            empty_snapshot: bool = False):
+            empty_snapshot: bool = False, create: bool = True):
     """
     Create a filesystem dataset (with its ``@empty`` snapshot taken in the same command), or fix
     settable property drift on an existing one with ``zfs set``; load the key of an encrypted one.
@@ -313,6 +322,7 @@ def dataset(dataset_name: str, properties: dict[str, str] | None = None, encrypt
     + properties: properties to create with and keep (one-time ones are only checked)
     + encryption: ``{"encryption": ..., "keyformat": ..., "keylocation": "prompt"}`` for an encryption root
     + empty_snapshot: snapshot ``@empty`` right after creation (never later, never again)
+    + create: False for a pool's root dataset (created by ``zpool create``): only its properties
 
     **Example:**
 
@@ -327,6 +337,9 @@ def dataset(dataset_name: str, properties: dict[str, str] | None = None, encrypt
     wanted = {**(properties or {}), **(encryption or {})}
     current = datasets.get(dataset_name)
 
+    if current is None and not create:
+        host.noop(f"dataset {dataset_name} comes with its pool (which is not imported yet)")
+        return
     if current is None:
         bits: list = ["zfs", "create"]
         for key, value in wanted.items():
@@ -418,7 +431,7 @@ def apply(profile: Profile) -> None:
     for pool_key, pool_def in profile.pools.items():
         devices = member_devices(profile, pool_key)
         pool(pool_def, devices, name=f"ZFS: pool {pool_def.name} imported with its topology")
-        dataset(pool_def.name, properties=dict(pool_def.root_properties),
+        dataset(pool_def.name, properties=dict(pool_def.root_properties), create=False,
                 name=f"ZFS: {pool_def.name} root properties")
         for ds in ordered_datasets(pool_def):
             full = f"{pool_def.name}/{ds.name}"
@@ -466,25 +479,22 @@ def _nix_list(values: Iterable[str]) -> str:
     return "[ " + " ".join(_nix_str(v) for v in values) + " ]"
 
 
-def nixos_module(profile: Profile) -> str | None:
+def nix_configuration(profile: Profile) -> str:
     """
-    A NixOS module (file text) with the ZFS settings of the profile, or None without pools:
-    ZFS support, ``networking.hostId`` (= ``profile.host_id``), pool import by partlabel, the
-    passphrase prompt for encrypted datasets, and the initrd service that rolls temp back.
+    configuration.nix bindings (two-space indent) for the profile's pools, or "" without pools:
+    ZFS support, ``networking.hostId`` (= ``profile.host_id``), import by partlabel, and the
+    passphrase prompt for the encrypted datasets.
 
     Unlocking: the encrypted datasets keep ``keylocation=prompt``; with
-    ``boot.zfs.requestEncryptionCredentials`` the initrd asks for the passphrase (the same one
-    tabula read from TABULA_ZFS_KEY) when it imports the pool, before the neededForBoot mounts
-    (``/remote``). Nothing that unlocks the data is stored on the machine.
+    ``boot.zfs.requestEncryptionCredentials`` the initrd asks for the passphrase (the one tabula
+    read from TABULA_ZFS_KEY) when it imports the pool for the neededForBoot mounts (``/remote``).
+    Nothing that unlocks the data is stored on the machine, like the LUKS passphrase.
     """
     if not profile.pools:
-        return None
+        return ""
     encrypted = [f"{p.name}/{d.name}" for p in profile.pools.values() for d in p.datasets if d.encryption]
-    pools = [p.name for p in profile.pools.values()]
     lines = [
-        "# Generated by tabula from the profile's pools: do not edit, re-run tabula instead.",
-        "{ config, lib, pkgs, ... }:",
-        "{",
+        "  # ZFS (pools from the profile)",
         '  boot.supportedFilesystems = [ "zfs" ];',
         f"  networking.hostId = {_nix_str(profile.host_id)};  # first 8 hex chars of sha256(host name)",
         "  # Member partitions are found by their partlabels (they carry the host hash).",
@@ -492,29 +502,50 @@ def nixos_module(profile: Profile) -> str | None:
         "  # Prompt for the passphrase of the encrypted datasets in the initrd (keylocation=prompt).",
         f"  boot.zfs.requestEncryptionCredentials = {_nix_list(encrypted) if encrypted else 'false'};",
         "  services.zfs.autoScrub.enable = true;",
-        "  boot.initrd.systemd.enable = true;",
     ]
     if any(fs.format == "f2fs" and fs.needed_for_boot for _, fs in profile.filesystems()):
         # The notes: the f2fs module must sometimes be in the initrd explicitly to mount /.local.
         lines.append('  boot.initrd.kernelModules = [ "f2fs" ];')
-    temps = temp_datasets(profile)
-    if temps:
-        script = rollback_script(profile).replace("''", "'''").replace("${", "''${")
-        after = " ".join(_nix_str(f"zfs-import-{name}.service") for name in pools)
-        lines += [
-            "  # The temp datasets return to their @empty snapshots before / is mounted.",
-            "  boot.initrd.systemd.services.tabula-rollback-temp = {",
-            '    description = "Roll the temp datasets back to @empty";',
-            '    wantedBy = [ "initrd.target" ];',
-            f"    after = [ {after} ];",
-            '    before = [ "sysroot.mount" ];',
-            "    path = [ config.boot.zfs.package ];",
-            '    unitConfig.DefaultDependencies = "no";',
-            '    serviceConfig.Type = "oneshot";',
-            "    script = ''",
-            *[f"      {line}" for line in script.splitlines()],
-            "    '';",
-            "  };",
-        ]
-    lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _nix_indented(text: str) -> str:
+    """Text as the body of a Nix '' string ('' and ${ escaped)."""
+    return text.replace("''", "'''").replace("${", "''${")
+
+
+def nix_rollback_service(profile: Profile) -> str:
+    """
+    impermanence.nix bindings: the initrd (systemd stage 1) service that runs ``rollback_script``
+    after the pool import and before ``/`` is mounted; "" when no dataset has an @empty snapshot.
+    """
+    temps = temp_datasets(profile)
+    if not temps:
+        return ""
+    pools = sorted({name.split("/", 1)[0] for name in temps})
+    imports = _nix_list(f"zfs-import-{name}.service" for name in pools)
+    lines = [
+        "  # Rollback service: the temp datasets return to their @empty snapshots at every boot,",
+        "  # after the pool is imported and before / is mounted (systemd stage 1).",
+        "  boot.initrd.systemd.services.tabula-rollback-temp = {",
+        '    description = "Roll the temp datasets back to @empty";',
+        '    wantedBy = [ "initrd.target" ];',
+        f"    requires = {imports};",
+        f"    after = {imports};",
+        '    before = [ "sysroot.mount" ];',
+        "    path = [ config.boot.zfs.package ];",
+        '    unitConfig.DefaultDependencies = "no";',
+        '    serviceConfig.Type = "oneshot";',
+        "    script = ''",
+        *[f"      {line}" for line in _nix_indented(rollback_script(profile)).splitlines()],
+        "    '';",
+        "  };",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def nix_fragments(profile: Profile, ids: dict | None = None, placeholder: bool = False):
+    """This layer's ``NixFragments`` for operations.nixos (its ``LAYER_RENDERERS`` signature)."""
+    from operations.nixos import NixFragments
+
+    return NixFragments(configuration=nix_configuration(profile), impermanence=nix_rollback_service(profile))

@@ -142,25 +142,36 @@ def test_rollback_script_rolls_back_every_temp_dataset():
     )
 
 
-def test_nixos_module_for_raidz1_is_valid_nix_with_host_id_and_rollback_service():
+def as_module(bindings: str) -> str:
+    return "{ config, lib, pkgs, ... }:\n{\n" + bindings + "}\n"
+
+
+def test_nix_for_raidz1_is_valid_with_host_id_unlock_and_rollback_service():
     profile = load_profile("zfs-raidz1", ZFS_VARS)
-    text = zfs.nixos_module(profile)
-    parse(text)  # raises on a syntax error
-    assert f'networking.hostId = "{profile.host_id}";' in text and profile.host_id == HASH
-    assert 'boot.supportedFilesystems = [ "zfs" ];' in text
-    assert f'boot.zfs.requestEncryptionCredentials = [ "rpool-{HASH}/remote" ];' in text
-    assert f'after = [ "zfs-import-rpool-{HASH}.service" ];' in text
-    assert 'before = [ "sysroot.mount" ];' in text
-    assert f"zfs rollback -r rpool-{HASH}/temp/root@empty" in text
+    configuration, service = zfs.nix_configuration(profile), zfs.nix_rollback_service(profile)
+    parse(as_module(configuration))  # raises on a syntax error
+    parse(as_module(service))
+    assert f'networking.hostId = "{profile.host_id}";' in configuration and profile.host_id == HASH
+    assert 'boot.supportedFilesystems = [ "zfs" ];' in configuration
+    assert f'boot.zfs.requestEncryptionCredentials = [ "rpool-{HASH}/remote" ];' in configuration
+    assert f'after = [ "zfs-import-rpool-{HASH}.service" ];' in service
+    assert 'before = [ "sysroot.mount" ];' in service
+    body = service.split("script = \'\'\n", 1)[1].split("    \'\';", 1)[0]
+    assert [line.strip() for line in body.splitlines()] == zfs.rollback_script(profile).splitlines()
 
 
-def test_nixos_module_for_light_has_no_rollback_and_loads_f2fs():
+def test_nix_for_light_has_no_rollback_and_loads_f2fs_in_the_initrd():
     profile = load_profile("light-tmpfs-f2fs", LIGHT_VARS)
-    text = zfs.nixos_module(profile)
-    parse(text)
-    assert "rollback" not in text
-    assert f'networking.hostId = "{host_hash("tabula-light")}";' in text
-    assert 'boot.initrd.kernelModules = [ "f2fs" ];' in text
+    configuration = zfs.nix_configuration(profile)
+    parse(as_module(configuration))
+    assert zfs.nix_rollback_service(profile) == ""
+    assert f'networking.hostId = "{host_hash("tabula-light")}";' in configuration
+    assert 'boot.initrd.kernelModules = [ "f2fs" ];' in configuration
+
+
+def test_no_pools_no_zfs_nix():
+    profile = load_profile("zephyrus-btrfs", {"disk": "/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_TABULA-NVME0"})
+    assert zfs.nix_configuration(profile) == zfs.nix_rollback_service(profile) == ""
 
 
 def test_a_dataset_without_its_parent_is_refused(tmp_path):
@@ -174,3 +185,10 @@ def test_a_dataset_without_its_parent_is_refused(tmp_path):
     profile = load_profile(str(path), LIGHT_VARS)
     with pytest.raises(zfs.ZfsError, match="needs its parent 'remote'"):
         zfs.ordered_datasets(profile.pools["rpool"])
+
+
+def test_aliased_values_read_back_canonical_and_cause_no_drift():
+    # zfs set acltype=posixacl reads back as "posix" (OpenZFS 2.1+): not drift
+    settable, fixed = zfs.property_drift({"acltype": "posixacl", "xattr": "sa"},
+                                         {"acltype": ("posix", "local"), "xattr": ("on", "default")})
+    assert settable == {"xattr": "sa"} and fixed == {}

@@ -1,0 +1,284 @@
+"""End to end, in the live VM: the zfs-raidz1 and light-tmpfs-f2fs profiles from blank disks.
+
+Each profile: deploy over SSH (pools kept imported so the result can be read back), check the
+real devices (partlabels, pool topology, dataset properties via ``zfs get -H``, @empty, mounts,
+encryption, F2FS compression, the generated hostId), deploy again (no changes), keep data across
+a third run, prove the rollback the initrd runs, and finally a run that exports the pool cleanly.
+Refusals (a foreign disk carrying the host hash, a disk smaller than declared) change nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+
+import pytest
+
+from operations import zfs
+from operations.profile import host_hash, load_profile
+from tests.verify.checks import verify_target
+
+LUKS_PASSPHRASE = "tabula-e2e-luks-passphrase"
+ZFS_KEY = "tabula-e2e-zfs-passphrase"
+SERIALS = ("TABULA-NVME0", "TABULA-RZ1", "TABULA-RZ2", "TABULA-RZ3", "TABULA-SSD")
+ZFS_HOST = "tabula-zfs"
+LIGHT_HOST = "tabula-light"
+# nixos-install needs Nix, which the Debian live VM does not have: the structural runs stop before it.
+INSTALL = os.environ.get("TABULA_E2E_INSTALL") == "1"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def secrets():
+    """The controller's secrets, as a user sets them (pyinfra inherits the environment)."""
+    saved = {k: os.environ.get(k) for k in ("TABULA_LUKS_PASSPHRASE", "TABULA_ZFS_KEY")}
+    os.environ["TABULA_LUKS_PASSPHRASE"] = LUKS_PASSPHRASE
+    os.environ["TABULA_ZFS_KEY"] = ZFS_KEY
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def by_id(target, serial: str) -> str:
+    links = target.check_output(f"ls /dev/disk/by-id/ | grep -E '[-_]{serial}$' | grep -v -- -part").split()
+    assert len(links) == 1, f"{serial}: {links}"
+    return f"/dev/disk/by-id/{links[0]}"
+
+
+def zfs_vars(target, **extra) -> dict:
+    return {"hostname": ZFS_HOST, "ssd": by_id(target, "TABULA-SSD"), "rz1": by_id(target, "TABULA-RZ1"),
+            "rz2": by_id(target, "TABULA-RZ2"), "rz3": by_id(target, "TABULA-RZ3"), **extra}
+
+
+def light_vars(target, **extra) -> dict:
+    return {"hostname": LIGHT_HOST, "disk": by_id(target, "TABULA-SSD"),
+            "luks_pbkdf": "pbkdf2", "luks_pbkdf_iterations": 1000, **extra}
+
+
+def deploy(run_pyinfra, profile: str, variables: dict, export: bool = False):
+    args = ["--data", f"tabula_profile={profile}", "--data", f"tabula_vars={json.dumps(variables)}",
+            "--data", f"tabula_install={json.dumps(INSTALL)}",
+            "--data", f"tabula_export_pools={json.dumps(export)}", "deploy.py"]
+    result = run_pyinfra(args)
+    output = result.stdout + result.stderr
+    assert ZFS_KEY not in output and LUKS_PASSPHRASE not in output, "a secret leaked into pyinfra's output"
+    return result, output
+
+
+def grand_total(output: str) -> list[str]:
+    """[hosts, success (= changed), error, no change] from pyinfra's results table."""
+    line = [ln for ln in output.splitlines() if "Grand total" in ln][-1]
+    return re.sub(r"\x1b\[[0-9;]*m", "", line).split()[-4:]
+
+
+def changed_operations(output: str) -> list[str]:
+    """Names of the operations that ran commands (Success column not '-')."""
+    rows = []
+    for line in re.sub(r"\x1b\[[0-9;]*m", "", output).splitlines():
+        cells = line.split()
+        if len(cells) >= 5 and cells[-4:][0].isdigit() and cells[-3] not in ("-", "Success") and "Grand" not in line:
+            rows.append(line.strip())
+    return rows
+
+
+def disks_snapshot(target) -> str:
+    return target.check_output("lsblk -lnpo NAME,TYPE,FSTYPE,PARTLABEL " + " ".join(
+        by_id(target, s) for s in SERIALS))
+
+
+def zfs_props(target, dataset: str, props: str) -> dict[str, str]:
+    out = target.check_output(f"zfs get -H -o property,value {props} {shlex.quote(dataset)}")
+    return dict(line.split("\t") for line in out.splitlines())
+
+
+def mount_options(target, path: str) -> list[str]:
+    return target.check_output(f"findmnt -no OPTIONS --mountpoint {path}").split(",")
+
+
+def rollback_like_the_initrd(target, profile) -> None:
+    """Unmount the pool's datasets, run the initrd's rollback script, mount them again."""
+    mounts = [m for m in profile.all_mounts()]
+    for m in reversed(mounts):
+        target.run(f"umount /mnt{m.mountpoint if m.mountpoint != '/' else ''}")
+    script = zfs.rollback_script(profile)
+    target.check_output(f"sh -c {shlex.quote(script)}")
+    for m in mounts:
+        where = "/mnt" + (m.mountpoint if m.mountpoint != "/" else "")
+        if m.fstype == "none":
+            source = "/mnt" + m.device
+            target.check_output(f"mkdir -p {where} && mount --bind {source} {where}")
+        else:
+            opts = ",".join(m.options) or "defaults"
+            target.check_output(f"mkdir -p {where} && mount -t {m.fstype} -o {opts} {shlex.quote(m.device)} {where}")
+
+
+def check_pool_and_datasets(target, profile) -> None:
+    h = profile.hash
+    (pool,) = profile.pools.values()
+    # partlabels carry the hash
+    labels = set(target.check_output("lsblk -lno PARTLABEL").split())
+    for _, _, part in profile.partitions():
+        assert part.label in labels and h in part.label
+    # topology, read back with real device paths
+    status = target.check_output(f"zpool status -PL {pool.name}")
+    real = {part.label: target.check_output(f"readlink -f {part.device}") for _, part in
+            profile.pool_members(next(iter(profile.pools)))}
+    topology = zfs.parse_zpool_status(status.splitlines())
+    for vdev in pool.vdevs:
+        want = [real[m] for m in vdev.members]
+        if vdev.mode == "stripe":
+            assert all(("stripe", [d]) in topology["vdevs"] for d in want), status
+        else:
+            assert (vdev.mode, want) in topology["vdevs"], status
+    assert topology["log"] == [real[m] for m in pool.log], status
+    assert topology["cache"] == [real[m] for m in pool.cache], status
+    assert target.check_output(f"zpool get -H -o value ashift {pool.name}") == pool.options["ashift"]
+    for key, value in pool.root_properties.items():
+        assert zfs_props(target, pool.name, key)[key] == zfs.canonical(key, value), key
+    # datasets with their properties, @empty snapshots, encryption
+    listed = set(target.check_output(f"zfs list -H -r -t filesystem -o name {pool.name}").split())
+    snapshots = set(target.check_output(f"zfs list -H -r -t snapshot -o name {pool.name}").split())
+    for ds in pool.datasets:
+        full = f"{pool.name}/{ds.name}"
+        assert full in listed
+        wanted = {k: zfs.canonical(k, v) for k, v in zfs.dataset_properties(ds).items()}
+        if wanted:
+            got = zfs_props(target, full, ",".join(wanted))
+            assert got == wanted, full
+        assert (f"{full}@empty" in snapshots) == ds.empty_snapshot, full
+        if ds.encryption:
+            got = zfs_props(target, full, "encryption,keyformat,keylocation,keystatus,encryptionroot")
+            assert got == {"encryption": ds.encryption.encryption, "keyformat": ds.encryption.keyformat,
+                           "keylocation": ds.encryption.keylocation, "keystatus": "available",
+                           "encryptionroot": full}
+    for ds in pool.datasets:
+        if ds.name.startswith("remote/"):
+            assert zfs_props(target, f"{pool.name}/{ds.name}", "encryptionroot")["encryptionroot"] == f"{pool.name}/remote"
+
+
+def check_mounts_and_config(target, profile) -> None:
+    failures = verify_target(target, profile)
+    assert failures == [], failures
+    for m in profile.all_mounts():
+        where = "/mnt" + (m.mountpoint if m.mountpoint != "/" else "")
+        options = mount_options(target, where)
+        for opt in ("nosuid", "nodev", "noatime"):
+            if opt in m.options:
+                assert opt in options, (where, options)
+    if INSTALL:
+        generated = target.check_output("cat /mnt/etc/nixos/*.nix")
+        assert f'networking.hostId = "{profile.host_id}";' in generated
+        assert profile.host_id == host_hash(profile.nixos.hostname)
+
+
+def write_marks(target, where: list[str], text: str) -> None:
+    for path in where:
+        target.check_output(f"echo {shlex.quote(text)} > {path}/tabula-mark")
+
+
+def assert_marks(target, where: list[str], text: str) -> None:
+    for path in where:
+        assert target.file(f"{path}/tabula-mark").content_string.strip() == text, path
+
+
+def assert_second_run_changes_nothing(output: str) -> None:
+    assert changed_operations(output) == [], output
+    assert grand_total(output)[1] == "-", output
+
+
+def assert_exported_cleanly(target, pool_name: str) -> None:
+    assert target.run(f"zpool list {pool_name}").rc != 0
+    assert target.check_output("findmnt -rno TARGET | grep -c '^/mnt' || true") in ("0", "")
+    importable = target.check_output("zpool import -d /dev/disk/by-partlabel")
+    assert f"pool: {pool_name}" in importable and "state: ONLINE" in importable, importable
+    # imported again without -f: nothing marks it as in use by another system
+    target.check_output(f"zpool import -N -d /dev/disk/by-partlabel {pool_name} && zpool export {pool_name}")
+
+
+def test_zfs_raidz1_from_blank_disks(clean_disks, target, run_pyinfra):
+    variables = zfs_vars(target)
+    profile = load_profile("zfs-raidz1", variables)
+
+    result, output = deploy(run_pyinfra, "zfs-raidz1", variables)
+    assert result.returncode == 0, output
+    check_pool_and_datasets(target, profile)
+    check_mounts_and_config(target, profile)
+
+    result, output = deploy(run_pyinfra, "zfs-raidz1", variables)
+    assert result.returncode == 0, output
+    assert_second_run_changes_nothing(output)
+
+    kept = ["/mnt/local", "/mnt/remote", "/mnt/nix", "/mnt/var/log"]
+    write_marks(target, kept, "kept")
+    result, output = deploy(run_pyinfra, "zfs-raidz1", variables)
+    assert result.returncode == 0, output
+    assert_marks(target, kept, "kept")
+
+    # the rollback the initrd runs: temp is empty again, local and remote keep their files
+    write_marks(target, ["/mnt", "/mnt/tmp"], "gone")
+    rollback_like_the_initrd(target, profile)
+    for temp in ("/mnt", "/mnt/tmp"):
+        assert not target.file(f"{temp}/tabula-mark").exists, temp
+    assert_marks(target, kept, "kept")
+
+    pool_name = profile.pools["rpool"].name
+    result, output = deploy(run_pyinfra, "zfs-raidz1", variables, export=True)
+    assert result.returncode == 0, output
+    assert_exported_cleanly(target, pool_name)
+
+
+def test_light_tmpfs_f2fs_from_blank_disks(clean_disks, target, run_pyinfra):
+    variables = light_vars(target)
+    profile = load_profile("light-tmpfs-f2fs", variables)
+
+    result, output = deploy(run_pyinfra, "light-tmpfs-f2fs", variables)
+    assert result.returncode == 0, output
+    check_pool_and_datasets(target, profile)
+    check_mounts_and_config(target, profile)
+    assert target.check_output("findmnt -no FSTYPE --mountpoint /mnt") == "tmpfs"
+    f2fs = mount_options(target, "/mnt/.local")
+    assert {"compress_algorithm=lz4", "compress_chksum", "compress_mode=fs"} <= set(f2fs), f2fs
+    assert target.check_output("findmnt -no FSTYPE --mountpoint /mnt/.local") == "f2fs"
+
+    result, output = deploy(run_pyinfra, "light-tmpfs-f2fs", variables)
+    assert result.returncode == 0, output
+    assert_second_run_changes_nothing(output)
+
+    kept = ["/mnt/local", "/mnt/remote", "/mnt/nix", "/mnt/var/log"]
+    write_marks(target, kept, "kept")
+    result, output = deploy(run_pyinfra, "light-tmpfs-f2fs", variables)
+    assert result.returncode == 0, output
+    assert_marks(target, kept, "kept")
+    # the binds show the F2FS's directories
+    assert target.file("/mnt/.local/nix/tabula-mark").exists and target.file("/mnt/.local/system/tabula-mark").exists
+
+    pool_name = profile.pools["rpool"].name
+    result, output = deploy(run_pyinfra, "light-tmpfs-f2fs", variables, export=True)
+    assert result.returncode == 0, output
+    assert target.run(f"zpool list {pool_name}").rc != 0
+    assert "/mnt/remote" not in target.check_output("findmnt -rno TARGET")
+    target.check_output(f"zpool import -N -d /dev/disk/by-partlabel {pool_name} && zpool export {pool_name}")
+
+
+def test_partlabel_clash_is_refused_before_any_change(clean_disks, target, run_pyinfra):
+    nvme = by_id(target, "TABULA-NVME0")
+    foreign = f"foreign-{host_hash(ZFS_HOST)}"
+    target.check_output(f"sgdisk -n1:0:+16M -t1:8300 -c1:{foreign} {nvme} && udevadm settle")
+    before = disks_snapshot(target)
+    result, output = deploy(run_pyinfra, "zfs-raidz1", zfs_vars(target))
+    assert result.returncode != 0, output
+    assert foreign in output or target.check_output(f"readlink -f {nvme}") in output, output
+    assert disks_snapshot(target) == before
+
+
+def test_too_small_disk_is_refused_before_any_change(clean_disks, target, run_pyinfra):
+    before = disks_snapshot(target)
+    result, output = deploy(run_pyinfra, "zfs-raidz1", zfs_vars(target, data_disk_size="5G"))
+    assert result.returncode != 0, output
+    assert "TABULA-RZ1" in output or "smaller" in output, output
+    assert disks_snapshot(target) == before
+    assert target.run("zpool list -H").stdout.strip() == ""
