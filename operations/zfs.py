@@ -114,29 +114,25 @@ def parse_zpool_status(lines: Iterable[str]) -> dict:
 
 class ZfsPoolState(FactBase):
     """
-    The state of one pool: ``{"state": "imported" | "importable" | "absent", "topology": {...},
-    "devices": {given path: real path}}``. Importable means exported (or not yet imported by this
-    system) and found on ``search_dirs``; topology (imported pools only) lists real device paths.
+    The state of one pool: ``{"state": "imported" | "absent", "topology": {...},
+    "devices": {given path: real path}}``; topology (imported pools only) lists real device paths
+    as ``zpool status -PL`` shows them.
 
     + pool_name: the pool's name
-    + search_dirs: where ``zpool import -d`` looks for members
     + devices: member paths to resolve (by-partlabel links), so they compare with the topology
     """
 
     default = dict
 
-    def command(self, pool_name: str, search_dirs: tuple[str, ...] = (), devices: tuple[str, ...] = ()) -> str:
+    def command(self, pool_name: str, devices: tuple[str, ...] = ()) -> str:
         pool = shlex.quote(pool_name)
-        dirs = " ".join(f"-d {shlex.quote(d)}" for d in search_dirs)
         resolve = "".join(
             f'echo "device {shlex.quote(d)} $(readlink -f {shlex.quote(d)} 2>/dev/null)"; ' for d in devices
         )
         return (
             f"{resolve}"
-            f"if ! test -e /sys/module/zfs; then echo state absent; "
-            f"elif zpool list -H -o name {pool} >/dev/null 2>&1; then echo state imported; zpool status -PL {pool}; "
-            f"elif zpool import {dirs} 2>/dev/null | awk '$1 == \"pool:\" {{print $2}}' | grep -qxF {pool}; "
-            f"then echo state importable; else echo state absent; fi"
+            f"if test -e /sys/module/zfs && zpool list -H -o name {pool} >/dev/null 2>&1; "
+            f"then echo state imported; zpool status -PL {pool}; else echo state absent; fi"
         )
 
     def process(self, output) -> dict:
@@ -151,6 +147,24 @@ class ZfsPoolState(FactBase):
                 state = parts[1]
         topology = parse_zpool_status(lines) if state == "imported" else {}
         return {"state": state, "topology": topology, "devices": devices}
+
+
+class ZfsImportablePools(FactBase):
+    """
+    Names of the pools ``zpool import`` finds on the given directories and could import (exported
+    ones, or ones not yet imported by this system); empty without the zfs module.
+
+    + search_dirs: where to look for members, e.g. ``("/dev/disk/by-partlabel",)``
+    """
+
+    default = list
+
+    def command(self, search_dirs: tuple[str, ...] = ()) -> str:
+        dirs = " ".join(f"-d {shlex.quote(d)}" for d in search_dirs)
+        return f"test -e /sys/module/zfs && zpool import {dirs} 2>/dev/null || true"
+
+    def process(self, output) -> list[str]:
+        return [line.split()[1] for line in output if line.split()[:1] == ["pool:"] and len(line.split()) > 1]
 
 
 class ZfsPoolDatasets(FactBase):
@@ -270,8 +284,7 @@ def pool(pool: Pool, devices: dict[str, str]):
         zfs.pool(profile.pools["rpool"], {"rpool-rz1-2790ee34": "/dev/disk/by-partlabel/rpool-rz1-2790ee34", ...})
     """
     search_dirs = tuple(sorted({path.rsplit("/", 1)[0] for path in devices.values()}))
-    state = host.get_fact(ZfsPoolState, pool_name=pool.name, search_dirs=search_dirs,
-                          devices=tuple(devices.values()))
+    state = host.get_fact(ZfsPoolState, pool_name=pool.name, devices=tuple(devices.values()))
     if state.get("state") == "imported":
         problems = topology_differences(pool, devices, state)
         if problems:
@@ -280,7 +293,7 @@ def pool(pool: Pool, devices: dict[str, str]):
                 f"Tabula never rebuilds a pool; export or destroy it yourself if it is the wrong one"
             )
         host.noop(f"pool {pool.name} is imported with the profile's topology")
-    elif state.get("state") == "importable":
+    elif pool.name in host.get_fact(ZfsImportablePools, search_dirs=search_dirs):
         # -N: mount nothing (all datasets are legacy and mounted by operations.mounts)
         yield StringCommand("zpool", "import", "-N", "-o", "cachefile=none",
                             *[x for d in search_dirs for x in ("-d", QuoteString(d))], QuoteString(pool.name))

@@ -23,16 +23,16 @@ RAIDZ1_STATUS = f"""\
  state: ONLINE
 config:
 
-\tNAME           STATE     READ WRITE CKSUM
-\trpool-{HASH}   ONLINE       0     0     0
-\t  raidz1-0     ONLINE       0     0     0
-\t    /dev/vda1  ONLINE       0     0     0
-\t    /dev/vdb1  ONLINE       0     0     0
-\t    /dev/vdc1  ONLINE       0     0     0
+\tNAME            STATE     READ WRITE CKSUM
+\trpool-{HASH}  ONLINE       0     0     0
+\t  raidz1-0      ONLINE       0     0     0
+\t    /dev/vdb1   ONLINE       0     0     0
+\t    /dev/vdc1   ONLINE       0     0     0
+\t    /dev/vdd1   ONLINE       0     0     0
 \tlogs\t
-\t  /dev/vdd3    ONLINE       0     0     0
+\t  /dev/vde3     ONLINE       0     0     0
 \tcache
-\t  /dev/vdd4    ONLINE       0     0     0
+\t  /dev/vde4     ONLINE       0     0     0
 
 errors: No known data errors
 """
@@ -44,7 +44,7 @@ config:
 
 \tNAME         STATE     READ WRITE CKSUM
 \trpool-x      ONLINE       0     0     0
-\t  /dev/vdd4  ONLINE       0     0     0
+\t  /dev/vde4  ONLINE       0     0     0
 
 errors: No known data errors
 """
@@ -52,21 +52,21 @@ errors: No known data errors
 
 def raidz1_state(status: str = RAIDZ1_STATUS) -> dict:
     devices = {
-        f"/dev/disk/by-partlabel/rpool-rz1-{HASH}": "/dev/vda1",
-        f"/dev/disk/by-partlabel/rpool-rz2-{HASH}": "/dev/vdb1",
-        f"/dev/disk/by-partlabel/rpool-rz3-{HASH}": "/dev/vdc1",
-        f"/dev/disk/by-partlabel/rpool-zil-{HASH}": "/dev/vdd3",
-        f"/dev/disk/by-partlabel/rpool-arc-{HASH}": "/dev/vdd4",
+        f"/dev/disk/by-partlabel/rpool-rz1-{HASH}": "/dev/vdb1",
+        f"/dev/disk/by-partlabel/rpool-rz2-{HASH}": "/dev/vdc1",
+        f"/dev/disk/by-partlabel/rpool-rz3-{HASH}": "/dev/vdd1",
+        f"/dev/disk/by-partlabel/rpool-zil-{HASH}": "/dev/vde3",
+        f"/dev/disk/by-partlabel/rpool-arc-{HASH}": "/dev/vde4",
     }
     return {"state": "imported", "topology": zfs.parse_zpool_status(status.splitlines()), "devices": devices}
 
 
 def test_zpool_status_topology_is_parsed():
     topology = zfs.parse_zpool_status(RAIDZ1_STATUS.splitlines())
-    assert topology["vdevs"] == [("raidz1", ["/dev/vda1", "/dev/vdb1", "/dev/vdc1"])]
-    assert topology["log"] == ["/dev/vdd3"]
-    assert topology["cache"] == ["/dev/vdd4"]
-    assert zfs.parse_zpool_status(STRIPE_STATUS.splitlines())["vdevs"] == [("stripe", ["/dev/vdd4"])]
+    assert topology["vdevs"] == [("raidz1", ["/dev/vdb1", "/dev/vdc1", "/dev/vdd1"])]
+    assert topology["log"] == ["/dev/vde3"]
+    assert topology["cache"] == ["/dev/vde4"]
+    assert zfs.parse_zpool_status(STRIPE_STATUS.splitlines())["vdevs"] == [("stripe", ["/dev/vde4"])]
 
 
 def test_the_profile_pool_matches_its_own_topology():
@@ -77,14 +77,14 @@ def test_the_profile_pool_matches_its_own_topology():
 
 def test_a_pool_with_log_and_cache_swapped_differs():
     profile = load_profile("zfs-raidz1", ZFS_VARS)
-    swapped = RAIDZ1_STATUS.replace("/dev/vdd3", "/dev/TMP").replace("/dev/vdd4", "/dev/vdd3").replace("/dev/TMP", "/dev/vdd4")
+    swapped = RAIDZ1_STATUS.replace("/dev/vde3", "/dev/TMP").replace("/dev/vde4", "/dev/vde3").replace("/dev/TMP", "/dev/vde4")
     problems = zfs.topology_differences(profile.pools["rpool"], zfs.member_devices(profile, "rpool"), raidz1_state(swapped))
     assert any(p.startswith("log") for p in problems) and any(p.startswith("cache") for p in problems)
 
 
 def test_a_stripe_instead_of_raidz1_differs():
     profile = load_profile("zfs-raidz1", ZFS_VARS)
-    flat = RAIDZ1_STATUS.replace("\t  raidz1-0     ONLINE       0     0     0\n", "").replace("\t    /dev/vd", "\t  /dev/vd")
+    flat = RAIDZ1_STATUS.replace("\t  raidz1-0      ONLINE       0     0     0\n", "").replace("\t    /dev/vd", "\t  /dev/vd")
     problems = zfs.topology_differences(profile.pools["rpool"], zfs.member_devices(profile, "rpool"), raidz1_state(flat))
     assert problems and problems[0].startswith("data vdevs")
 
