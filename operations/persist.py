@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.api import QuoteString, StringCommand, operation
 from pyinfra.facts.files import Directory
 
@@ -142,14 +142,28 @@ def config_copy(source: str, dest: str):
                         "copy", QuoteString(source), QuoteString(dest))
 
 
+def password_hashes(profile: Profile, required: bool) -> dict[str, str]:
+    """{file name in secrets/: hash} from the controller, checked to be crypt hashes.
+
+    An install needs both (``users.mutableUsers = false``: without them nobody can log in); a run
+    that does not install may leave them out and seed them on the run that installs.
+    """
+    hashes = {}
+    for filename, secret_name in (("root-password", "ROOT_PASSWORD_HASH"),
+                                  (f"{profile.nixos.user}-password", "USER_PASSWORD_HASH")):
+        secret = read_secret(secret_name, required=required)
+        if secret is None:
+            logger.warning(f"TABULA_{secret_name} is not set: {filename} is not seeded (needed before installing)")
+            continue
+        hashes[filename] = check_password_hash(secret)
+    return hashes
+
+
 def apply(profile: Profile, settings=None) -> None:
     persist = f"{ROOT}{profile.persistence.root}"
-    user = profile.nixos.user
-    # Read and checked before anything runs: a missing or plaintext value stops the run here.
-    hashes = {
-        "root-password": check_password_hash(read_secret("ROOT_PASSWORD_HASH")),
-        f"{user}-password": check_password_hash(read_secret("USER_PASSWORD_HASH")),
-    }
+    # Read and checked before anything runs: a plaintext value (or a missing one when this run
+    # installs) stops the run here.
+    hashes = password_hashes(profile, required=getattr(settings, "install", True))
     secrets_directory(f"{persist}/secrets", name=f"{persist}/secrets (0700)")
     for filename, value in hashes.items():
         secret_file(f"{persist}/secrets/{filename}", Secret(value, filename),

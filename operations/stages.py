@@ -20,5 +20,10 @@ def deploy(settings: Settings) -> None:
     btrfs.apply(profile)                    # subvolumes, blank snapshot
     mounts.apply(profile)                   # everything under /mnt, parents first
     btrfs.apply_swapfiles(profile)          # swapfiles after their subvolume is mounted
+    from operations import nixos, persist
+    nixos.apply(profile, settings)          # nixos-generate-config, patched storage, flake + modules
+    persist.apply(profile, settings)        # secrets, SSH host keys, machine-id, config copy
+    if settings.install:
+        nixos.install(profile, settings)    # nixos-install --flake, skipped when already installed
     if settings.export_pools:
         zfs.export(profile)                 # at the very end: unmounted and exported for first boot

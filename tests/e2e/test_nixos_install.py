@@ -1,0 +1,155 @@
+"""The zephyrus-btrfs profile end to end in the live VM, up to nixos-install.
+
+nixos-generate-config and nixos-install are TEST STAND-INS here (tools/guest/standins/, copied
+to the guest's /usr/local/bin by the livevm fixture): the Debian live VM has no Nix. They record
+their argv to /var/log/tabula-standins/<cmd>.log, check what the real tools need, and the
+generate-config stand-in writes hardware-configuration.nix in the real tool's format from what is
+mounted under /mnt. Everything else (UUIDs, files, modes, keys) is real.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+
+from operations.nixos import INSTALL_STAMP
+from tests.e2e.helpers import assert_no_changes, executed_commands, grand_total
+
+HOST = "tabula-g16"
+USER = "sean"
+PASSPHRASE = "tabula nixos e2e passphrase 3a9d"
+# Test-only crypt hashes (mkpasswd -m sha-512 of throw-away passwords).
+ROOT_HASH = "$6$Qm1ZcW0d2v3ZkA$" + "r" * 86
+USER_HASH = "$6$Xk2bL9pT4sQ1nB$" + "u" * 86
+STANDIN_LOG = "/var/log/tabula-standins"
+
+
+def nvme_by_id(livevm) -> str:
+    links = livevm.run("ls /dev/disk/by-id | grep -E '^nvme-.*TABULA-NVME0$'").stdout.split()
+    assert len(links) == 1, links
+    return f"/dev/disk/by-id/{links[0]}"
+
+
+def deploy_args(livevm, install=True) -> list[str]:
+    data = {"disk": nvme_by_id(livevm), "hostname": HOST, "swap_size": "256M",
+            "luks_pbkdf": "pbkdf2", "luks_pbkdf_iterations": 1000}
+    return ["deploy.py", "--data", "tabula_profile=zephyrus-btrfs", "--data", f"tabula_vars={json.dumps(data)}",
+            "--data", f"tabula_install={json.dumps(install)}"]
+
+
+@pytest.fixture
+def secrets_env(monkeypatch):
+    monkeypatch.setenv("TABULA_LUKS_PASSPHRASE", PASSPHRASE)
+    monkeypatch.setenv("TABULA_ROOT_PASSWORD_HASH", ROOT_HASH)
+    monkeypatch.setenv("TABULA_USER_PASSWORD_HASH", USER_HASH)
+    for name in ("LUKS_PASSPHRASE", "ROOT_PASSWORD_HASH", "USER_PASSWORD_HASH"):
+        monkeypatch.delenv(f"TABULA_{name}_FILE", raising=False)
+
+
+def run(run_pyinfra, args, *flags):
+    result = run_pyinfra([*args, *flags])
+    output = result.stdout + result.stderr
+    for secret in (PASSPHRASE, ROOT_HASH, USER_HASH):
+        assert secret not in output, "a secret leaked into pyinfra's output"
+        assert all(secret not in cmd for cmd in executed_commands(output)), "a secret in argv"
+    return result, output
+
+
+def guest(livevm, command: str) -> str:
+    return livevm.run(command).stdout
+
+
+def seeded_state(livevm) -> dict:
+    """What a re-run must not replace."""
+    return {
+        "keys": guest(livevm, "sha256sum /mnt/persist/etc/ssh/ssh_host_*"),
+        "machine_id": guest(livevm, "cat /mnt/persist/etc/machine-id"),
+        "secrets": guest(livevm, "stat -c '%n %i %Y' /mnt/persist/secrets/*"),
+        "config": guest(livevm, "cd /mnt/etc/nixos && sha256sum *"),
+    }
+
+
+def test_full_deploy_installs_once_and_converges(clean_disks, livevm, target, secrets_env, run_pyinfra, tmp_path):
+    livevm.run(f"rm -rf {STANDIN_LOG}")
+    first, output = run(run_pyinfra, deploy_args(livevm), "-vv")
+    assert first.returncode == 0, output[-8000:]
+    assert grand_total(output)[1] != "-"
+    # nixos-install's output was streamed to the user (the stand-in prints these lines)
+    assert "stand-in: building the flake..." in output and "installation finished!" in output
+
+    # --- the stand-ins got the right arguments, once each
+    assert guest(livevm, f"cat {STANDIN_LOG}/nixos-generate-config.log") == "nixos-generate-config --root /mnt\n"
+    assert guest(livevm, f"cat {STANDIN_LOG}/nixos-install.log") == \
+        f"nixos-install --root /mnt --flake /mnt/etc/nixos#{HOST} --no-root-passwd\n"
+    assert target.file("/mnt/nix/var/nix/profiles/system").is_symlink
+
+    # --- /mnt/etc/nixos holds the target's real UUIDs
+    luks_uuid = guest(livevm, "cryptsetup luksUUID /dev/disk/by-partlabel/cryptroot").strip()
+    efi_uuid = guest(livevm, "blkid -o value -s UUID /dev/disk/by-partlabel/EFI").strip()
+    assert re.fullmatch(r"[0-9a-f-]{36}", luks_uuid) and re.fullmatch(r"[0-9A-F]{4}-[0-9A-F]{4}", efi_uuid)
+    hardware = target.file("/mnt/etc/nixos/hardware-configuration.nix").content_string
+    assert f'boot.initrd.luks.devices."cryptroot" = {{\n    device = "/dev/disk/by-uuid/{luks_uuid}";\n' \
+           "    allowDiscards = true;\n    bypassWorkqueues = true;\n  };" in hardware
+    assert f'fileSystems."/boot" = {{\n    device = "/dev/disk/by-uuid/{efi_uuid}";\n    fsType = "vfat";\n' \
+           '    options = [ "fmask=0022" "dmask=0022" ];\n  };' in hardware
+    assert '    options = [ "subvol=@persist" "compress=zstd" "noatime" "discard=async" ];\n    neededForBoot = true;' in hardware
+    assert 'swapDevices = [\n    { device = "/swap/swapfile"; size = 256; }\n  ];' in hardware
+    assert "by-partlabel" not in hardware
+    # what the generator detected about the hardware is kept
+    assert '(modulesPath + "/profiles/qemu-guest.nix")' in hardware and "virtio_blk" in hardware
+    flake = target.file("/mnt/etc/nixos/flake.nix").content_string
+    assert f"nixosConfigurations.{HOST} = nixpkgs.lib.nixosSystem" in flake
+    assert "nixos-hardware.nixosModules.asus-zephyrus-gu605my" in flake  # the VM's DMI names no known model
+    assert f'networking.hostName = "{HOST}";' in target.file("/mnt/etc/nixos/configuration.nix").content_string
+    # every file parses (nix-instantiate on the controller: the guest has no Nix)
+    names = guest(livevm, "ls /mnt/etc/nixos").split()
+    assert set(names) == {"configuration.nix", "flake.nix", "hardware-configuration.nix", "impermanence.nix",
+                          "zephyrus-extra.nix"}
+    for name in names:
+        path = tmp_path / name
+        path.write_text(target.file(f"/mnt/etc/nixos/{name}").content_string)
+        parsed = subprocess.run(["nix-instantiate", "--parse", str(path)], capture_output=True, text=True)
+        assert parsed.returncode == 0, f"{name}: {parsed.stderr}"
+
+    # --- /persist seeded: secrets, host keys, machine-id, config copy
+    secrets = target.file("/mnt/persist/secrets")
+    assert secrets.is_directory and secrets.mode == 0o700 and secrets.user == "root"
+    for name, value in (("root-password", ROOT_HASH), (f"{USER}-password", USER_HASH)):
+        f = target.file(f"/mnt/persist/secrets/{name}")
+        assert f.mode == 0o600 and f.user == "root"
+        assert f.content_string == value + "\n"
+    ed = guest(livevm, "ssh-keygen -l -f /mnt/persist/etc/ssh/ssh_host_ed25519_key.pub")
+    rsa = guest(livevm, "ssh-keygen -l -f /mnt/persist/etc/ssh/ssh_host_rsa_key.pub")
+    assert ed.startswith("256 ") and "(ED25519)" in ed and f"root@{HOST}" in ed
+    assert rsa.startswith("4096 ") and "(RSA)" in rsa
+    for key in ("ed25519", "rsa"):
+        assert target.file(f"/mnt/persist/etc/ssh/ssh_host_{key}_key").mode == 0o600
+    assert re.fullmatch(r"[0-9a-f]{32}\n", target.file("/mnt/persist/etc/machine-id").content_string)
+    assert guest(livevm, "cd /mnt/etc/nixos && sha256sum *") == guest(livevm, "cd /mnt/persist/etc/nixos && sha256sum *")
+    stamp = target.file(INSTALL_STAMP).content_string.strip()
+    assert re.fullmatch(r"[0-9a-f]{64}", stamp)
+
+    # --- no secret in the guest's logs or the pushed tree
+    leaked = livevm.run(f"grep -rlF -e '{ROOT_HASH}' -e '{USER_HASH}' /var/log /tmp /root /mnt/etc 2>/dev/null || true").stdout
+    assert leaked == ""
+
+    # --- a second run changes nothing and does not install again
+    before = seeded_state(livevm)
+    second, output = run(run_pyinfra, deploy_args(livevm), "-vv")
+    assert second.returncode == 0, output[-8000:]
+    assert_no_changes(output)
+    assert "is already installed from the current /mnt/etc/nixos" in output or "already installed" in output
+    assert guest(livevm, f"cat {STANDIN_LOG}/nixos-install.log").count("\n") == 1
+    assert guest(livevm, f"cat {STANDIN_LOG}/nixos-generate-config.log").count("\n") == 1
+    assert seeded_state(livevm) == before
+
+    # --- a changed configuration is installed again; keys, hashes and machine-id stay
+    livevm.run("echo '# local edit' >> /mnt/etc/nixos/configuration.nix")
+    third, output = run(run_pyinfra, deploy_args(livevm), "-vv")
+    assert third.returncode == 0, output[-8000:]
+    assert guest(livevm, f"cat {STANDIN_LOG}/nixos-install.log").count("\n") == 2
+    after = seeded_state(livevm)
+    assert {k: after[k] for k in ("keys", "machine_id", "secrets")} == {k: before[k] for k in ("keys", "machine_id", "secrets")}
+    assert after["config"] == before["config"]  # the rendered file was put back
