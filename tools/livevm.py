@@ -299,7 +299,12 @@ class LiveVM:
         return self.pid() is not None
 
     def ssh_answers(self) -> bool:
-        return self.is_running() and self.run("true", check=False, timeout=20).returncode == 0
+        if not self.is_running():
+            return False
+        try:
+            return self.run("true", check=False, timeout=20).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
 
     # -- ssh
     def write_ssh_config(self) -> Path:
@@ -322,8 +327,10 @@ class LiveVM:
     def ssh_argv(self, *extra: str) -> list[str]:
         if not self.ssh_config_path.exists():
             self.write_ssh_config()
-        return ["ssh", "-F", str(self.ssh_config_path), "-o", "BatchMode=yes", *extra,
-                "install-target"]
+        # extra: ssh options, then optionally "--" and the remote command (which follows the host)
+        options, command = (extra[:extra.index("--")], extra[extra.index("--"):]) if "--" in extra else (extra, ())
+        return ["ssh", "-F", str(self.ssh_config_path), "-o", "BatchMode=yes", *options,
+                "install-target", *command]
 
     def run(self, cmd, check: bool = True, input=None, timeout: float | None = 600,
             binary: bool = False) -> subprocess.CompletedProcess:
@@ -337,7 +344,10 @@ class LiveVM:
 
     def pyinfra_args(self) -> list[str]:
         """argv fragment that makes pyinfra deploy to this VM by the name install-target."""
-        return ["install-target", "--data", f"ssh_config_file={self.write_ssh_config()}"]
+        # ssh_hostname: pyinfra resolves a bare host name only through ~/.ssh/config; with it set,
+        # the alias is looked up in ssh_config_file instead.
+        return ["install-target", "--data", "ssh_hostname=install-target",
+                "--data", f"ssh_config_file={self.write_ssh_config()}"]
 
     def testinfra_host(self):
         import testinfra   # only the tests need it; the CLI stays stdlib-only
@@ -409,13 +419,22 @@ class LiveVM:
         run(self.qemu_argv(image))
 
     def wait_for_ssh(self, started: float) -> None:
+        last_error = ""
         while time.monotonic() - started < SSH_TIMEOUT:
             if not self.is_running():
                 raise LiveVMError(f"QEMU exited during boot; serial log:\n{self.serial_tail()}")
-            if self.run("true", check=False, timeout=20).returncode == 0:
-                return
+            try:
+                probe = self.run("true", check=False, timeout=60)
+                if probe.returncode == 0:
+                    return
+                last_error = probe.stderr.strip()
+            except subprocess.TimeoutExpired:
+                last_error = "ssh probe timed out"
+            if os.environ.get("TABULA_VM_DEBUG"):
+                log(f"ssh probe: {last_error}")
             time.sleep(3)
-        raise LiveVMError(f"no SSH after {SSH_TIMEOUT} s; serial log:\n{self.serial_tail()}")
+        raise LiveVMError(f"no SSH after {SSH_TIMEOUT} s (last: {last_error}); "
+                          f"serial log:\n{self.serial_tail()}")
 
     def serial_tail(self, lines: int = 40) -> str:
         if not self.serial_log.exists():
