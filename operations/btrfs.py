@@ -1,0 +1,300 @@
+"""
+Btrfs subvolumes, the blank root snapshot and swapfiles.
+
+Subvolume facts need the filesystem mounted, so its top level (subvolid=5) stays mounted at a
+private path, /run/tabula/btrfs/<label>, for the whole install (and re-runs). pyinfra 3 evaluates
+operations again at execution, so on blank disks the plan (--dry) shows every create and the run
+sees the filesystem made by the earlier stages.
+
+The blank snapshot (the guide's ``@root-blank``) is taken only right after its subvolume is
+created empty, never re-taken: if it exists writable or not empty, that is drift and stops the run.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+from pyinfra import host
+from pyinfra.api import FactBase, QuoteString, StringCommand, operation
+
+from operations.disks import PRIVATE_MOUNT_ROOT, install_path
+from operations.errors import TabulaError
+from operations.luks import CanonicalPath
+from operations.mounts import Mounts, option_problems
+from operations.profile import Filesystem, Profile, Subvolume, Swapfile
+
+
+def top_level_path(device: str, fs: Filesystem) -> str:
+    name = fs.fs_label or device.rstrip("/").rsplit("/", 1)[-1]
+    return f"{PRIVATE_MOUNT_ROOT}/btrfs/{name}"
+
+
+# --- facts ------------------------------------------------------------------------------------
+
+
+class BtrfsSubvolumes(FactBase):
+    """
+    Subvolumes of the btrfs filesystem whose top level is mounted at ``path`` (empty when it is
+    not mounted), from ``btrfs subvolume list -p -u -q`` and ``btrfs property get -ts .. ro``.
+
+    .. code:: python
+
+        {"@root-blank": {"id": 257, "parent": 5, "top_level": 5, "uuid": "…", "parent_uuid": "…",
+                         "ro": True, "empty": True}}
+    """
+
+    default = dict
+
+    def command(self, path: str) -> str:
+        top = shlex.quote(path)
+        return (
+            f"if mountpoint -q {top}; then btrfs subvolume list -p -u -q {top} | while IFS= read -r line; do "
+            "sub=${line##* path }; "
+            f"ro=$(btrfs property get -ts {top}/\"$sub\" ro 2>/dev/null); "
+            f"if [ -z \"$(ls -A {top}/\"$sub\" 2>/dev/null)\" ]; then empty=yes; else empty=no; fi; "
+            "printf '%s\\t%s\\tempty=%s\\n' \"$line\" \"$ro\" \"$empty\"; done; fi"
+        )
+
+    def requires_command(self, path: str) -> str:
+        return "btrfs"
+
+    def process(self, output):
+        return parse_subvolume_list(output)
+
+
+_LIST_RE = re.compile(
+    r"^ID (?P<id>\d+) gen \d+(?: cgen \d+)? parent (?P<parent>\d+) top level (?P<top_level>\d+)"
+    # btrfs-progs pads a "-" parent_uuid with spaces to the width of a UUID
+    r"(?:\s+parent_uuid (?P<parent_uuid>\S+))?(?:\s+received_uuid \S+)?(?:\s+uuid (?P<uuid>\S+))?\s+path (?P<path>.*)$"
+)
+
+
+def parse_subvolume_list(lines) -> dict:
+    subvolumes = {}
+    for line in lines:
+        fields = line.split("\t")
+        match = _LIST_RE.match(fields[0])
+        if not match:
+            continue
+        extra = dict(f.split("=", 1) for f in fields[1:] if "=" in f)
+        path = match.group("path").removeprefix("<FS_TREE>/")
+        subvolumes[path] = {
+            "id": int(match.group("id")),
+            "parent": int(match.group("parent")),
+            "top_level": int(match.group("top_level")),
+            "uuid": match.group("uuid"),
+            "parent_uuid": None if match.group("parent_uuid") in (None, "-") else match.group("parent_uuid"),
+            "ro": extra.get("ro") == "true",
+            "empty": extra.get("empty") == "yes",
+        }
+    return subvolumes
+
+
+class SwapfileState(FactBase):
+    """
+    A swapfile's size, type, attributes (lsattr), swap signature and whether it is active
+    (None when the file does not exist).
+
+    .. code:: python
+
+        {"size": 268435456, "type": "regular file", "nocow": True, "swap": True, "active": False}
+    """
+
+    def command(self, path: str) -> str:
+        f = shlex.quote(path)
+        return (
+            f"if [ -e {f} ]; then echo size=$(stat -c %s {f}); echo type=$(stat -c %F {f}); "
+            f"echo attrs=$(lsattr {f} 2>/dev/null | cut -d' ' -f1); "
+            f"echo signature=$(blkid -p -o value -s TYPE {f} 2>/dev/null); "
+            f"if awk -v f={f} 'NR > 1 && $1 == f {{found=1}} END {{exit !found}}' /proc/swaps; "
+            "then echo active=yes; else echo active=no; fi; fi"
+        )
+
+    def process(self, output):
+        return parse_swapfile_state(output)
+
+
+def parse_swapfile_state(lines) -> dict | None:
+    raw = dict(line.split("=", 1) for line in lines if "=" in line)
+    if not raw:
+        return None
+    return {
+        "size": int(raw.get("size", "0") or 0),
+        "type": raw.get("type"),
+        "nocow": "C" in raw.get("attrs", ""),
+        "swap": raw.get("signature") == "swap",
+        "active": raw.get("active") == "yes",
+    }
+
+
+# --- operations -------------------------------------------------------------------------------
+
+
+@operation()
+def top_level(device: str, path: str, options: tuple[str, ...] = ()):
+    """
+    Keep the top level (subvolid=5) of a btrfs filesystem mounted at a private path, where its
+    subvolumes are created and inspected.
+
+    + device: the filesystem's block device, e.g. /dev/mapper/cryptroot
+    + path: where to mount it, e.g. /run/tabula/btrfs/nixos
+    + options: filesystem-wide mount options (compress=..., discard=...): btrfs applies those of the
+      first mount of a filesystem to all its later subvolume mounts, so the top level, mounted
+      first, must carry the profile's
+
+    **Example:**
+
+    .. code:: python
+
+        btrfs.top_level(device="/dev/mapper/cryptroot", path="/run/tabula/btrfs/nixos")
+    """
+    current = host.get_fact(Mounts).get(path)
+    if current:
+        want = host.get_fact(CanonicalPath, path=device)
+        have = host.get_fact(CanonicalPath, path=current["device"])
+        if current["fstype"] != "btrfs" or want != have or "subvolid=5" not in current["options"]:
+            raise TabulaError(f"{path} is mounted from {current['device']} ({current['fstype']}, "
+                              f"{','.join(current['options'])}), not the top level of {device}: unmount it")
+        host.noop(f"the top level of {device} is already mounted at {path}")
+        return
+    yield StringCommand("mkdir", "-p", QuoteString(path))
+    yield StringCommand("mount", "-t", "btrfs", "-o", QuoteString(",".join(["subvolid=5", *options])),
+                        QuoteString(device), QuoteString(path))
+
+
+@operation()
+def subvolumes(top: str, wanted: list[Subvolume]):
+    """
+    Create the missing top-level subvolumes; right after creating a subvolume that has a
+    ``blank_snapshot``, take that read-only snapshot of it while it is still empty.
+
+    + top: where the filesystem's top level is mounted
+    + wanted: the profile's subvolumes
+
+    **Example:**
+
+    .. code:: python
+
+        btrfs.subvolumes(top="/run/tabula/btrfs/nixos", wanted=[Subvolume(path="@root", blank_snapshot="@root-blank")])
+    """
+    existing = host.get_fact(BtrfsSubvolumes, path=top)
+    changed = False
+    for sub in wanted:
+        target = f"{top}/{sub.path}"
+        blank = existing.get(sub.blank_snapshot) if sub.blank_snapshot else None
+        if sub.path not in existing:
+            if blank is not None:
+                # what the boot-time rollback does: the subvolume again as a copy of its blank state
+                _check_blank(sub, blank)
+                yield StringCommand("btrfs", "subvolume", "snapshot", QuoteString(f"{top}/{sub.blank_snapshot}"),
+                                    QuoteString(target))
+            else:
+                yield StringCommand("btrfs", "subvolume", "create", QuoteString(target))
+                if sub.blank_snapshot:
+                    yield _snapshot_command(top, sub)
+            changed = True
+            continue
+        if sub.blank_snapshot:
+            if blank is None:
+                if not existing[sub.path]["empty"]:
+                    raise TabulaError(f"{sub.path} exists with content but {sub.blank_snapshot} is missing (drift): "
+                                      "a snapshot now would not be blank; restore or remove it by hand")
+                yield _snapshot_command(top, sub)
+                changed = True
+            else:
+                _check_blank(sub, blank)
+    if not changed:
+        names = ", ".join(s.path for s in wanted)
+        blanks = "; ".join(f"{s.blank_snapshot} is read-only and empty" for s in wanted if s.blank_snapshot)
+        host.noop(f"{top} already has the subvolumes {names}" + (f"; {blanks}" if blanks else ""))
+
+
+def _snapshot_command(top: str, sub: Subvolume) -> StringCommand:
+    return StringCommand("btrfs", "subvolume", "snapshot", "-r", QuoteString(f"{top}/{sub.path}"),
+                         QuoteString(f"{top}/{sub.blank_snapshot}"))
+
+
+def _check_blank(sub: Subvolume, blank: dict) -> None:
+    if not blank["ro"]:
+        raise TabulaError(f"{sub.blank_snapshot} exists but is writable (drift): the root would be rolled back to a "
+                          f"state that can change. Check it, then delete it and {sub.path} by hand, or set it read-only")
+    if not blank["empty"]:
+        raise TabulaError(f"{sub.blank_snapshot} exists but is not empty (drift): the root would be rolled back "
+                          "to that content at every boot")
+
+
+def swapfile_commands(path: str, swapfile: Swapfile) -> list[StringCommand]:
+    # The btrfs way: an empty file made NOCOW (no compression, no COW) before it gets any blocks.
+    file = QuoteString(path)
+    return [
+        StringCommand("truncate", "-s", "0", file),
+        StringCommand("chattr", "+C", file),
+        StringCommand("fallocate", "-l", str(swapfile.size_bytes), file),
+        StringCommand("chmod", "600", file),
+        StringCommand("mkswap", file),
+    ]
+
+
+@operation()
+def swapfile(path: str, swapfile: Swapfile):
+    """
+    A swapfile on btrfs: NOCOW, preallocated to its size, with a swap signature. A wrong one is
+    made again when it is not active; an active wrong one is drift.
+
+    + path: the swapfile under /mnt, e.g. /mnt/swap/swapfile
+    + swapfile: the profile's Swapfile (size)
+
+    **Example:**
+
+    .. code:: python
+
+        btrfs.swapfile(path="/mnt/swap/swapfile", swapfile=Swapfile(size="32GiB"))
+    """
+    state = host.get_fact(SwapfileState, path=path)
+    want = swapfile.size_bytes
+    if state is None:
+        yield from swapfile_commands(path, swapfile)
+        return
+    problems = []
+    if state["type"] != "regular file":
+        problems.append(f"it is a {state['type']}")
+    if state["size"] != want:
+        problems.append(f"it has {state['size']} bytes, not {swapfile.size} ({want} bytes)")
+    if not state["nocow"]:
+        problems.append("it lacks the No_COW attribute (chattr +C)")
+    if not state["swap"]:
+        problems.append("it has no swap signature")
+    if not problems:
+        host.noop(f"{path} is already a NOCOW swapfile of {swapfile.size} ({want} bytes)")
+        return
+    if state["active"] or state["type"] != "regular file":
+        raise TabulaError(f"{path} is not the wanted swapfile (drift): {'; '.join(problems)}; "
+                          + ("it is active swap: swapoff it first" if state["active"] else "remove it by hand"))
+    yield StringCommand("rm", "-f", QuoteString(path))
+    yield from swapfile_commands(path, swapfile)
+
+
+# --- stages -----------------------------------------------------------------------------------
+
+
+def _btrfs_filesystems(profile: Profile) -> list[tuple[str, Filesystem]]:
+    return [(device, fs) for device, fs in profile.filesystems() if fs.format == "btrfs" and fs.subvolumes]
+
+
+def apply(profile: Profile) -> None:
+    for device, fs in _btrfs_filesystems(profile):
+        top = top_level_path(device, fs)
+        first = next((s for s in fs.subvolumes if s.mountpoint), None)
+        options = tuple(o for o in (first.mount_options if first else ()) if not o.startswith(("subvol", "ro")))
+        top_level(device=device, path=top, options=options, name=f"Mount the btrfs top level of {device} at {top}")
+        subvolumes(top=top, wanted=list(fs.subvolumes),
+                   name=f"Btrfs subvolumes on {device}: {', '.join(s.path for s in fs.subvolumes)}")
+
+
+def apply_swapfiles(profile: Profile) -> None:
+    for _device, fs in _btrfs_filesystems(profile):
+        for sub in fs.subvolumes:
+            if sub.swapfile and sub.mountpoint:
+                path = f"{install_path(sub.mountpoint)}/swapfile"
+                swapfile(path=path, swapfile=sub.swapfile, name=f"Swapfile {path} ({sub.swapfile.size})")

@@ -1,0 +1,422 @@
+"""
+Disk identity and the safety guard: which real device each profile disk is, and whether it may
+be touched at all. Runs first, at prepare time, from facts only: a refusal raises TabulaError
+before any operation executes.
+
+A disk is refused when it is absent, smaller than declared, has another serial than declared,
+is named twice, holds the running system, is in use by anything that is not this profile's own
+expected state (re-runs must converge: the profile's own partitions mounted under /mnt, its own
+LUKS mappings open and its own swap active are fine), or holds foreign content (a partition
+table or signature that does not match the profile) that the run has not confirmed for wiping by
+the disk's stable id (``tabula_confirm_wipe``). A confirmed foreign disk is wiped
+(``wipefs -a`` on its partitions and itself, ``sgdisk --zap-all``), never a mounted one.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+from pyinfra import host
+from pyinfra.api import FactBase, QuoteString, StringCommand, operation
+
+from operations.errors import TabulaError
+from operations.profile import Disk, Filesystem, Luks, Profile, Swap, ZfsMember
+
+# Where layers keep private mounts of their own (e.g. a btrfs top level for subvolume facts).
+PRIVATE_MOUNT_ROOT = "/run/tabula"
+INSTALL_ROOT = "/mnt"
+
+# The filesystem types (blkid TYPE) a partition may already carry, by the content it will hold.
+CONTENT_SIGNATURES = {
+    Luks: {"crypto_LUKS"},
+    Swap: {"swap"},
+    ZfsMember: {"zfs_member"},
+}
+
+
+# Stable paths of the disks this run wipes first (confirmed foreign content).
+_PLANNED_WIPES: set[str] = set()
+
+
+def before_wipe() -> bool:
+    """
+    True while preparing a run that wipes a disk first: facts still show the old content, so the
+    later stages plan as if on blank disks (at execution they see the wiped disk).
+    """
+    return bool(_PLANNED_WIPES) and not host.state.is_executing
+
+
+# --- facts ------------------------------------------------------------------------------------
+
+
+class BlockDevices(FactBase):
+    """
+    Every block device as a flat list, with its parent disk, from ``lsblk -J -b``.
+
+    .. code:: python
+
+        [{"name": "/dev/nvme0n1p1", "type": "part", "pkname": "/dev/nvme0n1",
+          "partlabel": "EFI", "mountpoints": ["/mnt/boot"], ...}]
+    """
+
+    default = list
+    _columns = "NAME,TYPE,SIZE,SERIAL,PARTLABEL,FSTYPE,LABEL,PKNAME"
+
+    def command(self) -> str:
+        # MOUNTPOINTS (every mount of a device) needs util-linux >= 2.37; older: MOUNTPOINT
+        return (f"lsblk -J -b -p -o {self._columns},MOUNTPOINTS 2>/dev/null"
+                f" || lsblk -J -b -p -o {self._columns},MOUNTPOINT")
+
+    def requires_command(self) -> str:
+        return "lsblk"
+
+    def process(self, output):
+        return parse_lsblk("\n".join(output))
+
+
+def parse_lsblk(text: str) -> list[dict]:
+    devices: list[dict] = []
+
+    def walk(nodes, parent):
+        for node in nodes:
+            mounts = node.get("mountpoints", [node.get("mountpoint")])
+            devices.append({
+                "name": node["name"],
+                "type": node.get("type"),
+                "size": int(node["size"]) if node.get("size") is not None else None,
+                "serial": (node.get("serial") or "").strip() or None,
+                "partlabel": node.get("partlabel"),
+                "fstype": node.get("fstype"),
+                "label": node.get("label"),
+                "parent": node.get("pkname") or parent,
+                "mountpoints": [m for m in mounts if m],
+            })
+            walk(node.get("children", []), node["name"])
+
+    if text.strip():
+        walk(json.loads(text).get("blockdevices", []), None)
+    return devices
+
+
+class StablePath(FactBase):
+    """
+    Where a stable path (/dev/disk/by-id/...) points, and which by-id paths exist (for messages).
+
+    .. code:: python
+
+        {"device": "/dev/nvme0n1", "by_id": ["nvme-QEMU_NVMe_Ctrl_TABULA-NVME0", ...]}
+    """
+
+    @staticmethod
+    def default():
+        return {"device": None, "by_id": []}
+
+    def command(self, path: str) -> str:
+        quoted = shlex.quote(path)
+        return (f"if [ -b {quoted} ]; then echo device=$(readlink -f {quoted}); fi; "
+                "ls -1 /dev/disk/by-id 2>/dev/null | sed 's/^/by-id=/' || true")
+
+    def process(self, output):
+        return parse_stable_path(output)
+
+
+def parse_stable_path(lines) -> dict:
+    found = {"device": None, "by_id": []}
+    for line in lines:
+        key, _, value = line.partition("=")
+        if key == "device":
+            found["device"] = value
+        elif key == "by-id":
+            found["by_id"].append(value)
+    return found
+
+
+class WholeDiskSignature(FactBase):
+    """
+    ``blkid -p -o export`` of a device: what its first sectors say it is (PTTYPE for a partition
+    table, TYPE for a filesystem on the whole device). Empty when blank or absent.
+    """
+
+    default = dict
+
+    def command(self, device: str) -> str:
+        quoted = shlex.quote(device)
+        return f"if [ -b {quoted} ]; then blkid -p -o export {quoted} 2>/dev/null || true; fi"
+
+    def process(self, output):
+        return parse_blkid_export(output)
+
+
+def parse_blkid_export(lines) -> dict:
+    found = {}
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if sep:
+            found[key.strip()] = value.strip()
+    return found
+
+
+class ActiveSwaps(FactBase):
+    """Active swap devices and files (``/proc/swaps``), as the kernel names them."""
+
+    default = list
+
+    def command(self) -> str:
+        return "cat /proc/swaps"
+
+    def process(self, output):
+        return [decode_octal(line.split()[0]) for line in output[1:] if line.strip()]
+
+
+class ImportedPoolVdevs(FactBase):
+    """{device: pool} of imported ZFS pools (empty without ZFS loaded)."""
+
+    default = dict
+
+    def command(self) -> str:
+        return ("if [ -e /sys/module/zfs ] && command -v zpool >/dev/null; then "
+                "zpool status -PL 2>/dev/null | awk '$1 == \"pool:\" {p=$2} $1 ~ \"^/dev/\" {print p, $1}'; fi")
+
+    def process(self, output):
+        return {parts[1]: parts[0] for parts in (line.split() for line in output) if len(parts) == 2}
+
+
+def decode_octal(text: str) -> str:
+    r"""/proc/mounts and /proc/swaps escape space, tab, newline and backslash as \040 etc."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 3 < len(text) + 0 and text[i + 1:i + 4].isdigit():
+            out.append(chr(int(text[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+# --- the guard --------------------------------------------------------------------------------
+
+
+@dataclass
+class DiskCheck:
+    """What the guard learned about one profile disk."""
+
+    key: str
+    disk: Disk
+    device: str                       # the kernel device, e.g. /dev/nvme0n1
+    serial: str | None
+    tree: list[dict] = field(default_factory=list)   # the disk, its partitions, stacked devices
+    foreign: list[str] = field(default_factory=list)  # why its content does not match the profile
+
+
+def _field(key: str) -> str:
+    return f"disks.{key}.device"
+
+
+def _tree_of(device: str, devices: list[dict]) -> list[dict]:
+    names = {device}
+    tree = [d for d in devices if d["name"] == device][:1]
+    changed = True
+    while changed:
+        changed = False
+        for dev in devices:
+            if dev["parent"] in names and dev["name"] not in names:
+                names.add(dev["name"])
+                tree.append(dev)
+                changed = True
+    return tree
+
+
+def expected_mountpoints(profile: Profile) -> set[str]:
+    return {install_path(m.mountpoint) for m in profile.all_mounts()}
+
+
+def install_path(mountpoint: str) -> str:
+    """/ -> /mnt, /home -> /mnt/home: where a mount of the installed system lives during install."""
+    return INSTALL_ROOT if mountpoint == "/" else f"{INSTALL_ROOT}{mountpoint}"
+
+
+def usage_problems(profile: Profile, check: DiskCheck, swaps: list[str], pool_vdevs: dict[str, str]) -> list[str]:
+    """Everything on the disk that is in use and is not this profile's own expected state."""
+    own_mounts = expected_mountpoints(profile)
+    own_mappers = {luks.mapper: part.label for part, luks in profile.luks_devices()}
+    own_pools = {pool.name for pool in profile.pools.values()}
+    swap_devices = {d["name"] for d in check.tree}
+    problems = []
+    for dev in check.tree:
+        for mp in dev["mountpoints"]:
+            if mp == "/":
+                problems.append(f"{dev['name']} holds the running system (mounted at /)")
+            elif mp == "[SWAP]":
+                continue  # judged below from /proc/swaps
+            elif mp not in own_mounts and not mp.startswith(PRIVATE_MOUNT_ROOT + "/"):
+                problems.append(f"{dev['name']} is mounted at {mp}")
+        if dev["type"] == "crypt":
+            mapper = dev["name"].removeprefix("/dev/mapper/")
+            parent = next((d for d in check.tree if d["name"] == dev["parent"]), None)
+            if own_mappers.get(mapper) is None or parent is None or parent.get("partlabel") != own_mappers[mapper]:
+                problems.append(f"{dev['name']} is an open mapping on {dev['parent']} that the profile does not declare")
+        elif dev["type"] not in ("disk", "part", "crypt"):
+            problems.append(f"{dev['name']} ({dev['type']}) is stacked on {dev['parent']}")
+        if pool_vdevs.get(dev["name"]) and pool_vdevs[dev["name"]] not in own_pools:
+            problems.append(f"{dev['name']} belongs to the imported ZFS pool {pool_vdevs[dev['name']]}")
+    own_swaps = {device for device, _swap in profile.swaps()}
+    for swap in swaps:
+        if swap in swap_devices and not _is_own_swap(swap, check, own_swaps):
+            problems.append(f"{swap} is active swap")
+    return problems
+
+
+def _is_own_swap(swap: str, check: DiskCheck, own_swaps: set[str]) -> bool:
+    dev = next((d for d in check.tree if d["name"] == swap), None)
+    if dev is None:
+        return False
+    return any(own.endswith("/" + (dev.get("partlabel") or "\0")) or own == dev["name"] for own in own_swaps)
+
+
+def content_problems(check: DiskCheck, table: dict | None, signatures: dict[str, dict]) -> list[str]:
+    """Why the disk's content is foreign to the profile (empty: blank, or the profile's own)."""
+    from operations import gpt
+
+    whole = signatures.get(check.device, {})
+    if whole.get("TYPE"):
+        return [f"a whole-disk {whole['TYPE']} filesystem"]
+    if whole.get("PTTYPE") and whole["PTTYPE"] != "gpt":
+        return [f"a {whole['PTTYPE']} partition table"]
+    if not table:
+        return []
+    mismatch = gpt.compare(check.disk, table)
+    if mismatch.problems:
+        return mismatch.problems
+    problems = []
+    for part, existing in zip(check.disk.partitions, table.get("partitions", [])):
+        found = signatures.get(existing["node"], {}).get("TYPE")
+        if found and found not in allowed_signatures(part.content):
+            problems.append(f"partition {existing['node']} ({part.label}) holds {found}, the profile puts "
+                            f"{type(part.content).__name__.lower() if part.content else 'nothing'} there")
+    return problems
+
+
+def allowed_signatures(content) -> set[str]:
+    if isinstance(content, Filesystem):
+        return {content.format}
+    if isinstance(content, Swap) and content.random_encryption:
+        return {"swap", "crypto_LUKS"}  # re-keyed at every boot: any earlier state is fine
+    return CONTENT_SIGNATURES.get(type(content), set())
+
+
+def guard(profile: Profile, settings) -> list[DiskCheck]:
+    """
+    Refuse the run (TabulaError) unless every profile disk is the right, free disk. Confirmed
+    foreign disks get a wipe operation. Returns what it found, for the plan.
+    """
+    from operations import gpt
+
+    _PLANNED_WIPES.clear()
+    devices = host.get_fact(BlockDevices)
+    checks: list[DiskCheck] = []
+    for key, disk in profile.disks.items():
+        found = host.get_fact(StablePath, path=disk.device)
+        if not found["device"]:
+            present = "\n    ".join(f"/dev/disk/by-id/{p}" for p in found["by_id"]) or "(none)"
+            raise TabulaError(f"{_field(key)}: {disk.device} does not exist on {host.name} "
+                              f"(tabula_vars['disk'] or the profile's disk var). Disks present by id:\n    {present}")
+        info = next((d for d in devices if d["name"] == found["device"]), None)
+        if info is None or info["type"] != "disk":
+            raise TabulaError(f"{_field(key)}: {disk.device} is {found['device']}, which is not a whole disk")
+        if disk.size_bytes is not None and (info["size"] or 0) < disk.size_bytes:
+            raise TabulaError(f"disks.{key}.size: {disk.device} has {info['size']} bytes, "
+                              f"less than the declared {disk.size} ({disk.size_bytes} bytes)")
+        if disk.serial is not None and info["serial"] != disk.serial:
+            raise TabulaError(f"disks.{key}.serial: {disk.device} has serial {info['serial']!r}, "
+                              f"the profile declares {disk.serial!r}")
+        checks.append(DiskCheck(key, disk, found["device"], info["serial"], _tree_of(found["device"], devices)))
+
+    seen: dict[str, str] = {}
+    for check in checks:
+        if check.device in seen:
+            raise TabulaError(f"{_field(check.key)} and {_field(seen[check.device])} are the same disk ({check.device})")
+        seen[check.device] = check.key
+
+    _check_partlabel_clash(profile, checks, devices)
+
+    swaps = host.get_fact(ActiveSwaps)
+    pool_vdevs = host.get_fact(ImportedPoolVdevs)
+    for check in checks:
+        problems = usage_problems(profile, check, swaps, pool_vdevs)
+        if problems:
+            raise TabulaError(f"{_field(check.key)}: refusing {check.disk.device} ({check.device}): it is in use, "
+                              "and a disk in use is never touched, confirmed or not:\n    " + "\n    ".join(problems))
+        table = host.get_fact(gpt.PartitionTable, disk=check.disk.device)
+        signatures = {d["name"]: host.get_fact(WholeDiskSignature, device=d["name"])
+                      for d in check.tree if d["type"] in ("disk", "part")}
+        check.foreign = content_problems(check, table, signatures)
+        if not check.foreign:
+            continue
+        ids = {check.disk.device, check.serial} - {None}
+        if not ids & set(settings.confirm_wipe):
+            raise TabulaError(
+                f"{_field(check.key)}: refusing {check.disk.device} ({check.device}): it holds content the profile "
+                "does not describe:\n    " + "\n    ".join(check.foreign) +
+                f"\n  To wipe this disk, confirm it by its stable id: --data "
+                f"tabula_confirm_wipe='[\"{check.disk.device}\"]'")
+        partitions = [d["name"] for d in check.tree if d["type"] == "part"]
+        _PLANNED_WIPES.add(check.disk.device)
+        wipe(disk_path=check.disk.device, partitions=partitions, reasons=check.foreign,
+             name=f"Wipe {check.disk.device} (confirmed): " + "; ".join(check.foreign))
+    return checks
+
+
+def _check_partlabel_clash(profile: Profile, checks: list[DiskCheck], devices: list[dict]) -> None:
+    labels = {part.label for _, _, part in profile.partitions()}
+    ours = {d["name"] for check in checks for d in check.tree}
+    for dev in devices:
+        if dev["partlabel"] in labels and dev["name"] not in ours:
+            raise TabulaError(f"partlabel {dev['partlabel']!r} of the profile is already used by {dev['name']} on "
+                              f"{host.name}, which is not one of the profile's disks: /dev/disk/by-partlabel would be "
+                              "ambiguous. Rename that partition or pick other labels.")
+    if not _is_local_connector() and shutil.which("lsblk"):
+        local = subprocess.run(["lsblk", "-J", "-p", "-o", "NAME,TYPE,PARTLABEL"], capture_output=True, text=True)
+        if local.returncode == 0:
+            for dev in parse_lsblk(local.stdout):
+                if dev["partlabel"] in labels:
+                    raise TabulaError(f"partlabel {dev['partlabel']!r} of the profile is used by {dev['name']} on this "
+                                      "controller: a disk moved between them would make by-partlabel ambiguous. "
+                                      "Rename that partition or pick other labels.")
+
+
+def _is_local_connector() -> bool:
+    return host.name.startswith("@local") or type(host.connector).__name__ == "LocalConnector"
+
+
+# --- operations -------------------------------------------------------------------------------
+
+
+@operation(is_idempotent=False)
+def wipe(disk_path: str, partitions: list[str], reasons: list[str]):
+    """
+    Wipe a disk the run confirmed by its stable id: every signature on its partitions and on the
+    disk, then the partition tables (GPT and its backup). Only the guard calls this, and only for
+    a disk it found foreign and not in use.
+
+    + disk_path: the disk's stable path (/dev/disk/by-id/...)
+    + partitions: the disk's partition devices, as the guard found them
+    + reasons: what was foreign about it (for the plan)
+
+    **Example:**
+
+    .. code:: python
+
+        disks.wipe(disk_path="/dev/disk/by-id/nvme-X", partitions=["/dev/nvme0n1p1"], reasons=["ext4"])
+    """
+    for part in partitions:
+        yield StringCommand("wipefs", "-a", QuoteString(part))
+    disk = QuoteString(disk_path)
+    yield StringCommand("wipefs", "-a", disk)
+    yield StringCommand("sgdisk", "--zap-all", disk)
+    yield StringCommand("wipefs", "-a", disk)   # sgdisk leaves a protective MBR behind
+    yield StringCommand("sh", "-c", QuoteString(f"blockdev --rereadpt {shlex.quote(disk_path)}; udevadm settle"))

@@ -1,0 +1,232 @@
+"""
+GPT partition tables: every partition of a profile disk by partlabel, sgdisk type code, size and
+order. A table that is a prefix of the wanted one (an interrupted run) gets the missing
+partitions; anything else is drift that the guard refuses (or wipes, when confirmed).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass, field
+
+from pyinfra import host
+from pyinfra.api import FactBase, QuoteString, StringCommand, operation
+
+from operations.disks import before_wipe
+from operations.errors import TabulaError
+from operations.profile import Disk, Partition, Profile
+
+# sgdisk type codes -> GPT partition type GUIDs (as blkid PART_ENTRY_TYPE and lsblk PARTTYPE show them).
+TYPE_GUIDS = {
+    "EF00": "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",  # EFI system partition
+    "EF02": "21686148-6449-6E6F-744E-656564454649",  # BIOS boot partition
+    "8200": "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F",  # Linux swap
+    "8300": "0FC63DAF-8483-4772-8E79-3D69D8477DE4",  # Linux filesystem
+    "8302": "933AC7E1-2EB4-4F13-B844-0E14E2AEF915",  # Linux /home
+    "8304": "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",  # Linux x86-64 root (/)
+    "8309": "CA7D7CCB-63ED-4C53-861C-1742536059CC",  # Linux LUKS
+    "8E00": "E6D6D379-F507-44C2-A23C-238F2A3DF928",  # Linux LVM
+    "FD00": "A19D880F-05FC-4D3B-A006-743F0F84911E",  # Linux RAID
+    "BF00": "6A85CF4D-1DD2-11B2-99A6-080020736631",  # Solaris root (ZFS)
+    "BF01": "6A898CC3-1DD2-11B2-99A6-080020736631",  # Solaris /usr & Mac ZFS
+    "0700": "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7",  # Microsoft basic data
+}
+# How far a "rest" partition may end before the disk's last usable sector (sgdisk aligns to 1 MiB).
+REST_SLACK_BYTES = 1024**2
+
+
+def type_guid(code: str) -> str:
+    try:
+        return TYPE_GUIDS[code.upper()]
+    except KeyError:
+        raise TabulaError(f"GPT type code {code} is not in operations/gpt.py TYPE_GUIDS: add its GUID "
+                          f"(sgdisk -L lists the codes)") from None
+
+
+# --- facts ------------------------------------------------------------------------------------
+
+
+class PartitionTable(FactBase):
+    """
+    The partition table of a disk (given by any path, resolved on the target), read from the disk
+    itself: ``blkid -p`` for the table type, ``sgdisk -p`` for a GPT's entries (sgdisk is needed
+    to partition anyway; sfdisk is missing from many live systems). None when the disk has no
+    partition table or is absent.
+
+    .. code:: python
+
+        {"label": "gpt", "sectorsize": 512, "lastlba": 33554398,
+         "partitions": [{"node": "/dev/nvme0n1p1", "number": 1, "start": 2048, "size": 2097152,
+                         "code": "EF00", "name": "EFI"}]}
+    """
+
+    def command(self, disk: str) -> str:
+        quoted = shlex.quote(disk)
+        # Without sgdisk every disk would look blank: fail the fact (and the run) instead.
+        return ("command -v sgdisk >/dev/null || { echo 'tabula: sgdisk (gdisk) is missing on the target' >&2; "
+                f"exit 1; }}; if [ -b {quoted} ]; then d=$(readlink -f {quoted}); echo device=$d; "
+                "echo sectorsize=$(blockdev --getss \"$d\"); "
+                "pt=$(blkid -p -o value -s PTTYPE \"$d\" 2>/dev/null); echo pttype=$pt; "
+                "if [ \"$pt\" = gpt ]; then sgdisk -p \"$d\"; fi; fi")
+
+    def process(self, output):
+        return parse_partition_table(output)
+
+
+_ENTRY_RE = re.compile(r"^\s*(\d+)\s+(\d+)\s+(\d+)\s+[\d.]+\s+\S+\s+([0-9A-Fa-f]{4})(?:  (.*))?$")
+_LAST_RE = re.compile(r"last usable sector is (\d+)")
+
+
+def partition_node(disk: str, number: int) -> str:
+    """/dev/nvme0n1 + 1 -> /dev/nvme0n1p1, /dev/vda + 1 -> /dev/vda1 (the kernel's naming)."""
+    return f"{disk}{'p' if disk[-1:].isdigit() else ''}{number}"
+
+
+def parse_partition_table(lines) -> dict | None:
+    info: dict = {}
+    partitions = []
+    lastlba = None
+    in_entries = False
+    for line in lines:
+        if not in_entries and "=" in line and line.split("=", 1)[0] in ("device", "sectorsize", "pttype"):
+            key, value = line.split("=", 1)
+            info[key] = value.strip()
+            continue
+        match = _LAST_RE.search(line)
+        if match:
+            lastlba = int(match.group(1))
+        if line.startswith("Number  Start"):
+            in_entries = True
+            continue
+        match = _ENTRY_RE.match(line) if in_entries else None
+        if match:
+            number, start, end, code, label = match.groups()
+            partitions.append({
+                "node": partition_node(info.get("device", ""), int(number)),
+                "number": int(number),
+                "start": int(start),
+                "size": int(end) - int(start) + 1,
+                "code": code.upper(),
+                "name": (label or "").rstrip(),
+            })
+    if not info.get("pttype"):
+        return None
+    table = {"label": info["pttype"], "device": info.get("device"),
+             "sectorsize": int(info.get("sectorsize") or 512), "partitions": partitions}
+    if lastlba is not None:
+        table["lastlba"] = lastlba
+    return table
+
+
+# --- comparing --------------------------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    present: int = 0                                   # wanted partitions already there, in order
+    problems: list[str] = field(default_factory=list)  # drift: what does not match
+
+
+def compare(disk: Disk, table: dict | None) -> Comparison:
+    """Compare the full spec (label, type GUID, size, order) with an sfdisk table."""
+    if table is None:
+        return Comparison()
+    if table.get("label") != "gpt":
+        return Comparison(problems=[f"a {table.get('label')} partition table, not GPT"])
+    existing = table["partitions"]
+    sector = table["sectorsize"]
+    result = Comparison()
+    if len(existing) > len(disk.partitions):
+        extra = ", ".join(f"{p['node']} ({p['name'] or 'no label'})" for p in existing[len(disk.partitions):])
+        result.problems.append(f"partitions the profile does not have: {extra}")
+    for number, (want, have) in enumerate(zip(disk.partitions, existing), start=1):
+        problem = _partition_problem(number, want, have, table, sector)
+        if problem:
+            result.problems.append(problem)
+    if not result.problems:
+        result.present = len(existing)
+    return result
+
+
+def _partition_problem(number: int, want: Partition, have: dict, table: dict, sector: int) -> str | None:
+    where = f"partition {number} ({have['node']})"
+    if have["number"] != number:
+        return f"{where} is entry {have['number']}, the profile wants {want.label} as entry {number}"
+    if have["name"] != want.label:
+        return f"{where} is labelled {have['name']!r}, the profile wants {want.label!r}"
+    if have["code"] != want.type:
+        return f"{where} {want.label} has type {have['code']}, the profile wants {want.type}"
+    size = have["size"] * sector
+    if want.size_bytes is not None and size != want.size_bytes:
+        return f"{where} {want.label} has {size} bytes, the profile wants {want.size} ({want.size_bytes} bytes)"
+    if want.size_bytes is None and "lastlba" in table:
+        end = have["start"] + have["size"] - 1
+        if (table["lastlba"] - end) * sector > REST_SLACK_BYTES:
+            return f"{where} {want.label} ends at sector {end}, the profile wants it to fill the disk (size: rest)"
+    return None
+
+
+def describe(disk: Disk) -> str:
+    return ", ".join(f"{p.label} ({p.type.lower()}, {p.size})" for p in disk.partitions)
+
+
+# --- operations -------------------------------------------------------------------------------
+
+
+@operation()
+def partitions(disk_key: str, disk: Disk):
+    """
+    Create the GPT partitions of a profile disk that are not there yet, then wait for udev to
+    publish their /dev/disk/by-partlabel links (later facts and commands use them).
+
+    + disk_key: the disk's key in the profile (for messages)
+    + disk: the profile's Disk (stable path, partitions in order)
+
+    **Example:**
+
+    .. code:: python
+
+        gpt.partitions(disk_key="main", disk=profile.disks["main"])
+    """
+    table = None if before_wipe() else host.get_fact(PartitionTable, disk=disk.device)
+    comparison = compare(disk, table)
+    if comparison.problems:
+        raise TabulaError(f"disks.{disk_key}: the partition table of {disk.device} does not match the profile "
+                          "(drift): " + "; ".join(comparison.problems))
+    if comparison.present == len(disk.partitions):
+        host.noop(f"{disk.device} already has the GPT partitions {describe(disk)}")
+        return
+    sector = table["sectorsize"] if table else None
+    args: list = ["sgdisk"]
+    if table is None:
+        args.append("--clear")                       # a new, empty GPT (the guard saw a blank disk)
+    for number, part in enumerate(disk.partitions[comparison.present:], start=comparison.present + 1):
+        type_guid(part.type)
+        if part.size_bytes is None:
+            end = "0"
+        elif sector:
+            end = f"+{part.size_bytes // sector}"    # sectors: exact, no unit rounding
+        else:
+            end = f"+{part.size_bytes // 1024}K"
+        args += ["-n", f"{number}:0:{end}", "-t", f"{number}:{part.type}", "-c", QuoteString(f"{number}:{part.label}")]
+    args.append(QuoteString(disk.device))
+    yield StringCommand(*args)
+    yield settle_command([p.device for p in disk.partitions], disk.device)
+
+
+def settle_command(links: list[str], disk_path: str) -> StringCommand:
+    """Tell the kernel about new partitions, let udev settle, and wait for the by-partlabel links."""
+    waits = " ".join(shlex.quote(link) for link in links)
+    script = (
+        f"partx -u {shlex.quote(disk_path)} 2>/dev/null; udevadm settle; "
+        f"for link in {waits}; do n=0; until [ -e \"$link\" ]; do n=$((n+1)); "
+        "if [ $n -gt 150 ]; then echo \"tabula: $link did not appear after partitioning\" >&2; exit 1; fi; "
+        "sleep 0.2; udevadm settle; done; done"
+    )
+    return StringCommand("sh", "-c", QuoteString(script))
+
+
+def apply(profile: Profile) -> None:
+    for key, disk in profile.disks.items():
+        partitions(disk_key=key, disk=disk, name=f"GPT partitions on disks.{key} ({describe(disk)})")

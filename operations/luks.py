@@ -1,0 +1,269 @@
+"""
+LUKS containers: format a partition that carries no signature yet, and open its mapping.
+
+The passphrase comes from the controller (``TABULA_LUKS_PASSPHRASE`` or ``..._FILE``), is read
+once per run and reaches cryptsetup on stdin only (pyinfra's ``_stdin``), never argv, output or
+files. cryptsetup reads it without ``--key-file``: piped stdin is then read up to the first
+newline, exactly like a passphrase typed at the boot prompt. (``--key-file=-`` would keep the
+newline pyinfra appends to stdin as part of the key, and the typed passphrase would not open it.)
+
+An existing header is never re-formatted: if the passphrase does not open it, the run stops.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from functools import lru_cache
+
+from pyinfra import host
+from pyinfra.api import FactBase, QuoteString, StringCommand, operation
+
+from operations.disks import WholeDiskSignature, before_wipe
+from operations.errors import TabulaError
+from operations.profile import Luks, Partition, Profile
+from operations.secrets import Secret, read_secret
+
+
+# --- facts ------------------------------------------------------------------------------------
+
+
+class LuksHeader(FactBase):
+    """
+    The LUKS header of a device from ``cryptsetup luksDump`` (None: no header, or no device).
+
+    .. code:: python
+
+        {"version": 2, "uuid": "0b6c...", "cipher": "aes-xts-plain64", "keyslots": {"0": {"pbkdf": "pbkdf2"}}}
+    """
+
+    def command(self, device: str) -> str:
+        quoted = shlex.quote(device)
+        return f"if [ -b {quoted} ]; then cryptsetup luksDump {quoted} 2>/dev/null || true; fi"
+
+    def requires_command(self, device: str) -> str:
+        return "cryptsetup"
+
+    def process(self, output):
+        return parse_luks_dump(output)
+
+
+def parse_luks_dump(lines) -> dict | None:
+    lines = list(lines)
+    if not lines or not lines[0].startswith("LUKS header information"):
+        return None
+    header: dict = {"keyslots": {}, "flags": []}
+    section, slot = None, None
+    for raw in lines[1:]:
+        if not raw.strip():
+            continue
+        if not raw.startswith((" ", "\t")):
+            key, _, value = raw.partition(":")
+            key, value = key.strip(), value.strip()
+            if value:
+                if key == "Version":
+                    header["version"] = int(value)
+                elif key == "UUID":
+                    header["uuid"] = value
+                elif key == "Label":
+                    header["label"] = None if value == "(no label)" else value
+                elif key == "Flags":
+                    header["flags"] = [] if value == "(no flags)" else value.split()
+                elif key == "Cipher name":          # LUKS1
+                    header["cipher"] = value
+                elif key == "Hash spec":             # LUKS1
+                    header["hash"] = value
+                section = None
+            else:
+                section = key
+            continue
+        text = raw.strip()
+        if section == "Keyslots":
+            match = re.match(r"^(\d+): (\S+)", text)
+            if match and not raw.startswith("\t\t"):
+                slot = match.group(1)
+                header["keyslots"][slot] = {"type": match.group(2)}
+                continue
+            key, _, value = text.partition(":")
+            if slot is not None and value:
+                header["keyslots"][slot][key.strip().lower().replace(" ", "_")] = value.strip()
+        elif section == "Data segments":
+            key, _, value = text.partition(":")
+            if key.strip() == "cipher":
+                header["cipher"] = value.strip()
+        elif section is None and text.startswith("Key Slot "):   # LUKS1: "Key Slot 0: ENABLED"
+            match = re.match(r"Key Slot (\d+): ENABLED", text)
+            if match:
+                header["keyslots"][match.group(1)] = {"type": "luks1"}
+    return header
+
+
+class LuksMapping(FactBase):
+    """
+    An open device-mapper crypt mapping from ``cryptsetup status`` (None when not active).
+
+    .. code:: python
+
+        {"type": "LUKS2", "device": "/dev/nvme0n1p2", "flags": ["discards", "no_read_workqueue"]}
+    """
+
+    def command(self, mapper: str) -> str:
+        return f"cryptsetup status {shlex.quote(mapper)} 2>/dev/null || true"
+
+    def requires_command(self, mapper: str) -> str:
+        return "cryptsetup"
+
+    def process(self, output):
+        return parse_cryptsetup_status(output)
+
+
+def parse_cryptsetup_status(lines) -> dict | None:
+    lines = list(lines)
+    if not lines or " is active" not in lines[0]:
+        return None
+    status: dict = {"flags": []}
+    for line in lines[1:]:
+        key, _, value = line.strip().partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "flags":
+            status["flags"] = value.split()
+        elif key in ("type", "cipher", "device", "keysize", "mode"):
+            status[key] = value
+    return status
+
+
+class CanonicalPath(FactBase):
+    """``readlink -f`` of a path on the target (None when it does not exist)."""
+
+    def command(self, path: str) -> str:
+        quoted = shlex.quote(path)
+        return f"if [ -e {quoted} ]; then readlink -f {quoted}; fi"
+
+    def process(self, output):
+        return output[0] if output else None
+
+
+# --- secret -----------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def passphrase() -> Secret:
+    """The LUKS passphrase, read once per run."""
+    secret = read_secret("LUKS_PASSPHRASE")
+    if "\n" in secret.reveal() or "\r" in secret.reveal():
+        raise TabulaError(f"the LUKS passphrase from {secret.source} has a line break inside: it could not "
+                          "be typed at the boot prompt")
+    return secret
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def format_command(device: str, luks: Luks, secret: Secret) -> StringCommand:
+    args: list = ["cryptsetup", "luksFormat", "--batch-mode", "--type", luks.luks_type]
+    if luks.cipher:
+        args += ["--cipher", luks.cipher]
+    if luks.key_size:
+        args += ["--key-size", str(luks.key_size)]
+    args += ["--pbkdf", luks.pbkdf]
+    if luks.pbkdf_iterations:
+        args += ["--pbkdf-force-iterations", str(luks.pbkdf_iterations)]
+    if luks.pbkdf_memory:
+        args += ["--pbkdf-memory", str(luks.pbkdf_memory)]
+    args.append(QuoteString(device))
+    return StringCommand(*args, _stdin=secret.reveal())
+
+
+def open_options(luks: Luks) -> list[str]:
+    options = []
+    if luks.allow_discards:
+        options.append("--allow-discards")
+    if luks.bypass_workqueues:
+        options += ["--perf-no_read_workqueue", "--perf-no_write_workqueue"]
+    return options
+
+
+def open_command(device: str, luks: Luks, secret: Secret) -> StringCommand:
+    # A wrong passphrase must stop the run with a message, never lead to a re-format.
+    script = (
+        f"cryptsetup open {' '.join(open_options(luks))} {shlex.quote(device)} {shlex.quote(luks.mapper)} || "
+        f"{{ echo \"tabula: the LUKS passphrase does not open {device} (or cryptsetup failed): "
+        "the header is kept; check TABULA_LUKS_PASSPHRASE\" >&2; exit 1; }"
+    )
+    return StringCommand("sh", "-c", QuoteString(script), _stdin=secret.reveal())
+
+
+# --- operations -------------------------------------------------------------------------------
+
+
+@operation()
+def container(device: str, luks: Luks):
+    """
+    Format a LUKS container on a device that has no signature yet. A device that already carries a
+    LUKS header is kept as it is; one with any other signature is refused.
+
+    + device: the partition, by its stable path (/dev/disk/by-partlabel/...)
+    + luks: the profile's Luks node (type, cipher, key derivation)
+
+    **Example:**
+
+    .. code:: python
+
+        luks.container(device="/dev/disk/by-partlabel/cryptroot", luks=profile_luks)
+    """
+    header = None if before_wipe() else host.get_fact(LuksHeader, device=device)
+    if header:
+        want = int(luks.luks_type.removeprefix("luks"))
+        if header.get("version") != want:
+            raise TabulaError(f"{device} holds a LUKS{header.get('version')} header, the profile wants {luks.luks_type}: "
+                              "refusing to re-format an existing container (drift)")
+        host.noop(f"{device} already holds a {luks.luks_type} header (UUID {header.get('uuid')})")
+        return
+    signature = {} if before_wipe() else host.get_fact(WholeDiskSignature, device=device)
+    if signature.get("TYPE") or signature.get("PTTYPE"):
+        found = signature.get("TYPE") or f"{signature['PTTYPE']} partition table"
+        if found == "crypto_LUKS":
+            # The magic is there but cryptsetup cannot read the header: a luksFormat that was cut
+            # short (or a damaged header). Formatting over it could destroy a container with data.
+            raise TabulaError(f"{device} carries a LUKS signature but cryptsetup cannot read its header (a luksFormat "
+                              "interrupted before it finished, or a damaged header): refusing to format over it. If "
+                              f"the partition holds nothing you need, clear it with `wipefs -a {device}` on the target "
+                              "and re-run; otherwise restore the header from a backup (cryptsetup luksHeaderRestore)")
+        raise TabulaError(f"refusing to luksFormat {device}: it holds a {found} signature")
+    yield format_command(device, luks, passphrase())
+
+
+@operation()
+def mapping(device: str, luks: Luks):
+    """
+    Open the LUKS container as /dev/mapper/<mapper>, with the profile's discard and workqueue
+    settings. A mapping of that name on another device is refused.
+
+    + device: the partition holding the container (/dev/disk/by-partlabel/...)
+    + luks: the profile's Luks node (mapper name, open options)
+
+    **Example:**
+
+    .. code:: python
+
+        luks.mapping(device="/dev/disk/by-partlabel/cryptroot", luks=profile_luks)
+    """
+    status = host.get_fact(LuksMapping, mapper=luks.mapper)
+    if status:
+        backing = host.get_fact(CanonicalPath, path=device)
+        if backing and status.get("device") and status["device"] != backing:
+            raise TabulaError(f"/dev/mapper/{luks.mapper} is open on {status['device']}, not on {device} "
+                              f"({backing}): close it or rename the mapper in the profile")
+        host.noop(f"/dev/mapper/{luks.mapper} is already open on {status.get('device', device)}")
+        return
+    yield open_command(device, luks, passphrase())
+
+
+def apply(profile: Profile) -> None:
+    for part, luks in profile.luks_devices():
+        container(device=part.device, luks=luks, name=f"LUKS {luks.luks_type} container on {part.label}")
+        mapping(device=part.device, luks=luks, name=f"Open {part.label} as /dev/mapper/{luks.mapper}")
+
+
+def luks_partition(profile: Profile, mapper: str) -> Partition | None:
+    return next((part for part, luks in profile.luks_devices() if luks.mapper == mapper), None)

@@ -1,0 +1,159 @@
+"""
+Mounts of the system being installed, under /mnt, parents first: btrfs subvolumes, vfat, f2fs,
+ext4, ZFS legacy datasets (``mount -t zfs pool/ds``), tmpfs and bind mounts (whose source is a
+path of the installed system, so it lives under /mnt too and is created when missing).
+
+A mount point that is already mounted is checked (source, type, options as /proc/mounts shows
+them) instead of mounted again; a mismatch is drift and stops the run.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from pyinfra import host
+from pyinfra.api import FactBase, QuoteString, StringCommand, operation
+
+from operations.disks import decode_octal, install_path
+from operations.errors import TabulaError
+from operations.luks import CanonicalPath
+from operations.profile import Mount, Profile
+
+# Options mount(8) consumes itself: never shown in /proc/mounts.
+USERSPACE_OPTIONS = {"bind", "rbind", "defaults", "nofail", "noauto", "auto", "user", "users", "_netdev", "zfsutil"}
+# Options the kernel reports with a normalised value: only their presence is compared.
+VALUE_NORMALISED = {"size", "nr_inodes", "nr_blocks"}
+
+
+# --- facts ------------------------------------------------------------------------------------
+
+
+class Mounts(FactBase):
+    """
+    Current mounts from ``/proc/mounts`` by mount point (the last mount on a point wins), with
+    octal escapes decoded.
+
+    .. code:: python
+
+        {"/mnt": {"device": "/dev/mapper/cryptroot", "fstype": "btrfs",
+                  "options": ["rw", "noatime", "compress=zstd:3", "subvol=/@root"]}}
+    """
+
+    default = dict
+
+    def command(self) -> str:
+        return "cat /proc/mounts"
+
+    def process(self, output):
+        return parse_proc_mounts(output)
+
+
+def parse_proc_mounts(lines) -> dict:
+    mounts = {}
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        device, target, fstype, options = parts[:4]
+        mounts[decode_octal(target)] = {
+            "device": decode_octal(device),
+            "fstype": fstype,
+            "options": options.split(","),
+        }
+    return mounts
+
+
+# --- comparing --------------------------------------------------------------------------------
+
+
+def option_problems(wanted: tuple[str, ...] | list[str], actual: list[str]) -> list[str]:
+    """The wanted options /proc/mounts does not show (kernel spellings taken into account)."""
+    have = {}
+    for opt in actual:
+        key, _, value = opt.partition("=")
+        have[key] = value
+    missing = []
+    for opt in wanted:
+        key, sep, value = opt.partition("=")
+        if key in USERSPACE_OPTIONS or key.startswith("x-"):
+            continue
+        if key not in have:
+            missing.append(opt)
+        elif not sep or key in VALUE_NORMALISED:
+            continue
+        elif key == "subvol":
+            if have[key].lstrip("/") != value.lstrip("/"):
+                missing.append(opt)
+        elif key == "compress" or key == "compress-force":
+            if have[key] != value and not have[key].startswith(value + ":"):   # zstd -> zstd:3
+                missing.append(opt)
+        elif have[key] != value:
+            missing.append(opt)
+    return missing
+
+
+def mount_command(mount: Mount, target: str) -> list[StringCommand]:
+    options = [o for o in mount.options if o != "bind"]
+    if mount.fstype == "none" and "bind" in mount.options:
+        source = install_path(mount.device)
+        commands = [StringCommand("mkdir", "-p", QuoteString(source), QuoteString(target)),
+                    StringCommand("mount", "--bind", QuoteString(source), QuoteString(target))]
+        if options:
+            commands.append(StringCommand("mount", "-o", QuoteString(",".join(["remount", "bind", *options])),
+                                          QuoteString(target)))
+        return commands
+    args: list = ["mount", "-t", mount.fstype]
+    if options:
+        args += ["-o", QuoteString(",".join(options))]
+    source = "tmpfs" if mount.fstype == "tmpfs" else mount.device
+    args += [QuoteString(source), QuoteString(target)]
+    return [StringCommand("mkdir", "-p", QuoteString(target)), StringCommand(*args)]
+
+
+# --- operations -------------------------------------------------------------------------------
+
+
+@operation()
+def mounted(mount: Mount):
+    """
+    Mount one filesystem of the installed system under /mnt, creating the mount point.
+
+    + mount: the Mount (mount point of the installed system, device, type, options)
+
+    **Example:**
+
+    .. code:: python
+
+        mounts.mounted(Mount(mountpoint="/home", device="/dev/mapper/cryptroot", fstype="btrfs",
+                             options=("subvol=@home", "noatime")))
+    """
+    target = install_path(mount.mountpoint)
+    current = host.get_fact(Mounts).get(target)
+    if current is None:
+        yield from mount_command(mount, target)
+        return
+    problems = []
+    is_bind = "bind" in mount.options
+    if not is_bind and mount.fstype != current["fstype"]:
+        problems.append(f"type {current['fstype']}, not {mount.fstype}")
+    if mount.fstype == "zfs" and current["device"] != mount.device:
+        problems.append(f"source {current['device']}, not {mount.device}")
+    elif mount.device.startswith("/dev/") and current["device"] != mount.device:
+        want = host.get_fact(CanonicalPath, path=mount.device)
+        have = host.get_fact(CanonicalPath, path=current["device"])
+        if want != have:
+            problems.append(f"source {current['device']} ({have}), not {mount.device} ({want})")
+    missing = option_problems(mount.options, current["options"])
+    if missing:
+        problems.append(f"options {','.join(current['options'])} lack {','.join(missing)}")
+    if problems:
+        raise TabulaError(f"{target} is already mounted, but differently (drift): " + "; ".join(problems) +
+                          f". Unmount it (umount -R {shlex.quote(target)}) and run again.")
+    host.noop(f"{target} is already mounted from {current['device']} ({current['fstype']}, "
+              f"{','.join(current['options'])})")
+
+
+def apply(profile: Profile) -> None:
+    for mount in profile.all_mounts():
+        mounted(mount=mount, name=f"Mount {mount.mountpoint} at {install_path(mount.mountpoint)} "
+                                  f"({mount.fstype} {mount.device} {','.join(mount.options)})")

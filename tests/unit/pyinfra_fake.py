@@ -1,0 +1,43 @@
+"""A stand-in for pyinfra's ``host`` in unit tests of the layer operations: facts answered from a
+table, noop messages recorded, and the operation's generator run directly (``op._inner``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def fixture_lines(name: str) -> list[str]:
+    """A captured command output, split as pyinfra hands it to a fact's process()."""
+    return [line for line in (FIXTURES / name).read_text().splitlines()]
+
+
+class FakeHost:
+    name = "install-target"
+
+    def __init__(self, facts: dict | None = None):
+        # {(FactClass, frozenset(kwargs.items())): value} or {FactClass: value} for any kwargs
+        self.facts = facts or {}
+        self.noops: list[str] = []
+
+    def get_fact(self, fact, **kwargs):
+        key = (fact, frozenset(kwargs.items()))
+        if key in self.facts:
+            return self.facts[key]
+        if fact in self.facts:
+            return self.facts[fact]
+        default = getattr(fact, "default", None)
+        return default() if callable(default) else None
+
+    def noop(self, message: str) -> None:
+        self.noops.append(message)
+
+
+def run_op(monkeypatch, module, op, facts, **kwargs):
+    """Run an operation's generator against fake facts: (commands as text, stdin list, host)."""
+    fake = FakeHost(facts)
+    monkeypatch.setattr(module, "host", fake)
+    commands = list(op._inner(**kwargs))
+    texts = [str(c) for c in commands]
+    stdins = [c.connector_arguments.get("_stdin") for c in commands]
+    return texts, stdins, fake

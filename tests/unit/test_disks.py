@@ -1,0 +1,190 @@
+"""Disk identity and the guard: lsblk / blkid / by-id parsing (captured in the VM), and every
+refusal, from facts only, before any operation exists."""
+import pytest
+
+from operations import disks, gpt
+from operations.errors import TabulaError
+from operations.profile import load_profile
+from operations.settings import Settings
+from tests.unit.pyinfra_fake import FakeHost, fixture_lines
+
+BY_ID = "/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_TABULA-NVME0"
+NVME = "/dev/nvme0n1"
+
+
+def lsblk(name):
+    return disks.parse_lsblk("\n".join(fixture_lines(name)))
+
+
+def test_parse_lsblk_blank():
+    devices = lsblk("btrfs_lsblk_blank.json")
+    nvme = next(d for d in devices if d["name"] == NVME)
+    assert (nvme["type"], nvme["serial"], nvme["size"]) == ("disk", "TABULA-NVME0", 16 * 1024**3)
+    assert not [d for d in devices if d["parent"] == NVME]
+
+
+def test_parse_lsblk_installed():
+    devices = {d["name"]: d for d in lsblk("btrfs_lsblk_installed.json")}
+    assert devices["/dev/nvme0n1p1"]["partlabel"] == "EFI"
+    assert devices["/dev/nvme0n1p1"]["mountpoints"] == ["/mnt/boot"]
+    crypt = devices["/dev/mapper/cryptroot"]
+    assert crypt["type"] == "crypt" and crypt["parent"] == "/dev/nvme0n1p2"
+    assert "/mnt" in crypt["mountpoints"] and "/run/tabula/btrfs/nixos" in crypt["mountpoints"]
+
+
+def test_parse_stable_path():
+    found = disks.parse_stable_path(fixture_lines("btrfs_stable_path.txt"))
+    assert found["device"] == NVME
+    assert any(p.endswith("TABULA-NVME0") for p in found["by_id"])
+    assert disks.parse_stable_path([]) == {"device": None, "by_id": []}
+
+
+def profile(**variables):
+    return load_profile("zephyrus-btrfs", {"disk": BY_ID, **variables})
+
+
+def facts(lsblk_name, table=None, signatures=None, swaps=(), stable=None):
+    signatures = signatures or {}
+    result = {
+        disks.BlockDevices: lsblk(lsblk_name),
+        disks.StablePath: stable or disks.parse_stable_path(fixture_lines("btrfs_stable_path.txt")),
+        disks.ActiveSwaps: list(swaps),
+        disks.ImportedPoolVdevs: {},
+        gpt.PartitionTable: table,
+        disks.WholeDiskSignature: {},
+    }
+    for device, value in signatures.items():
+        result[(disks.WholeDiskSignature, frozenset({("device", device)}))] = value
+    return result
+
+
+@pytest.fixture
+def wipes(monkeypatch):
+    calls = []
+    monkeypatch.setattr(disks, "wipe", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(disks, "_is_local_connector", lambda: True)
+    yield calls
+    disks._PLANNED_WIPES.clear()
+
+
+def run_guard(monkeypatch, the_profile, fact_table, confirm=()):
+    monkeypatch.setattr(disks, "host", FakeHost(fact_table))
+    return disks.guard(the_profile, Settings(profile=the_profile, confirm_wipe=tuple(confirm)))
+
+
+def installed_table():
+    return gpt.parse_partition_table(fixture_lines("btrfs_partition_table_installed.txt"))
+
+
+def test_blank_disk_passes(monkeypatch, wipes):
+    checks = run_guard(monkeypatch, profile(), facts("btrfs_lsblk_blank.json"))
+    assert [(c.device, c.serial, c.foreign) for c in checks] == [(NVME, "TABULA-NVME0", [])]
+    assert wipes == []
+
+
+def test_own_installed_state_in_use_passes(monkeypatch, wipes):
+    signatures = {"/dev/nvme0n1p1": {"TYPE": "vfat"}, "/dev/nvme0n1p2": {"TYPE": "crypto_LUKS"},
+                  NVME: {"PTTYPE": "gpt"}}
+    checks = run_guard(monkeypatch, profile(), facts("btrfs_lsblk_installed.json", installed_table(), signatures))
+    assert checks[0].foreign == [] and wipes == []
+
+
+def test_absent_disk_names_field_and_lists_ids(monkeypatch, wipes):
+    fact_table = facts("btrfs_lsblk_blank.json", stable={"device": None, "by_id": ["nvme-QEMU_NVMe_Ctrl_TABULA-NVME0"]})
+    with pytest.raises(TabulaError, match=r"disks.main.device: .* does not exist .*\n.*/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_TABULA-NVME0"):
+        run_guard(monkeypatch, profile(), fact_table)
+
+
+def test_smaller_than_declared(monkeypatch, wipes):
+    with pytest.raises(TabulaError, match="disks.main.size: .* less than the declared 32G"):
+        run_guard(monkeypatch, profile(disk_size="32G"), facts("btrfs_lsblk_blank.json"))
+
+
+def test_serial_mismatch(monkeypatch, wipes):
+    with pytest.raises(TabulaError, match="disks.main.serial: .* serial 'TABULA-NVME0', the profile declares 'S7KG'"):
+        run_guard(monkeypatch, profile(disk_serial="S7KG"), facts("btrfs_lsblk_blank.json"))
+    run_guard(monkeypatch, profile(disk_serial="TABULA-NVME0", disk_size="16G"), facts("btrfs_lsblk_blank.json"))
+
+
+def test_same_disk_twice(monkeypatch, wipes):
+    two = load_profile("zfs-raidz1", {"hostname": "nas", "ssd": BY_ID, "rz1": BY_ID + "-x", "rz2": BY_ID + "-y",
+                                      "rz3": BY_ID + "-z", "ssd_size": "8G", "data_disk_size": "4G"})
+    with pytest.raises(TabulaError, match="are the same disk"):
+        run_guard(monkeypatch, two, facts("btrfs_lsblk_blank.json"))
+
+
+def test_foreign_whole_disk_filesystem_refused_unless_confirmed(monkeypatch, wipes):
+    fact_table = facts("btrfs_lsblk_blank.json", signatures={NVME: {"TYPE": "ext4", "UUID": "x"}})
+    with pytest.raises(TabulaError, match="whole-disk ext4 filesystem(.|\n)*tabula_confirm_wipe"):
+        run_guard(monkeypatch, profile(), fact_table)
+    with pytest.raises(TabulaError):
+        run_guard(monkeypatch, profile(), fact_table, confirm=["/dev/disk/by-id/virtio-TABULA-SSD"])
+    assert wipes == []
+    run_guard(monkeypatch, profile(), fact_table, confirm=["TABULA-NVME0"])
+    assert wipes[0]["disk_path"] == BY_ID and wipes[0]["partitions"] == []
+    run_guard(monkeypatch, profile(), fact_table, confirm=[BY_ID])
+    assert len(wipes) == 2
+
+
+def test_foreign_partitions_refused(monkeypatch, wipes):
+    table = installed_table()
+    table["partitions"][1]["name"] = "data"
+    with pytest.raises(TabulaError, match="labelled 'data'"):
+        run_guard(monkeypatch, profile(), facts("btrfs_lsblk_blank.json", table, {NVME: {"PTTYPE": "gpt"}}))
+    with pytest.raises(TabulaError, match="a dos partition table"):
+        run_guard(monkeypatch, profile(), facts("btrfs_lsblk_blank.json", None, {NVME: {"PTTYPE": "dos"}}))
+
+
+def test_wrong_signature_in_own_partition_is_foreign(monkeypatch, wipes):
+    signatures = {"/dev/nvme0n1p1": {"TYPE": "vfat"}, "/dev/nvme0n1p2": {"TYPE": "ext4"}, NVME: {"PTTYPE": "gpt"}}
+    fact_table = facts("btrfs_lsblk_installed_closed.json", installed_table(), signatures)
+    with pytest.raises(TabulaError, match="nvme0n1p2 \\(cryptroot\\) holds ext4"):
+        run_guard(monkeypatch, profile(), fact_table)
+
+
+def test_prefix_table_is_not_foreign(monkeypatch, wipes):
+    table = installed_table()
+    table["partitions"] = table["partitions"][:1]
+    checks = run_guard(monkeypatch, profile(), facts("btrfs_lsblk_blank.json", table, {NVME: {"PTTYPE": "gpt"}}))
+    assert checks[0].foreign == []
+
+
+def test_mounted_elsewhere_refused_even_confirmed(monkeypatch, wipes):
+    for confirm in ((), (BY_ID,)):
+        with pytest.raises(TabulaError, match="in use(.|\n)*mounted at /media/data"):
+            run_guard(monkeypatch, profile(), facts("btrfs_lsblk_foreign_mounted.json"), confirm)
+    assert wipes == []
+
+
+def test_foreign_mapping_and_swap_refused():
+    the_profile = profile()
+    devices = lsblk("btrfs_lsblk_installed.json")
+    for dev in devices:
+        if dev["name"] == "/dev/mapper/cryptroot":
+            dev["name"], dev["mountpoints"] = "/dev/mapper/other", []
+        elif dev["type"] == "part":
+            dev["mountpoints"] = []
+    check = disks.DiskCheck("main", the_profile.disks["main"], NVME, "TABULA-NVME0", disks._tree_of(NVME, devices))
+    problems = disks.usage_problems(the_profile, check, ["/dev/nvme0n1p1"], {})
+    assert any("open mapping on /dev/nvme0n1p2 that the profile does not declare" in p for p in problems)
+    assert "/dev/nvme0n1p1 is active swap" in problems
+
+
+def test_running_system_refused():
+    the_profile = profile()
+    devices = lsblk("btrfs_lsblk_blank.json")
+    devices[[d["name"] for d in devices].index(NVME)]["mountpoints"] = ["/"]
+    check = disks.DiskCheck("main", the_profile.disks["main"], NVME, None, disks._tree_of(NVME, devices))
+    assert disks.usage_problems(the_profile, check, [], {}) == [f"{NVME} holds the running system (mounted at /)"]
+
+
+def test_partlabel_on_another_disk_refused(monkeypatch, wipes):
+    fact_table = facts("btrfs_lsblk_clash.json")
+    with pytest.raises(TabulaError, match="partlabel 'EFI' .* used by /dev/vd.1"):
+        run_guard(monkeypatch, profile(), fact_table)
+
+
+def test_wipe_commands():
+    commands = [str(c) for c in disks.wipe._inner(disk_path=BY_ID, partitions=["/dev/nvme0n1p1"], reasons=["x"])]
+    assert commands[:4] == ["wipefs -a /dev/nvme0n1p1", f"wipefs -a {BY_ID}", f"sgdisk --zap-all {BY_ID}",
+                            f"wipefs -a {BY_ID}"]

@@ -1,0 +1,65 @@
+"""Filesystem layer: mkfs only on devices without a signature; reuse; drift."""
+import pytest
+
+from operations import filesystems
+from operations.disks import WholeDiskSignature, parse_blkid_export
+from operations.errors import TabulaError
+from operations.profile import Filesystem, Swap
+from tests.unit.pyinfra_fake import fixture_lines, run_op
+
+BTRFS = Filesystem(format="btrfs", fs_label="nixos")
+VFAT = Filesystem(format="vfat", fs_label="EFI", mkfs_options=["-F", "32"])
+
+
+def test_parse_blkid():
+    efi = parse_blkid_export(fixture_lines("btrfs_blkid_efi.txt"))
+    assert (efi["TYPE"], efi["LABEL"], efi["PART_ENTRY_NAME"]) == ("vfat", "EFI", "EFI")
+    mapper = parse_blkid_export(fixture_lines("btrfs_blkid_mapper.txt"))
+    assert (mapper["TYPE"], mapper["LABEL"]) == ("btrfs", "nixos")
+    assert parse_blkid_export(fixture_lines("btrfs_blkid_luks.txt"))["TYPE"] == "crypto_LUKS"
+
+
+@pytest.mark.parametrize("fs, device, expected", [
+    (BTRFS, "/dev/mapper/cryptroot", "mkfs.btrfs -L nixos /dev/mapper/cryptroot"),
+    (VFAT, "/dev/disk/by-partlabel/EFI", "mkfs.vfat -F 32 -n EFI /dev/disk/by-partlabel/EFI"),
+    (Filesystem(format="f2fs", fs_label="local", mkfs_options=["-O", "extra_attr,compression"]), "/dev/mapper/l",
+     "mkfs.f2fs -O extra_attr,compression -l local /dev/mapper/l"),
+    (Filesystem(format="ext4"), "/dev/vdb1", "mkfs.ext4 -q /dev/vdb1"),
+])
+def test_absent_filesystem_is_made(monkeypatch, fs, device, expected):
+    commands, _, _ = run_op(monkeypatch, filesystems, filesystems.filesystem, {}, device=device, fs=fs)
+    assert commands == [expected]
+
+
+def test_present_filesystem_is_reused(monkeypatch):
+    found = parse_blkid_export(fixture_lines("btrfs_blkid_mapper.txt"))
+    commands, _, fake = run_op(monkeypatch, filesystems, filesystems.filesystem, {WholeDiskSignature: found},
+                               device="/dev/mapper/cryptroot", fs=BTRFS)
+    assert commands == []
+    assert fake.noops == [f"/dev/mapper/cryptroot already holds btrfs labelled 'nixos' (UUID {found['UUID']})"]
+
+
+def test_other_filesystem_is_drift(monkeypatch):
+    with pytest.raises(TabulaError, match="refusing to make btrfs on /dev/mapper/cryptroot: it holds ext4"):
+        run_op(monkeypatch, filesystems, filesystems.filesystem, {WholeDiskSignature: {"TYPE": "ext4"}},
+               device="/dev/mapper/cryptroot", fs=BTRFS)
+
+
+def test_wrong_label_is_drift(monkeypatch):
+    with pytest.raises(TabulaError, match="labelled 'other'"):
+        run_op(monkeypatch, filesystems, filesystems.filesystem, {WholeDiskSignature: {"TYPE": "btrfs", "LABEL": "other"}},
+               device="/dev/mapper/cryptroot", fs=BTRFS)
+
+
+def test_swap_partition(monkeypatch):
+    commands, _, _ = run_op(monkeypatch, filesystems, filesystems.swap_partition, {}, device="/dev/sw", swap=Swap())
+    assert commands == ["mkswap /dev/sw"]
+    commands, _, fake = run_op(monkeypatch, filesystems, filesystems.swap_partition, {WholeDiskSignature: {"TYPE": "swap"}},
+                               device="/dev/sw", swap=Swap())
+    assert commands == [] and "already holds a swap signature" in fake.noops[0]
+    commands, _, fake = run_op(monkeypatch, filesystems, filesystems.swap_partition, {},
+                               device="/dev/sw", swap=Swap(random_encryption=True))
+    assert commands == [] and "random key" in fake.noops[0]
+    with pytest.raises(TabulaError, match="refusing to mkswap"):
+        run_op(monkeypatch, filesystems, filesystems.swap_partition, {WholeDiskSignature: {"TYPE": "xfs"}},
+               device="/dev/sw", swap=Swap())
