@@ -1,0 +1,245 @@
+"""Fault injection and evidence helpers for the e2e suites (faults, bad input, secrets, benchmark).
+
+    run = run_with_fault(livevm, args, Fault("kill", op=r"^Open cryptroot"))   # stop at a stage boundary
+    run = run_with_fault(livevm, args, Fault("cut", cmd=r"luksFormat", delay=0.5))  # cut SSH mid-command
+
+A fault fires when pyinfra (run with -vv, output streamed) prints ``--> Starting operation: NAME``
+for a matching operation, or echoes ``>>> COMMAND`` for a matching command, after ``delay``
+seconds. "kill" SIGKILLs the pyinfra process on the controller; "cut" kills, from a second SSH
+connection, the guest's sshd processes that serve pyinfra's connection (whatever runs in the
+guest at that moment loses its controller, like on a dropped link).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.e2e.helpers import executed_commands
+from tools.livevm import PROJECT_DIR
+
+PYINFRA = Path(sys.executable).parent / "pyinfra"
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+OP_START = re.compile(r"--> Starting (?:[\w ,]+ )?operation: (.*?)\s*$")
+EXEC_LINE = re.compile(r"\] >>> (.*)$")
+MiB = 1024**2
+
+# Programs whose run creates something that must be created once: a second run of one of them on
+# the same target would destroy what the first made (kind -> how the created thing is named).
+CREATING = {
+    "sgdisk": "partition",                 # per "-n N:" on the disk (the last argument)
+    "cryptsetup luksFormat": "luksFormat",  # the device (last argument)
+    "mkfs": "mkfs",                         # mkfs.* and mkswap: the device (last argument)
+    "mkswap": "mkfs",
+    "btrfs subvolume create": "subvolume",  # the path (last argument)
+    "btrfs subvolume snapshot": "subvolume",
+    "zpool create": "pool",
+    "zfs create": "dataset",                # the dataset (last argument)
+    "zfs snapshot": "snapshot",
+}
+SEGMENTS = re.compile(r"\s*(?:&&|\|\||;|\bthen\b|\bdo\b)\s*")
+
+def strip_ansi(text: str) -> str:
+    return ANSI.sub("", text)
+
+
+@dataclass
+class Fault:
+    kind: str                 # "kill": SIGKILL pyinfra; "cut": kill the guest's sshd session
+    op: str | None = None     # regex on the operation name (fires at its "Starting operation")
+    cmd: str | None = None    # regex on an executed command (fires when pyinfra echoes it)
+    delay: float = 0.0        # seconds after the trigger
+
+    def describe(self) -> str:
+        where = f"operation /{self.op}/" if self.op else f"command /{self.cmd}/"
+        return f"{self.kind} {self.delay:g}s after {where}"
+
+
+@dataclass
+class FaultRun:
+    output: str
+    returncode: int
+    fired: bool
+    fired_at: str = ""
+    seconds: float = 0.0
+    commands: list[str] = field(default_factory=list)
+
+
+def pyinfra_argv(livevm, args: list[str]) -> list[str]:
+    return [str(PYINFRA), "-y", *livevm.pyinfra_args(), *args]
+
+
+def sshd_session_pids(livevm) -> set[int]:
+    """Every sshd process in the guest except the listener (what a fault may kill)."""
+    out = livevm.run("for p in $(pgrep -x sshd); do [ \"$(awk '{print $4}' /proc/$p/stat)\" != 1 ] && echo $p; done; true").stdout
+    return {int(p) for p in out.split()}
+
+
+def cut_ssh(livevm, spare: set[int]) -> str:
+    """Kill the guest's sshd processes that are not in ``spare`` and do not serve this command."""
+    script = (
+        "anc=' '; p=$$; while [ \"$p\" -gt 1 ]; do anc=\"$anc$p \"; p=$(awk '{print $4}' /proc/$p/stat); done; "
+        f"spare=' {' '.join(str(p) for p in sorted(spare))} '; "
+        "for p in $(pgrep -x sshd); do "
+        "  [ \"$(awk '{print $4}' /proc/$p/stat)\" = 1 ] && continue; "
+        "  case \"$anc$spare\" in *\" $p \"*) continue;; esac; "
+        "  echo killed $p $(tr '\\0' ' ' < /proc/$p/cmdline); kill -9 $p; "
+        "done; true"
+    )
+    return livevm.run(script, timeout=60).stdout
+
+
+def run_with_fault(livevm, args: list[str], fault: Fault | None, env: dict | None = None,
+                   timeout: float = 1800, grace: float = 60) -> FaultRun:
+    """pyinfra over SSH with output streamed; the fault (if any) fires at its trigger."""
+    spare = sshd_session_pids(livevm) if fault and fault.kind == "cut" else set()
+    environment = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    environment = {k: v for k, v in environment.items() if v is not None}   # None: unset
+    started = time.monotonic()
+    proc = subprocess.Popen(pyinfra_argv(livevm, args), cwd=PROJECT_DIR, env=environment,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, bufsize=1, start_new_session=True)
+    lines: list[str] = []
+    fired = threading.Event()
+    fired_at: list[str] = []
+
+    def fire(line: str) -> None:
+        if fault.delay:
+            time.sleep(fault.delay)
+        if proc.poll() is not None:
+            return
+        fired_at.append(line)
+        if fault.kind == "kill":
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            fired_at.append(cut_ssh(livevm, spare))
+
+    def matches(line: str) -> bool:
+        plain = strip_ansi(line)
+        if fault.op:
+            found = OP_START.search(plain)
+            return bool(found and re.search(fault.op, found.group(1)))
+        found = EXEC_LINE.search(plain)
+        return bool(found and re.search(fault.cmd, found.group(1)))
+
+    deadline = started + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if fault and not fired.is_set() and matches(line):
+            fired.set()
+            threading.Thread(target=fire, args=(line,), daemon=True).start()
+        if time.monotonic() > deadline:
+            break
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    output = "".join(lines)
+    return FaultRun(output=output, returncode=proc.returncode, fired=bool(fired_at),
+                    fired_at=" | ".join(fired_at), seconds=time.monotonic() - started,
+                    commands=executed_commands(strip_ansi(output)))
+
+
+def created(commands: list[str]) -> list[str]:
+    """Everything the commands created, one entry per creation: "luksFormat /dev/...", ..."""
+    items = []
+    for cmd in commands:
+        body = cmd
+        if body.startswith("sh -c "):
+            body = body[len("sh -c "):].strip("'")
+        for segment in SEGMENTS.split(body):
+            words = segment.replace("'", " ").split()
+            if not words:
+                continue
+            text = " ".join(words)
+            for program, kind in CREATING.items():
+                if not (text.startswith(program) or (program == "mkfs" and words[0].startswith("mkfs."))):
+                    continue
+                if kind == "partition":
+                    items += [f"partition {words[-1]}#{n}" for n in re.findall(r"-n (\d+):", text)]
+                elif kind == "pool":
+                    items.append("pool " + next((w for w in words[2:] if not w.startswith("-") and "=" not in w), "?"))
+                else:
+                    items.append(f"{kind} {words[-1]}")
+                break
+    return items
+
+
+def duplicated_creations(commands: list[str], allowed: tuple[str, ...] = ()) -> list[str]:
+    """Creations that happened more than once across the runs (must be empty)."""
+    items = [i for i in created(commands) if not any(re.search(a, i) for a in allowed)]
+    return sorted({i for i in items if items.count(i) > 1})
+
+
+# --- disks --------------------------------------------------------------------------------------
+
+CHECKSUMS = r"""
+import glob, hashlib, os, sys
+for serial in sys.argv[1:]:
+    disks = {os.path.realpath(p) for p in glob.glob(f"/dev/disk/by-id/*[-_]{serial}")}
+    assert len(disks) == 1, (serial, disks)
+    with open(disks.pop(), "rb") as disk:
+        head = hashlib.sha256(disk.read(4 << 20)).hexdigest()
+        disk.seek(-(1 << 20), os.SEEK_END)
+        tail = hashlib.sha256(disk.read(1 << 20)).hexdigest()
+    print(serial, head, tail)
+"""
+
+
+def disk_checksums(livevm, serials) -> dict[str, str]:
+    """sha256 of the first 4 MiB and of the last 1 MiB (the GPT backup area) of each disk."""
+    out = livevm.run(["python3", "-c", CHECKSUMS, *serials], timeout=120).stdout
+    return {line.split()[0]: " ".join(line.split()[1:]) for line in out.splitlines() if line.strip()}
+
+
+SAMPLER = r"""
+import os, sys, time
+out, seen = sys.argv[1], set()
+while not os.path.exists(out + "/stop"):
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    seen.add(f.read().replace(b"\0", b" ").decode(errors="replace").strip())
+            except OSError:
+                pass
+    time.sleep(0.005)
+with open(out + "/cmdlines", "w") as f:
+    f.write("\n".join(sorted(seen)) + "\n")
+"""
+
+
+class CmdlineSampler:
+    """Samples every /proc/*/cmdline in the guest from a background python3, every few ms, into a
+    directory only root can read; ``stop()`` returns the distinct command lines seen."""
+
+    OUT = "/run/tabula-sampler"
+
+    def __init__(self, livevm):
+        self.livevm = livevm
+
+    def start(self) -> None:
+        self.livevm.run(f"rm -rf {self.OUT} && mkdir -m 700 {self.OUT} && cat > {self.OUT}/sampler.py", input=SAMPLER)
+        self.livevm.run(f"nohup python3 {self.OUT}/sampler.py {self.OUT} >/dev/null 2>&1 </dev/null & "
+                        f"echo $! > {self.OUT}/pid")
+
+    def stop(self) -> str:
+        self.livevm.run(f"touch {self.OUT}/stop; while kill -0 $(cat {self.OUT}/pid) 2>/dev/null; do sleep 0.1; done",
+                        timeout=120)
+        text = self.livevm.run(f"cat {self.OUT}/cmdlines").stdout
+        self.livevm.run(f"rm -rf {self.OUT}")
+        return text
+
+
+def changing_commands(output: str) -> list[str]:
+    """Commands that operations executed (facts only read): none may run in a refused or converged run."""
+    from tests.e2e.helpers import operation_commands
+    return operation_commands(output)

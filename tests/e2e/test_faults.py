@@ -1,0 +1,175 @@
+"""Faults, end to end in the live VM, for every profile: a run is stopped at stage boundaries and in
+the middle of the longer stages, by SIGKILL of pyinfra on the controller or by cutting its SSH
+connection in the guest, and re-run. Each profile is one chain: every re-run resumes from where
+the previous fault left the disks and is itself stopped at the next fault point, so one chain
+costs about one full install plus a fact pass per fault.
+
+After the last fault a run without fault must complete; then a further run must change nothing,
+the target must verify against the profile, no creating command (partition, luksFormat, mkfs,
+subvolume, pool, dataset, snapshot) may have run twice over the whole chain, and what was written
+to the persistent volumes before a fault must still be there.
+
+A half-written LUKS header cannot be resumed safely: the run must stop before any change, naming
+the partition and saying what to do.
+"""
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+from operations.profile import load_profile
+from tests.e2e.faults import Fault, disk_checksums, duplicated_creations, run_with_fault, strip_ansi
+from tests.e2e.faults import changing_commands
+from tests.e2e.helpers import assert_no_changes, executed_commands
+from tests.verify.checks import verify_target
+
+SERIALS = ("TABULA-NVME0", "TABULA-RZ1", "TABULA-RZ2", "TABULA-RZ3", "TABULA-SSD")
+SECRETS = {
+    "TABULA_LUKS_PASSPHRASE": "tabula faults luks 91e2",
+    "TABULA_ZFS_KEY": "tabula faults zfs 5c0d",
+    "TABULA_ROOT_PASSWORD_HASH": "$6$faultsalt$Qe1bTnXpQvW1o0l2n3c4d5e6f7g8h9i0j1k2l3m4n5o6p7q8r9s0t1u2v3w4x5y6z7A8B9C0D1E2F3G4H5I6J7K",
+    "TABULA_USER_PASSWORD_HASH": "$6$faultsalt$Zz1bTnXpQvW1o0l2n3c4d5e6f7g8h9i0j1k2l3m4n5o6p7q8r9s0t1u2v3w4x5y6z7A8B9C0D1E2F3G4H5I6J7K",
+}
+
+
+def by_id(livevm, serial: str) -> str:
+    links = livevm.run(f"ls /dev/disk/by-id | grep -E '[-_]{serial}$' | grep -v -- -part").stdout.split()
+    assert len(links) == 1, f"{serial}: {links}"
+    return f"/dev/disk/by-id/{links[0]}"
+
+
+def profile_vars(livevm, profile: str) -> dict:
+    if profile == "zephyrus-btrfs":
+        return {"disk": by_id(livevm, "TABULA-NVME0"), "swap_size": "256M",
+                "luks_pbkdf": "pbkdf2", "luks_pbkdf_iterations": 1000}
+    if profile == "zfs-raidz1":
+        return {"hostname": "tabula-faults", "ssd": by_id(livevm, "TABULA-SSD"), "rz1": by_id(livevm, "TABULA-RZ1"),
+                "rz2": by_id(livevm, "TABULA-RZ2"), "rz3": by_id(livevm, "TABULA-RZ3")}
+    return {"hostname": "tabula-faults-light", "disk": by_id(livevm, "TABULA-SSD"),
+            "luks_pbkdf": "pbkdf2", "luks_pbkdf_iterations": 1000}
+
+
+def deploy_args(profile: str, variables: dict) -> list[str]:
+    return ["-vv", "--data", f"tabula_profile={profile}", "--data", f"tabula_vars={json.dumps(variables)}",
+            "--data", "tabula_install=false", "--data", "tabula_export_pools=false", "deploy.py"]
+
+
+# Fault points per profile: (fault, what it interrupts). Operation names are the stages' own.
+CHAINS = {
+    "zephyrus-btrfs": [
+        (Fault("kill", op=r"^LUKS luks2 container"), "after partitioning"),
+        (Fault("cut", cmd=r"cryptsetup luksFormat", delay=0.3), "mid luksFormat (SSH cut)"),
+        (Fault("kill", op=r"^btrfs filesystem on"), "after luksFormat + open"),
+        (Fault("cut", cmd=r"mkfs\.btrfs", delay=0.2), "mid mkfs.btrfs (SSH cut)"),
+        (Fault("kill", op=r"^Btrfs subvolumes"), "after mkfs"),
+        (Fault("kill", cmd=r"btrfs subvolume create", delay=0.3), "mid subvolumes"),
+        (Fault("kill", op=r"^Mount / at"), "after subvolumes"),
+        (Fault("kill", op=r"^Swapfile"), "after mounts"),
+        (Fault("cut", cmd=r"fallocate", delay=0.2), "mid swapfile (SSH cut)"),
+        (Fault("kill", op=r"^nixos-generate-config"), "after swapfile"),
+        (Fault("cut", op=r"^/mnt/persist/etc/ssh/ssh_host_rsa_key", delay=0.5), "mid NixOS/persist stage (SSH cut)"),
+    ],
+    "zfs-raidz1": [
+        (Fault("kill", op=r"^ZFS: pool .* imported"), "after partitioning"),
+        (Fault("cut", cmd=r"zpool create", delay=0.5), "mid pool create (SSH cut)"),
+        (Fault("kill", op=r"^ZFS: dataset .*/temp/root"), "after pool create"),
+        (Fault("kill", cmd=r"zfs snapshot", delay=0.0), "mid datasets (at an @empty snapshot)"),
+        (Fault("kill", op=r"^Mount /nix"), "after datasets, mid mounts"),
+    ],
+    "light-tmpfs-f2fs": [
+        (Fault("kill", op=r"^Open local-"), "after luksFormat"),
+        (Fault("cut", cmd=r"mkfs\.f2fs", delay=0.2), "mid mkfs.f2fs (SSH cut)"),
+        (Fault("kill", op=r"^ZFS: dataset .*/remote/system"), "after pool create and encrypted dataset"),
+    ],
+}
+
+# Where each profile keeps data that must survive (mount points under /mnt).
+PERSISTENT = {"zephyrus-btrfs": ["/mnt/persist", "/mnt/home"], "zfs-raidz1": ["/mnt/remote", "/mnt/local"],
+              "light-tmpfs-f2fs": ["/mnt/remote", "/mnt/.local"]}
+
+
+@pytest.fixture
+def secrets_env(monkeypatch):
+    for key, value in SECRETS.items():
+        monkeypatch.setenv(key, value)
+        monkeypatch.delenv(f"{key}_FILE", raising=False)
+
+
+def write_markers(livevm, profile: str, written: dict) -> None:
+    """A marker on every persistent volume mounted right now (once per volume)."""
+    for mountpoint in PERSISTENT[profile]:
+        if mountpoint in written:
+            continue
+        if livevm.run(f"mountpoint -q {mountpoint}", check=False).returncode == 0:
+            text = f"written before a fault to {mountpoint}"
+            livevm.run(f"echo {shlex.quote(text)} > {mountpoint}/tabula-fault-marker && sync")
+            written[mountpoint] = text + "\n"
+
+
+@pytest.mark.parametrize("profile", list(CHAINS))
+def test_faults_converge(profile, clean_disks, livevm, target, secrets_env):
+    livevm.install_standins()
+    variables = profile_vars(livevm, profile)
+    args = deploy_args(profile, variables)
+    commands: list[str] = []
+    markers: dict[str, str] = {}
+    log = []
+    for fault, what in CHAINS[profile]:
+        run = run_with_fault(livevm, args, fault)
+        commands += run.commands
+        output = strip_ansi(run.output)
+        log.append(f"{what}: {fault.describe()} -> rc {run.returncode}, fired={run.fired} ({run.seconds:.0f} s)")
+        assert run.fired, f"{profile}: fault point {what!r} never reached:\n" + "\n".join(log) + "\n" + output[-5000:]
+        assert run.returncode != 0, f"{profile}: the run interrupted {what} reported success:\n{output[-3000:]}"
+        for secret in SECRETS.values():
+            assert secret not in run.output
+        write_markers(livevm, profile, markers)
+
+    final = run_with_fault(livevm, args, None)
+    commands += final.commands
+    assert final.returncode == 0, "\n".join(log) + "\n" + strip_ansi(final.output)[-8000:]
+    write_markers(livevm, profile, markers)
+    assert markers, f"{profile}: no persistent volume was ever mounted"
+
+    again = run_with_fault(livevm, args, None)
+    assert again.returncode == 0, strip_ansi(again.output)[-8000:]
+    output = strip_ansi(again.output)
+    assert_no_changes(output)
+
+    failures = verify_target(target, load_profile(profile, variables))
+    assert failures == [], "\n".join(failures)
+    dupes = duplicated_creations(commands)
+    assert dupes == [], f"{profile}: created more than once over the chain: {dupes}\n" + "\n".join(log)
+    for path, text in markers.items():
+        assert livevm.run(f"cat {path}/tabula-fault-marker").stdout == text, f"{path}: data lost"
+    print("\n".join(log))
+
+
+LUKS_HEADER_PARTITION = "/dev/disk/by-partlabel/cryptroot"
+
+
+def test_half_written_luks_header_stops_with_advice(clean_disks, livevm, secrets_env):
+    """A LUKS2 header whose metadata areas never got written (luksFormat cut short): refused."""
+    variables = profile_vars(livevm, "zephyrus-btrfs")
+    args = deploy_args("zephyrus-btrfs", variables)
+    run = run_with_fault(livevm, args, Fault("kill", op=r"^LUKS luks2 container"))
+    assert run.fired, strip_ansi(run.output)[-4000:]
+    # The first 4 KiB of a real LUKS2 header (magic, version, checksum of the JSON area that
+    # follows), nothing after it: what a luksFormat stopped after its first write leaves.
+    livevm.run("truncate -s 32M /run/tabula-hdr.img && "
+               "echo x | cryptsetup luksFormat -q --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 "
+               "/run/tabula-hdr.img - && "
+               f"dd if=/run/tabula-hdr.img of={LUKS_HEADER_PARTITION} bs=4096 count=1 conv=fsync status=none && "
+               "rm -f /run/tabula-hdr.img && udevadm settle")
+    assert livevm.run(f"cryptsetup isLuks {LUKS_HEADER_PARTITION}", check=False).returncode != 0 or \
+        livevm.run(f"cryptsetup luksDump {LUKS_HEADER_PARTITION}", check=False).returncode != 0
+    before = disk_checksums(livevm, SERIALS)
+    result = run_with_fault(livevm, args, None)
+    output = strip_ansi(result.output)
+    assert result.returncode != 0, output[-4000:]
+    assert "cryptroot" in output and "wipefs" in output, output[-4000:]
+    assert changing_commands(output) == [], changing_commands(output)
+    assert executed_commands(output)
+    assert disk_checksums(livevm, SERIALS) == before
