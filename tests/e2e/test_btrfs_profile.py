@@ -1,0 +1,248 @@
+"""The zephyrus-btrfs profile's disk stages in the live VM: blank NVMe -> GPT, LUKS2, btrfs
+subvolumes with @root-blank, mounts under /mnt, swapfile. Every deploy runs twice: the second run
+must change nothing (results table and executed commands) and re-create nothing (identities)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from tests.e2e.conftest import PYINFRA
+from tests.e2e.helpers import assert_no_changes, executed_commands, grand_total, operation_commands
+from tools.livevm import GUEST_SRC, GUEST_VENV, PROJECT_DIR
+
+GiB, MiB = 1024**3, 1024**2
+NVME_SERIAL = "TABULA-NVME0"
+# A test-only passphrase; it must never show up in output, argv or files.
+PASSPHRASE = "tabula test passphrase 7f3c"
+SWAP = "256M"
+TEST_VARS = {"swap_size": SWAP, "luks_pbkdf": "pbkdf2", "luks_pbkdf_iterations": 1000}
+SUBVOLUMES = ["@root", "@nix", "@home", "@persist", "@log", "@swap"]
+BTRFS_OPTS = ["noatime", "compress=zstd:3", "discard=async"]
+MOUNTS = {   # /proc/mounts target -> (fstype, options that must be there)
+    "/mnt": ("btrfs", ["subvol=/@root", *BTRFS_OPTS]),
+    "/mnt/nix": ("btrfs", ["subvol=/@nix", *BTRFS_OPTS]),
+    "/mnt/home": ("btrfs", ["subvol=/@home", *BTRFS_OPTS]),
+    "/mnt/persist": ("btrfs", ["subvol=/@persist", *BTRFS_OPTS]),
+    "/mnt/var/log": ("btrfs", ["subvol=/@log", *BTRFS_OPTS]),
+    "/mnt/swap": ("btrfs", ["subvol=/@swap", "noatime"]),
+    "/mnt/boot": ("vfat", ["fmask=0022", "dmask=0022"]),
+}
+
+
+def nvme_by_id(livevm) -> str:
+    links = livevm.run(f"ls /dev/disk/by-id | grep -E '^nvme-.*{NVME_SERIAL}$'").stdout.split()
+    assert len(links) == 1, links
+    return f"/dev/disk/by-id/{links[0]}"
+
+
+def deploy_args(livevm, extra_vars=None, confirm=None) -> list[str]:
+    data = {"disk": nvme_by_id(livevm), **TEST_VARS, **(extra_vars or {})}
+    args = ["deploy.py", "--data", f"tabula_vars={json.dumps(data)}", "--data", "tabula_install=false"]
+    if confirm:
+        args += ["--data", f"tabula_confirm_wipe={json.dumps(confirm)}"]
+    return args
+
+
+@pytest.fixture
+def passphrase_env(monkeypatch):
+    monkeypatch.setenv("TABULA_LUKS_PASSPHRASE", PASSPHRASE)
+    monkeypatch.delenv("TABULA_LUKS_PASSPHRASE_FILE", raising=False)
+
+
+def run_over_ssh(run_pyinfra, args, *flags):
+    result = run_pyinfra([*args, *flags])
+    return result, result.stdout + result.stderr
+
+
+def run_in_guest(livevm, args, *flags):
+    """pyinfra @local inside the guest, the passphrase from a 0600 file outside the repository."""
+    livevm.run("umask 077 && cat > /root/tabula-luks-passphrase", input=PASSPHRASE)
+    command = (f"cd {GUEST_SRC} && TABULA_LUKS_PASSPHRASE_FILE=/root/tabula-luks-passphrase "
+               f"{GUEST_VENV}/bin/pyinfra -y @local {shlex.join([*args, *flags])}")
+    result = livevm.run(command, check=False, timeout=1800)
+    return result, result.stdout + result.stderr
+
+
+def partitions(livevm) -> list[dict]:
+    """The NVMe's partitions as blkid probes them from the disk: number, name, type GUID, uuid,
+    offset and size in 512-byte sectors."""
+    nvme = livevm.disk_by_serial(NVME_SERIAL)
+    script = (f"for p in $(lsblk -lnpo NAME,TYPE {nvme} | awk '$2 == \"part\" {{print $1}}'); do "
+              "echo; blkid -p -o export $p | grep ^PART_ENTRY_; done")
+    found = []
+    for block in livevm.run(script).stdout.split("\n\n"):
+        entry = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        if entry:
+            found.append(entry)
+    return sorted(found, key=lambda e: int(e["PART_ENTRY_NUMBER"]))
+
+
+def identities(livevm) -> dict:
+    """What would change if anything were re-created: partition GUIDs, LUKS and btrfs UUIDs,
+    subvolume ids/uuids, the swapfile's inode."""
+    return {
+        "partitions": partitions(livevm),
+        "luks": livevm.run("cryptsetup luksUUID /dev/disk/by-partlabel/cryptroot").stdout.strip(),
+        "efi": livevm.run("blkid -p -o value -s UUID /dev/disk/by-partlabel/EFI").stdout.strip(),
+        "btrfs": livevm.run("blkid -p -o value -s UUID /dev/mapper/cryptroot").stdout.strip(),
+        # id, uuid, path (not the generation: it moves with every write)
+        "subvolumes": livevm.run("btrfs subvolume list -u /mnt | awk '{print $2, $(NF-2), $NF}'").stdout,
+        "swapfile": livevm.run("stat -c %i /mnt/swap/swapfile").stdout.strip(),
+    }
+
+
+def assert_installed_layout(livevm, target):
+    """Real outcomes on the real devices of the guest."""
+    parts = partitions(livevm)
+    assert [p["PART_ENTRY_NAME"] for p in parts] == ["EFI", "cryptroot"]
+    assert [p["PART_ENTRY_SCHEME"] for p in parts] == ["gpt", "gpt"]
+    assert parts[0]["PART_ENTRY_TYPE"] == "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"      # ef00
+    assert parts[1]["PART_ENTRY_TYPE"] == "0fc63daf-8483-4772-8e79-3d69d8477de4"      # 8300
+    assert int(parts[0]["PART_ENTRY_SIZE"]) * 512 == 1 * GiB                           # blkid: 512-byte units
+    disk_bytes = int(livevm.run(f"blockdev --getsize64 {livevm.disk_by_serial(NVME_SERIAL)}").stdout)
+    end = (int(parts[1]["PART_ENTRY_OFFSET"]) + int(parts[1]["PART_ENTRY_SIZE"])) * 512
+    assert disk_bytes - end <= MiB, "cryptroot does not fill the disk"
+    for label in ("EFI", "cryptroot"):
+        assert target.file(f"/dev/disk/by-partlabel/{label}").exists
+
+    dump = livevm.run("cryptsetup luksDump /dev/disk/by-partlabel/cryptroot").stdout
+    assert dump.startswith("LUKS header information") and "Version:       \t2" in dump
+    assert livevm.run("cryptsetup isLuks --type luks2 /dev/disk/by-partlabel/cryptroot", check=False).returncode == 0
+    assert "pbkdf2" in dump
+    status = livevm.run("cryptsetup status cryptroot").stdout
+    assert "is active" in status and "discards" in status and "no_read_workqueue" in status
+    assert target.file("/dev/mapper/cryptroot").exists
+
+    assert livevm.run("blkid -p -o value -s TYPE /dev/mapper/cryptroot").stdout.strip() == "btrfs"
+    assert livevm.run("blkid -p -o value -s LABEL /dev/mapper/cryptroot").stdout.strip() == "nixos"
+    assert livevm.run("blkid -p -o value -s TYPE /dev/disk/by-partlabel/EFI").stdout.strip() == "vfat"
+    assert livevm.run("blkid -p -o value -s LABEL /dev/disk/by-partlabel/EFI").stdout.strip() == "EFI"
+
+    top = "/run/tabula/btrfs/nixos"
+    listed = livevm.run(f"btrfs subvolume list {top}").stdout.split("\n")
+    names = sorted(line.rsplit(" path ", 1)[1] for line in listed if " path " in line)
+    assert names == sorted([*SUBVOLUMES, "@root-blank"])
+    for line in listed:
+        if " path " in line:
+            assert " top level 5 " in line, line          # all top-level
+    assert livevm.run(f"btrfs property get -ts {top}/@root-blank ro").stdout.strip() == "ro=true"
+    assert livevm.run(f"btrfs property get -ts {top}/@root ro").stdout.strip() == "ro=false"
+    assert livevm.run(f"ls -A {top}/@root-blank").stdout == ""
+    # @root-blank is a snapshot of @root
+    root_uuid = livevm.run(f"btrfs subvolume show {top}/@root | awk '$1 == \"UUID:\" {{print $2}}'").stdout.strip()
+    blank_parent = livevm.run(f"btrfs subvolume show {top}/@root-blank | awk '$1 == \"Parent\" && $2 == \"UUID:\" {{print $3}}'").stdout.strip()
+    assert blank_parent == root_uuid
+
+    mounts = {}
+    for line in livevm.run("cat /proc/mounts").stdout.splitlines():
+        device, mountpoint, fstype, options = line.split()[:4]
+        mounts[mountpoint] = (device, fstype, options.split(","))
+    for mountpoint, (fstype, options) in MOUNTS.items():
+        assert mountpoint in mounts, f"{mountpoint} not mounted"
+        device, have_type, have = mounts[mountpoint]
+        assert have_type == fstype, (mountpoint, have_type)
+        missing = [o for o in options if o not in have]
+        assert not missing, (mountpoint, have, missing)
+        if fstype == "btrfs":
+            assert device == "/dev/mapper/cryptroot"
+
+    swapfile = target.file("/mnt/swap/swapfile")
+    assert swapfile.is_file and swapfile.size == 256 * MiB and swapfile.mode == 0o600
+    assert livevm.run("lsattr /mnt/swap/swapfile").stdout.split()[0].count("C") == 1
+    assert livevm.run("blkid -p -o value -s TYPE /mnt/swap/swapfile").stdout.strip() == "swap"
+
+
+def assert_secret_kept(livevm, output):
+    assert PASSPHRASE not in output
+    # argv: the passphrase is on no command line pyinfra ran (the echoed commands) ...
+    assert all(PASSPHRASE not in cmd for cmd in executed_commands(output))
+    # ... and in no file of the repository or of the guest's usual places (the test's own secret
+    # file in /root is the controller-side source for @local runs and is skipped)
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    found = os.popen(f"grep -rlF {shlex.quote(PASSPHRASE)} {here} --exclude-dir=.git --exclude-dir=.venv "
+                     "--exclude-dir=__pycache__ --exclude=test_btrfs_profile.py 2>/dev/null").read()
+    assert found == ""
+    guest = livevm.run(f"grep -rlF {shlex.quote(PASSPHRASE)} /opt/tabula/src /tmp /run/tabula /mnt /var/log "
+                       "--exclude=test_btrfs_profile.py 2>/dev/null || true").stdout
+    assert guest == ""
+
+
+def test_dry_plan_executes_nothing(clean_disks, livevm, passphrase_env):
+    nvme = livevm.disk_by_serial(NVME_SERIAL)
+    before = livevm.run(f"head -c {4 * MiB} {nvme} | sha256sum").stdout
+    # without -y: pyinfra prints the plan ("Detected changes") before --dry stops it
+    argv = [str(PYINFRA), *livevm.pyinfra_args(), *deploy_args(livevm), "--dry", "-vv"]
+    result = subprocess.run(argv, cwd=PROJECT_DIR, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                            timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    assert "Detected changes" in output
+    for stage in ("GPT partitions on disks.main", "LUKS luks2 container on cryptroot",
+                  "Open cryptroot as /dev/mapper/cryptroot", "btrfs filesystem on /dev/mapper/cryptroot",
+                  "vfat filesystem on /dev/disk/by-partlabel/EFI", "Btrfs subvolumes on /dev/mapper/cryptroot",
+                  "Mount / at /mnt", "Mount /home at /mnt/home", "Swapfile /mnt/swap/swapfile"):
+        assert stage in output, f"plan lacks {stage!r}"
+    assert executed_commands(output), "no fact commands echoed at -vv"
+    assert operation_commands(output) == []
+    assert livevm.run(f"head -c {4 * MiB} {nvme} | sha256sum").stdout == before
+    assert livevm.run(f"lsblk -lno TYPE {nvme}").stdout.split() == ["disk"]
+    assert livevm.run("ls /dev/mapper").stdout.split() == ["control"]
+    assert PASSPHRASE not in output
+
+
+def test_install_over_ssh_converges(clean_disks, livevm, target, passphrase_env, run_pyinfra):
+    first, output = run_over_ssh(run_pyinfra, deploy_args(livevm), "-vvv", "--debug")
+    assert first.returncode == 0, output[-8000:]
+    assert grand_total(output)[1] != "-"
+    assert_secret_kept(livevm, output)
+    assert_installed_layout(livevm, target)
+    before = identities(livevm)
+
+    second, output = run_over_ssh(run_pyinfra, deploy_args(livevm), "-vv")
+    assert second.returncode == 0, output[-8000:]
+    assert_no_changes(output)
+    assert identities(livevm) == before
+
+    livevm.run("echo kept-home > /mnt/home/marker && echo kept-persist > /mnt/persist/marker && sync")
+    third, output = run_over_ssh(run_pyinfra, deploy_args(livevm), "-vv")
+    assert third.returncode == 0, output[-8000:]
+    assert_no_changes(output)
+    assert identities(livevm) == before
+    assert target.file("/mnt/home/marker").content_string == "kept-home\n"
+    assert target.file("/mnt/persist/marker").content_string == "kept-persist\n"
+    assert_installed_layout(livevm, target)
+
+
+def test_install_local_in_guest_converges(clean_disks, livevm, target):
+    livevm.push_project()
+    first, output = run_in_guest(livevm, deploy_args(livevm), "-vv")
+    assert first.returncode == 0, output[-8000:]
+    assert PASSPHRASE not in output
+    assert_installed_layout(livevm, target)
+    before = identities(livevm)
+    livevm.run("echo kept > /mnt/home/marker && echo kept > /mnt/persist/marker && sync")
+    second, output = run_in_guest(livevm, deploy_args(livevm), "-vv")
+    assert second.returncode == 0, output[-8000:]
+    assert_no_changes(output)
+    assert identities(livevm) == before
+    assert target.file("/mnt/home/marker").content_string == "kept\n"
+    assert target.file("/mnt/persist/marker").content_string == "kept\n"
+
+
+def test_interrupted_run_converges(clean_disks, livevm, target, passphrase_env, run_pyinfra):
+    """Only the EFI partition exists (a prefix of the wanted table): the run completes it."""
+    disk = nvme_by_id(livevm)
+    livevm.run(f"sgdisk -n 1:0:+1G -t 1:ef00 -c 1:EFI {disk} && udevadm settle")
+    efi_guid = partitions(livevm)[0]["PART_ENTRY_UUID"]
+    first, output = run_over_ssh(run_pyinfra, deploy_args(livevm), "-v")
+    assert first.returncode == 0, output[-8000:]
+    assert_installed_layout(livevm, target)
+    assert identities(livevm)["partitions"][0]["PART_ENTRY_UUID"] == efi_guid
+    second, output = run_over_ssh(run_pyinfra, deploy_args(livevm), "-vv")
+    assert second.returncode == 0, output[-8000:]
+    assert_no_changes(output)

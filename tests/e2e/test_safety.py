@@ -1,0 +1,120 @@
+"""Refusals in the live VM: a foreign filesystem, a mounted partition, a disk that is not there,
+a partlabel used elsewhere, drift of @root-blank, a wrong passphrase. Refused runs leave the
+disks' bytes unchanged (checksum of the first MiBs)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.e2e.helpers import assert_no_changes, executed_commands
+from tests.e2e.test_btrfs_profile import (
+    MiB, NVME_SERIAL, PASSPHRASE, assert_installed_layout, deploy_args, nvme_by_id, passphrase_env,  # noqa: F401
+    run_over_ssh,
+)
+
+CHANGING = ("sgdisk", "wipefs", "luksFormat", "mkfs", "btrfs subvolume create")
+
+
+def checksum(livevm, device, mib=8):
+    return livevm.run(f"head -c {mib * MiB} {device} | sha256sum").stdout.split()[0]
+
+
+def assert_refused(result, output, *phrases):
+    assert result.returncode != 0, f"run was not refused:\n{output[-6000:]}"
+    for phrase in phrases:
+        assert phrase in output, f"refusal lacks {phrase!r}:\n{output[-6000:]}"
+    ran = " ".join(executed_commands(output))
+    for word in CHANGING:
+        assert word not in ran, f"{word} ran in a refused run"
+
+
+def test_foreign_filesystem_refused_then_wiped_when_confirmed(clean_disks, livevm, target, passphrase_env, run_pyinfra):
+    nvme = livevm.disk_by_serial(NVME_SERIAL)
+    livevm.run(f"mkfs.ext4 -q -F {nvme} && udevadm settle")
+    before = checksum(livevm, nvme)
+
+    result, output = run_over_ssh(run_pyinfra, deploy_args(livevm), "-vv")
+    assert_refused(result, output, "disks.main.device", "refusing", "whole-disk ext4 filesystem",
+                   "tabula_confirm_wipe")
+    assert checksum(livevm, nvme) == before
+
+    # a confirmation naming another disk does not count
+    other = livevm.run("ls /dev/disk/by-id | grep -E 'TABULA-SSD$' | head -1").stdout.strip()
+    result, output = run_over_ssh(run_pyinfra, deploy_args(livevm, confirm=[f"/dev/disk/by-id/{other}"]), "-vv")
+    assert_refused(result, output, "refusing")
+    assert checksum(livevm, nvme) == before
+
+    # confirmed by serial: wiped and installed, then the next run changes nothing
+    first, output = run_over_ssh(run_pyinfra, deploy_args(livevm, confirm=[NVME_SERIAL]), "-v")
+    assert first.returncode == 0, output[-8000:]
+    assert "Wipe " in output
+    assert livevm.run(f"blkid -p -o value -s TYPE {nvme}", check=False).stdout.strip() != "ext4"
+    assert_installed_layout(livevm, target)
+    second, output = run_over_ssh(run_pyinfra, deploy_args(livevm, confirm=[NVME_SERIAL]), "-vv")
+    assert second.returncode == 0, output[-8000:]
+    assert_no_changes(output)
+
+
+def test_mounted_partition_refused_even_when_confirmed(clean_disks, livevm, passphrase_env, run_pyinfra):
+    nvme = livevm.disk_by_serial(NVME_SERIAL)
+    livevm.run(f"sgdisk -n 1:0:+64M -c 1:data {nvme} && udevadm settle && mkfs.ext4 -q $(lsblk -lnpo NAME {nvme} | sed -n 2p) "
+               f"&& mkdir -p /media/data && mount $(lsblk -lnpo NAME {nvme} | sed -n 2p) /media/data")
+    try:
+        livevm.run("sync && echo 3 > /proc/sys/vm/drop_caches")
+        before = checksum(livevm, nvme)
+        for confirm in (None, [nvme_by_id(livevm)]):
+            result, output = run_over_ssh(run_pyinfra, deploy_args(livevm, confirm=confirm), "-vv")
+            assert_refused(result, output, "disks.main.device", "in use", "mounted at /media/data",
+                           "never touched, confirmed or not")
+        livevm.run("umount /media/data")
+        assert checksum(livevm, nvme) == before
+    finally:
+        livevm.run("umount /media/data 2>/dev/null || true", check=False)
+
+
+def test_absent_disk_named_with_present_ids(clean_disks, livevm, passphrase_env, run_pyinfra):
+    result, output = run_over_ssh(run_pyinfra, ["deploy.py", "--data", "tabula_vars=" + json.dumps(
+        {"disk": "/dev/disk/by-id/nvme-NOT_THERE", "swap_size": "256M"})])
+    assert_refused(result, output, "disks.main.device", "/dev/disk/by-id/nvme-NOT_THERE does not exist",
+                   NVME_SERIAL)
+
+
+def test_partlabel_on_another_disk_refused(clean_disks, livevm, passphrase_env, run_pyinfra):
+    ssd = livevm.disk_by_serial("TABULA-SSD")
+    nvme = livevm.disk_by_serial(NVME_SERIAL)
+    livevm.run(f"sgdisk -n 1:0:+64M -c 1:EFI {ssd} && udevadm settle")
+    before = checksum(livevm, nvme), checksum(livevm, ssd)
+    result, output = run_over_ssh(run_pyinfra, deploy_args(livevm))
+    assert_refused(result, output, "partlabel 'EFI'", f"{ssd}1")
+    assert (checksum(livevm, nvme), checksum(livevm, ssd)) == before
+
+
+def test_drift_and_wrong_passphrase_stop_the_run(clean_disks, livevm, target, passphrase_env, run_pyinfra, monkeypatch):
+    first, output = run_over_ssh(run_pyinfra, deploy_args(livevm))
+    assert first.returncode == 0, output[-8000:]
+
+    # @root-blank made writable: reported, nothing re-created
+    livevm.run("btrfs property set -ts /run/tabula/btrfs/nixos/@root-blank ro false")
+    result, output = run_over_ssh(run_pyinfra, deploy_args(livevm), "-vv")
+    assert result.returncode != 0
+    assert "@root-blank exists but is writable (drift)" in output
+    livevm.run("btrfs property set -ts /run/tabula/btrfs/nixos/@root-blank ro true")
+
+    # closed container + wrong passphrase: a clear stop, the header is kept
+    uuid = livevm.run("cryptsetup luksUUID /dev/disk/by-partlabel/cryptroot").stdout
+    livevm.run("swapoff -a; umount -R /mnt; umount /run/tabula/btrfs/nixos; cryptsetup close cryptroot")
+    monkeypatch.setenv("TABULA_LUKS_PASSPHRASE", "not the passphrase")
+    result, output = run_over_ssh(run_pyinfra, deploy_args(livevm), "-vv")
+    assert result.returncode != 0
+    assert "the LUKS passphrase does not open /dev/disk/by-partlabel/cryptroot" in output
+    assert "luksFormat" not in " ".join(executed_commands(output))
+    assert livevm.run("cryptsetup luksUUID /dev/disk/by-partlabel/cryptroot").stdout == uuid
+    assert "not the passphrase" not in output
+
+    # the right passphrase reopens and remounts everything, nothing re-created
+    monkeypatch.setenv("TABULA_LUKS_PASSPHRASE", PASSPHRASE)
+    result, output = run_over_ssh(run_pyinfra, deploy_args(livevm))
+    assert result.returncode == 0, output[-8000:]
+    assert livevm.run("cryptsetup luksUUID /dev/disk/by-partlabel/cryptroot").stdout == uuid
+    assert_installed_layout(livevm, target)
