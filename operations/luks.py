@@ -260,6 +260,11 @@ def mapping(device: str, luks: Luks):
 
 
 def apply(profile: Profile) -> None:
+    if profile.luks_devices():
+        # Read (and check) the passphrase now, while the deploy is prepared: operation bodies run
+        # only at execution, so a missing or unreadable passphrase found there would stop the run
+        # after the partition tables were already written.
+        passphrase()
     for part, luks in profile.luks_devices():
         container(device=part.device, luks=luks, name=f"LUKS {luks.luks_type} container on {part.label}")
         mapping(device=part.device, luks=luks, name=f"Open {part.label} as /dev/mapper/{luks.mapper}")

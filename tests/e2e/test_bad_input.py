@@ -67,7 +67,9 @@ def subvolumes(data: dict) -> list[dict]:
 
 
 def root_disk_by_path(livevm) -> str:
-    disk = livevm.run("echo /dev/$(lsblk -ndo PKNAME $(findmnt -no SOURCE /))").stdout.strip()
+    # the live image is a file system on the whole disk (no partition) or on a partition of it
+    disk = livevm.run("s=$(findmnt -no SOURCE /); p=$(lsblk -ndo PKNAME $s); "
+                      "if [ -n \"$p\" ]; then echo /dev/$p; else readlink -f $s; fi").stdout.strip()
     out = livevm.run(f"for l in /dev/disk/by-path/* /dev/disk/by-id/*; do [ \"$(readlink -f $l)\" = {disk} ] "
                      "&& echo $l; done; true").stdout.split()
     assert out, f"the live system's disk {disk} has no stable path"
