@@ -32,9 +32,9 @@ def nvme_by_id(livevm) -> str:
     return f"/dev/disk/by-id/{links[0]}"
 
 
-def deploy_args(livevm, install=True) -> list[str]:
+def deploy_args(livevm, install=True, **extra_vars) -> list[str]:
     data = {"disk": nvme_by_id(livevm), "hostname": HOST, "swap_size": "256M",
-            "luks_pbkdf": "pbkdf2", "luks_pbkdf_iterations": 1000}
+            "luks_pbkdf": "pbkdf2", "luks_pbkdf_iterations": 1000, **extra_vars}
     return ["deploy.py", "--data", "tabula_profile=zephyrus-btrfs", "--data", f"tabula_vars={json.dumps(data)}",
             "--data", f"tabula_install={json.dumps(install)}"]
 
@@ -145,11 +145,19 @@ def test_full_deploy_installs_once_and_converges(clean_disks, livevm, target, se
     assert guest(livevm, f"cat {STANDIN_LOG}/nixos-generate-config.log").count("\n") == 1
     assert seeded_state(livevm) == before
 
-    # --- a changed configuration is installed again; keys, hashes and machine-id stay
+    # --- a local edit is put back (the profile is the source): nothing to install again
     livevm.run("echo '# local edit' >> /mnt/etc/nixos/configuration.nix")
     third, output = run(run_pyinfra, deploy_args(livevm), "-vv")
     assert third.returncode == 0, output[-8000:]
+    assert guest(livevm, f"cat {STANDIN_LOG}/nixos-install.log").count("\n") == 1
+    assert seeded_state(livevm) == before
+
+    # --- a changed profile value is installed again; keys, hashes and machine-id stay
+    fourth, output = run(run_pyinfra, deploy_args(livevm, timezone="Europe/Berlin"), "-vv")
+    assert fourth.returncode == 0, output[-8000:]
+    assert 'time.timeZone = "Europe/Berlin";' in target.file("/mnt/etc/nixos/configuration.nix").content_string
     assert guest(livevm, f"cat {STANDIN_LOG}/nixos-install.log").count("\n") == 2
     after = seeded_state(livevm)
-    assert {k: after[k] for k in ("keys", "machine_id", "secrets")} == {k: before[k] for k in ("keys", "machine_id", "secrets")}
-    assert after["config"] == before["config"]  # the rendered file was put back
+    for key in ("keys", "machine_id", "secrets"):
+        assert after[key] == before[key], key
+    assert guest(livevm, "cd /mnt/etc/nixos && sha256sum *") == guest(livevm, "cd /mnt/persist/etc/nixos && sha256sum *")
