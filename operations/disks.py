@@ -375,7 +375,8 @@ def _check_partlabel_clash(profile: Profile, checks: list[DiskCheck], devices: l
     labels = {part.label for _, _, part in profile.partitions()}
     ours = {d["name"] for check in checks for d in check.tree}
     for dev in devices:
-        if dev["partlabel"] in labels and dev["name"] not in ours:
+        # the host hash is in every label of the profile: a foreign partition carrying it clashes too
+        if (dev["partlabel"] in labels or profile.hash in (dev["partlabel"] or "")) and dev["name"] not in ours:
             raise TabulaError(f"partlabel {dev['partlabel']!r} of the profile is already used by {dev['name']} on "
                               f"{host.name}, which is not one of the profile's disks: /dev/disk/by-partlabel would be "
                               "ambiguous. Rename that partition or pick other labels.")
@@ -383,7 +384,7 @@ def _check_partlabel_clash(profile: Profile, checks: list[DiskCheck], devices: l
         local = subprocess.run(["lsblk", "-J", "-p", "-o", "NAME,TYPE,PARTLABEL"], capture_output=True, text=True)
         if local.returncode == 0:
             for dev in parse_lsblk(local.stdout):
-                if dev["partlabel"] in labels:
+                if dev["partlabel"] in labels or profile.hash in (dev["partlabel"] or ""):
                     raise TabulaError(f"partlabel {dev['partlabel']!r} of the profile is used by {dev['name']} on this "
                                       "controller: a disk moved between them would make by-partlabel ambiguous. "
                                       "Rename that partition or pick other labels.")
