@@ -145,7 +145,8 @@ class WholeDiskSignature(FactBase):
 
     def command(self, device: str) -> str:
         quoted = shlex.quote(device)
-        return f"if [ -b {quoted} ]; then blkid -p -o export {quoted} 2>/dev/null || true; fi"
+        # settle first: udev may be re-reading a partition table (its links briefly gone)
+        return f"udevadm settle 2>/dev/null; if [ -b {quoted} ]; then blkid -p -o export {quoted} 2>/dev/null || true; fi"
 
     def process(self, output):
         return parse_blkid_export(output)

@@ -6,6 +6,8 @@ re-formatted; one holding something else is drift and stops the run.
 
 from __future__ import annotations
 
+import shlex
+
 from pyinfra import host
 from pyinfra.api import QuoteString, StringCommand, operation
 
@@ -30,7 +32,12 @@ def mkfs_command(device: str, fs: Filesystem) -> StringCommand:
     if fs.format == "ext4":
         args.append("-q")
     args.append(QuoteString(device))
-    return StringCommand(*args)
+    # Checked again in the same command: never format over a signature the facts missed.
+    quoted = shlex.quote(device)
+    guard = (f"udevadm settle; [ -b {quoted} ] && [ -z \"$(blkid -p -o value -s TYPE {quoted})\" ] || "
+             f"{{ echo 'tabula: {device} is missing or already carries a signature: not formatting it' >&2; exit 1; }}; ")
+    return StringCommand("sh", "-c", QuoteString(guard + " ".join(str(a) if not isinstance(a, QuoteString)
+                                                                  else shlex.quote(a.obj) for a in args)))
 
 
 def _existing(device: str) -> dict:

@@ -39,7 +39,7 @@ class LuksHeader(FactBase):
 
     def command(self, device: str) -> str:
         quoted = shlex.quote(device)
-        return f"if [ -b {quoted} ]; then cryptsetup luksDump {quoted} 2>/dev/null || true; fi"
+        return f"udevadm settle 2>/dev/null; if [ -b {quoted} ]; then cryptsetup luksDump {quoted} 2>/dev/null || true; fi"
 
     def requires_command(self, device: str) -> str:
         return "cryptsetup"
@@ -170,8 +170,15 @@ def format_command(device: str, luks: Luks, secret: Secret) -> StringCommand:
         args += ["--pbkdf-force-iterations", str(luks.pbkdf_iterations)]
     if luks.pbkdf_memory:
         args += ["--pbkdf-memory", str(luks.pbkdf_memory)]
-    args.append(QuoteString(device))
-    return StringCommand(*args, _stdin=secret.reveal())
+    args.append(shlex.quote(device))
+    # Checked again in the same command: udev may have hidden the device while the facts ran
+    # (a partition-table re-read after a close), and a header must never be formatted over.
+    quoted = shlex.quote(device)
+    script = (f"udevadm settle; [ -b {quoted} ] || {{ echo 'tabula: {device} is missing' >&2; exit 1; }}; "
+              f"if cryptsetup isLuks {quoted} || [ -n \"$(blkid -p -o value -s TYPE {quoted})\" ]; then "
+              f"echo 'tabula: {device} already carries a signature: not formatting it' >&2; exit 1; fi; "
+              + " ".join(str(a) for a in args))
+    return StringCommand("sh", "-c", QuoteString(script), _stdin=secret.reveal())
 
 
 def open_options(luks: Luks) -> list[str]:

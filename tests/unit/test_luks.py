@@ -51,8 +51,10 @@ def test_parse_status():
 
 def test_format_blank_device(monkeypatch, profile_luks):
     commands, stdins, _ = run_op(monkeypatch, luks, luks.container, {}, device=DEVICE, luks=profile_luks)
-    assert commands == ["cryptsetup luksFormat --batch-mode --type luks2 --pbkdf pbkdf2 "
-                        f"--pbkdf-force-iterations 1000 {DEVICE}"]
+    assert len(commands) == 1 and commands[0].startswith("sh -c 'udevadm settle; ")
+    assert commands[0].endswith("; cryptsetup luksFormat --batch-mode --type luks2 --pbkdf pbkdf2 "
+                                f"--pbkdf-force-iterations 1000 {DEVICE}'")
+    assert f"cryptsetup isLuks {DEVICE}" in commands[0] and "not formatting it" in commands[0]
     assert stdins == [SECRET]
     assert SECRET not in " ".join(commands)
 
