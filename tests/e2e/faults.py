@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.e2e.helpers import executed_commands
+from tests.e2e.helpers import operation_commands
 from tools.livevm import PROJECT_DIR
 
 PYINFRA = Path(sys.executable).parent / "pyinfra"
@@ -145,7 +145,7 @@ def run_with_fault(livevm, args: list[str], fault: Fault | None, env: dict | Non
     output = "".join(lines)
     return FaultRun(output=output, returncode=proc.returncode, fired=bool(fired_at),
                     fired_at=" | ".join(fired_at), seconds=time.monotonic() - started,
-                    commands=executed_commands(strip_ansi(output)))
+                    commands=operation_commands(strip_ansi(output)))
 
 
 def created(commands: list[str]) -> list[str]:
@@ -167,8 +167,8 @@ def created(commands: list[str]) -> list[str]:
                     items += [f"partition {words[-1]}#{n}" for n in re.findall(r"-n (\d+):", text)]
                 elif kind == "pool":
                     items.append("pool " + next((w for w in words[2:] if not w.startswith("-") and "=" not in w), "?"))
-                else:
-                    items.append(f"{kind} {words[-1]}")
+                elif words[-1].startswith("/") or kind in ("dataset", "snapshot"):
+                    items.append(f"{kind} {words[-1]}")   # (a program name inside a script is not a run of it)
                 break
     return items
 
