@@ -138,6 +138,9 @@ def assert_installed_layout(livevm, target):
     blank_parent = livevm.run(f"btrfs subvolume show {top}/@root-blank | awk '$1 == \"Parent\" && $2 == \"UUID:\" {{print $3}}'").stdout.strip()
     assert blank_parent == root_uuid
 
+    # After a close and re-open, btrfs may report the mapper by its kernel name (/dev/dm-0):
+    # the same device, so compare canonical paths.
+    mapper_node = livevm.run("readlink -f /dev/mapper/cryptroot").stdout.strip()
     mounts = {}
     for line in livevm.run("cat /proc/mounts").stdout.splitlines():
         device, mountpoint, fstype, options = line.split()[:4]
@@ -149,7 +152,7 @@ def assert_installed_layout(livevm, target):
         missing = [o for o in options if o not in have]
         assert not missing, (mountpoint, have, missing)
         if fstype == "btrfs":
-            assert device == "/dev/mapper/cryptroot"
+            assert device == "/dev/mapper/cryptroot" or device == mapper_node, (mountpoint, device)
 
     swapfile = target.file("/mnt/swap/swapfile")
     assert swapfile.is_file and swapfile.size == 256 * MiB and swapfile.mode == 0o600
