@@ -96,10 +96,20 @@ def ssh_host_key(directory: str, key_type: str, bits: int | None = None, comment
     if host.get_fact(PathExists, path=key):
         host.noop(f"{key} already exists (kept as it is)")
         return
-    bits_args = ["-b", str(bits)] if bits else []
-    yield StringCommand("install", "-d", "-m", "0755", QuoteString(directory))
-    yield StringCommand("ssh-keygen", "-q", "-t", key_type, *bits_args, "-N", "''", "-C", QuoteString(comment),
-                        "-f", QuoteString(key))
+    yield StringCommand("sh", "-c", QuoteString(KEYGEN_SCRIPT), "keygen", QuoteString(directory), QuoteString(key),
+                        key_type, str(bits or ""), QuoteString(comment))
+
+
+# The key is generated in a private folder beside it and moved into place last, private key
+# last: an interrupted run (a cut SSH link leaves ssh-keygen running) never leaves a half-written
+# key under the real name, and a key that appeared meanwhile is kept, never overwritten.
+KEYGEN_SCRIPT = (
+    'set -e; install -d -m 0755 "$1"; rm -rf "$1"/.keygen.*; '
+    'tmp=$(mktemp -d "$1/.keygen.XXXXXX"); '
+    'ssh-keygen -q -t "$3" ${4:+-b "$4"} -N "" -C "$5" -f "$tmp/key"; '
+    'if [ ! -e "$2" ]; then mv "$tmp/key.pub" "$2.pub"; mv "$tmp/key" "$2"; fi; '
+    'rm -rf "$tmp"'
+)
 
 
 @operation()
