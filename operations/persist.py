@@ -97,7 +97,7 @@ def ssh_host_key(directory: str, key_type: str, bits: int | None = None, comment
         host.noop(f"{key} already exists (kept as it is)")
         return
     yield StringCommand("sh", "-c", QuoteString(KEYGEN_SCRIPT), "keygen", QuoteString(directory), QuoteString(key),
-                        key_type, str(bits or ""), QuoteString(comment))
+                        QuoteString(key_type), QuoteString(str(bits or "")), QuoteString(comment))
 
 
 # The key is generated in a private folder beside it and moved into place last, private key

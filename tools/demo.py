@@ -79,7 +79,7 @@ def main() -> int:
 
     profile_name = default_profile_name()
     variables = {
-        "disk": vm.disk_by_serial("TABULA-NVME0"),
+        "disk": vm.stable_path("TABULA-NVME0"),
         "swap_size": "1G",                               # the VM's disk is 16 GiB
         "luks_pbkdf": "pbkdf2", "luks_pbkdf_iterations": 1000,  # fast key derivation for the VM only
     }

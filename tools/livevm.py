@@ -486,6 +486,14 @@ class LiveVM:
             raise RuntimeError(f"disk with serial {serial}: found {paths or 'none'} in the guest")
         return paths[0]
 
+    def stable_path(self, serial: str) -> str:
+        """The /dev/disk/by-id path of the disk with this serial, as a profile names a disk."""
+        script = f"ls /dev/disk/by-id | grep -E '^(nvme|virtio)-(.*_)?{serial}$' | head -1"
+        link = self.run(script).stdout.strip()
+        if not link:
+            raise RuntimeError(f"disk with serial {serial}: no /dev/disk/by-id link in the guest")
+        return f"/dev/disk/by-id/{link}"
+
     def reset_disks(self) -> None:
         """Wipe the five target disks back to blank; the live image disk is never touched."""
         script = (GUEST_DIR / "reset-disks.sh").read_text()

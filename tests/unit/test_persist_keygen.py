@@ -29,3 +29,18 @@ def test_existing_key_is_kept_and_stale_temp_folders_cleared(tmp_path):
     assert keygen(directory, key, "rsa", "1024").returncode == 0
     assert key.read_bytes() == before
     assert not list(directory.glob(".keygen.*"))
+
+
+def test_operation_command_runs_for_both_key_types(monkeypatch, tmp_path):
+    """The op's own command line, run by a real shell: an empty bits argument must stay in place."""
+    from operations import persist
+    from tests.unit.pyinfra_fake import run_op
+
+    directory = tmp_path / "persist" / "etc" / "ssh"
+    for key_type, bits in (("ed25519", None), ("rsa", 1024)):
+        commands, _, _ = run_op(monkeypatch, persist, persist.ssh_host_key, {persist.PathExists: False},
+                                directory=str(directory), key_type=key_type, bits=bits, comment="root@test")
+        (command,) = commands
+        result = subprocess.run(command, shell=True, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert (directory / f"ssh_host_{key_type}_key.pub").read_text().startswith(f"ssh-{key_type} ")
