@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from operations.profile import load_profile  # noqa: E402
+from tests.e2e.helpers import grand_total  # noqa: E402
 from tests.verify.checks import verify_target  # noqa: E402
 from tools.livevm import LiveVM  # noqa: E402
 
@@ -99,11 +100,16 @@ def main() -> int:
         return first.returncode
 
     step("second run: must converge with no changes")
-    second = subprocess.run(pyinfra, cwd=REPO, env=env, capture_output=True, text=True)
-    print(second.stdout[-3000:])
+    second = subprocess.run(pyinfra, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    summary = second.stdout[second.stdout.rfind("--> Results:"):] if "--> Results:" in second.stdout else second.stdout[-3000:]
+    print(summary)
     if second.returncode != 0:
-        print(second.stderr, file=sys.stderr)
         return second.returncode
+    _, changed, errors, _ = grand_total(second.stdout)
+    if changed not in ("-", "0") or errors not in ("-", "0"):
+        print(f"the second run changed {changed} operation(s): it did not converge", file=sys.stderr)
+        return 1
+    print("second run: no changes")
 
     step("verify the target against the profile")
     failures = verify_target(vm.testinfra_host(), profile)
