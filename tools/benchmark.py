@@ -38,8 +38,7 @@ EXECUTED = re.compile(r"\] >>> ")
 
 
 def nvme_by_id(vm: LiveVM) -> str:
-    links = vm.run("ls /dev/disk/by-id | grep -E '^nvme-.*TABULA-NVME0$'").stdout.split()
-    return f"/dev/disk/by-id/{links[0]}"
+    return vm.stable_path("TABULA-NVME0")
 
 
 def timed_pyinfra(vm: LiveVM, args: list[str], env: dict) -> dict:

@@ -488,11 +488,10 @@ class LiveVM:
 
     def stable_path(self, serial: str) -> str:
         """The /dev/disk/by-id path of the disk with this serial, as a profile names a disk."""
-        script = f"ls /dev/disk/by-id | grep -E '^(nvme|virtio)-(.*_)?{serial}$' | head -1"
-        link = self.run(script).stdout.strip()
-        if not link:
-            raise RuntimeError(f"disk with serial {serial}: no /dev/disk/by-id link in the guest")
-        return f"/dev/disk/by-id/{link}"
+        links = self.run(f"ls /dev/disk/by-id | grep -E '^(nvme|virtio)-(.*[-_])?{serial}$'").stdout.split()
+        if len(links) != 1:
+            raise RuntimeError(f"disk with serial {serial}: by-id links {links or 'none'} in the guest, want one")
+        return f"/dev/disk/by-id/{links[0]}"
 
     def reset_disks(self) -> None:
         """Wipe the five target disks back to blank; the live image disk is never touched."""

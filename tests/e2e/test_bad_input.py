@@ -31,9 +31,7 @@ ZFS_KEY = "tabula bad-input zfs key 77b1"
 
 
 def by_id(livevm, serial: str) -> str:
-    links = livevm.run(f"ls /dev/disk/by-id | grep -E '[-_]{serial}$' | grep -v -- -part").stdout.split()
-    assert len(links) == 1, f"{serial}: {links}"
-    return f"/dev/disk/by-id/{links[0]}"
+    return livevm.stable_path(serial)
 
 
 def by_path(livevm, serial: str) -> str:

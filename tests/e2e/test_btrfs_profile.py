@@ -35,9 +35,7 @@ MOUNTS = {   # /proc/mounts target -> (fstype, options that must be there)
 
 
 def nvme_by_id(livevm) -> str:
-    links = livevm.run(f"ls /dev/disk/by-id | grep -E '^nvme-.*{NVME_SERIAL}$'").stdout.split()
-    assert len(links) == 1, links
-    return f"/dev/disk/by-id/{links[0]}"
+    return livevm.stable_path(NVME_SERIAL)
 
 
 def deploy_args(livevm, extra_vars=None, confirm=None) -> list[str]:

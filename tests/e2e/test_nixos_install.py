@@ -27,9 +27,7 @@ STANDIN_LOG = "/var/log/tabula-standins"
 
 
 def nvme_by_id(livevm) -> str:
-    links = livevm.run("ls /dev/disk/by-id | grep -E '^nvme-.*TABULA-NVME0$'").stdout.split()
-    assert len(links) == 1, links
-    return f"/dev/disk/by-id/{links[0]}"
+    return livevm.stable_path("TABULA-NVME0")
 
 
 def deploy_args(livevm, install=True, **extra_vars) -> list[str]:
