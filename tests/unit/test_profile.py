@@ -7,15 +7,8 @@ import pytest
 from operations.profile import ProfileError, host_hash, load_profile, parse_size
 from operations.secrets import SecretError, read_secret
 from operations.settings import load_settings
+from tests.unit.vm_vars import LIGHT_VARS, NVME, ZFS_VARS
 
-NVME = "/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_TABULA-NVME0"
-ZFS_VARS = {
-    "hostname": "tabula-zfs",
-    "ssd": "/dev/disk/by-id/virtio-TABULA-SSD",
-    "rz1": "/dev/disk/by-id/virtio-TABULA-RZ1",
-    "rz2": "/dev/disk/by-id/virtio-TABULA-RZ2",
-    "rz3": "/dev/disk/by-id/virtio-TABULA-RZ3",
-}
 
 
 def test_sizes_are_binary_units():
@@ -80,7 +73,7 @@ def test_zfs_profile_labels_carry_the_host_hash():
 
 
 def test_light_profile_has_tmpfs_root_and_binds():
-    profile = load_profile("light-tmpfs-f2fs", {"hostname": "tabula-light", "disk": "/dev/disk/by-id/virtio-TABULA-SSD"})
+    profile = load_profile("light-tmpfs-f2fs", LIGHT_VARS)
     mounts = {m.mountpoint: m for m in profile.all_mounts()}
     assert mounts["/"].fstype == "tmpfs"
     assert mounts["/nix"].options[0] == "bind" and mounts["/nix"].device == "/.local/nix"

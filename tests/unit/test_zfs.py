@@ -6,16 +6,9 @@ import pytest
 from operations import zfs
 from operations.nixpatch import parse
 from operations.profile import host_hash, load_profile
+from tests.unit.vm_vars import LIGHT_VARS, ZFS_VARS
 
 HASH = host_hash("tabula-zfs")
-ZFS_VARS = {
-    "hostname": "tabula-zfs",
-    "ssd": "/dev/disk/by-id/virtio-TABULA-SSD",
-    "rz1": "/dev/disk/by-id/virtio-TABULA-RZ1",
-    "rz2": "/dev/disk/by-id/virtio-TABULA-RZ2",
-    "rz3": "/dev/disk/by-id/virtio-TABULA-RZ3",
-}
-LIGHT_VARS = {"hostname": "tabula-light", "disk": "/dev/disk/by-id/virtio-TABULA-SSD"}
 
 # Captured in the live VM: `zpool status -PL` of the zfs-raidz1 profile's pool right after creation.
 RAIDZ1_STATUS = f"""\
