@@ -16,12 +16,13 @@ import re
 import shlex
 
 from pyinfra import host
-from pyinfra.api import FactBase, QuoteString, StringCommand, operation
+from pyinfra.api import FactBase, QuoteString, StringCommand
+from operations.roundtrips import one_command, operation, read
 
 from operations.disks import PRIVATE_MOUNT_ROOT, install_path
 from operations.errors import TabulaError
 from operations.luks import CanonicalPath
-from operations.mounts import Mounts, option_problems
+from operations.mounts import Mounts
 from operations.profile import Filesystem, Profile, Subvolume, Swapfile
 
 
@@ -149,18 +150,18 @@ def top_level(device: str, path: str, options: tuple[str, ...] = ()):
 
         btrfs.top_level(device="/dev/mapper/cryptroot", path="/run/tabula/btrfs/nixos")
     """
-    current = host.get_fact(Mounts).get(path)
+    current = read(Mounts).get(path)
     if current:
-        want = host.get_fact(CanonicalPath, path=device)
-        have = host.get_fact(CanonicalPath, path=current["device"])
+        want = read(CanonicalPath, path=device)
+        have = read(CanonicalPath, path=current["device"])
         if current["fstype"] != "btrfs" or want != have or "subvolid=5" not in current["options"]:
             raise TabulaError(f"{path} is mounted from {current['device']} ({current['fstype']}, "
                               f"{','.join(current['options'])}), not the top level of {device}: unmount it")
         host.noop(f"the top level of {device} is already mounted at {path}")
         return
-    yield StringCommand("mkdir", "-p", QuoteString(path))
-    yield StringCommand("mount", "-t", "btrfs", "-o", QuoteString(",".join(["subvolid=5", *options])),
-                        QuoteString(device), QuoteString(path))
+    yield one_command(StringCommand("mkdir", "-p", QuoteString(path)),
+                      StringCommand("mount", "-t", "btrfs", "-o", QuoteString(",".join(["subvolid=5", *options])),
+                                    QuoteString(device), QuoteString(path)))
 
 
 @operation()
@@ -178,8 +179,8 @@ def subvolumes(top: str, wanted: list[Subvolume]):
 
         btrfs.subvolumes(top="/run/tabula/btrfs/nixos", wanted=[Subvolume(path="@root", blank_snapshot="@root-blank")])
     """
-    existing = host.get_fact(BtrfsSubvolumes, path=top)
-    changed = False
+    existing = read(BtrfsSubvolumes, path=top)
+    commands = []
     for sub in wanted:
         target = f"{top}/{sub.path}"
         blank = existing.get(sub.blank_snapshot) if sub.blank_snapshot else None
@@ -187,24 +188,25 @@ def subvolumes(top: str, wanted: list[Subvolume]):
             if blank is not None:
                 # what the boot-time rollback does: the subvolume again as a copy of its blank state
                 _check_blank(sub, blank)
-                yield StringCommand("btrfs", "subvolume", "snapshot", QuoteString(f"{top}/{sub.blank_snapshot}"),
-                                    QuoteString(target))
+                commands.append(StringCommand("btrfs", "subvolume", "snapshot",
+                                              QuoteString(f"{top}/{sub.blank_snapshot}"), QuoteString(target)))
             else:
-                yield StringCommand("btrfs", "subvolume", "create", QuoteString(target))
+                commands.append(StringCommand("btrfs", "subvolume", "create", QuoteString(target)))
                 if sub.blank_snapshot:
-                    yield _snapshot_command(top, sub)
-            changed = True
+                    commands.append(_snapshot_command(top, sub))
             continue
         if sub.blank_snapshot:
             if blank is None:
                 if not existing[sub.path]["empty"]:
                     raise TabulaError(f"{sub.path} exists with content but {sub.blank_snapshot} is missing (drift): "
                                       "a snapshot now would not be blank; restore or remove it by hand")
-                yield _snapshot_command(top, sub)
-                changed = True
+                commands.append(_snapshot_command(top, sub))
             else:
                 _check_blank(sub, blank)
-    if not changed:
+    if commands:
+        # One round trip, in order: a blank snapshot right after its subvolume is created.
+        yield one_command(*commands)
+    else:
         names = ", ".join(s.path for s in wanted)
         blanks = "; ".join(f"{s.blank_snapshot} is read-only and empty" for s in wanted if s.blank_snapshot)
         host.noop(f"{top} already has the subvolumes {names}" + (f"; {blanks}" if blanks else ""))
@@ -251,10 +253,10 @@ def swapfile(path: str, swapfile: Swapfile):
 
         btrfs.swapfile(path="/mnt/swap/swapfile", swapfile=Swapfile(size="32GiB"))
     """
-    state = host.get_fact(SwapfileState, path=path)
+    state = read(SwapfileState, path=path)
     want = swapfile.size_bytes
     if state is None:
-        yield from swapfile_commands(path, swapfile)
+        yield one_command(*swapfile_commands(path, swapfile))
         return
     problems = []
     if state["type"] != "regular file":
@@ -271,8 +273,7 @@ def swapfile(path: str, swapfile: Swapfile):
     if state["active"] or state["type"] != "regular file":
         raise TabulaError(f"{path} is not the wanted swapfile (drift): {'; '.join(problems)}; "
                           + ("it is active swap: swapoff it first" if state["active"] else "remove it by hand"))
-    yield StringCommand("rm", "-f", QuoteString(path))
-    yield from swapfile_commands(path, swapfile)
+    yield one_command(StringCommand("rm", "-f", QuoteString(path)), *swapfile_commands(path, swapfile))
 
 
 # --- stages -----------------------------------------------------------------------------------

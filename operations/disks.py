@@ -21,7 +21,8 @@ import subprocess
 from dataclasses import dataclass, field
 
 from pyinfra import host
-from pyinfra.api import FactBase, QuoteString, StringCommand, operation
+from pyinfra.api import FactBase, QuoteString, StringCommand
+from operations.roundtrips import operation, read, read_many
 
 from operations.errors import TabulaError
 from operations.profile import Disk, Filesystem, Luks, Profile, Swap, ZfsMember
@@ -318,10 +319,18 @@ def guard(profile: Profile, settings) -> list[DiskCheck]:
     from operations import gpt
 
     _PLANNED_WIPES.clear()
-    devices = host.get_fact(BlockDevices)
+    # Everything the checks read about the disks, in one round trip (the partition tables are
+    # kept for the partitioning stage, which reads them next).
+    disks = list(profile.disks.values())
+    devices, swaps, pool_vdevs, *per_disk = read_many(
+        [(BlockDevices, {}), (ActiveSwaps, {}), (ImportedPoolVdevs, {})]
+        + [(StablePath, {"path": disk.device}) for disk in disks]
+        + [(gpt.PartitionTable, {"disk": disk.device}) for disk in disks]
+        + [(WholeDiskSignature, {"device": disk.device}) for disk in disks])
+    stable_paths = dict(zip(profile.disks, per_disk[:len(disks)]))
     checks: list[DiskCheck] = []
     for key, disk in profile.disks.items():
-        found = host.get_fact(StablePath, path=disk.device)
+        found = stable_paths[key]
         if not found["device"]:
             present = "\n    ".join(f"/dev/disk/by-id/{p}" for p in found["by_id"]) or "(none)"
             raise TabulaError(f"{_field(key)}: {disk.device} does not exist on {host.name} "
@@ -345,15 +354,15 @@ def guard(profile: Profile, settings) -> list[DiskCheck]:
 
     _check_partlabel_clash(profile, checks, devices)
 
-    swaps = host.get_fact(ActiveSwaps)
-    pool_vdevs = host.get_fact(ImportedPoolVdevs)
+    # The partitions' signatures (known once lsblk has named them), in one more round trip.
+    read_many([(WholeDiskSignature, {"device": d["name"]}) for check in checks for d in check.tree if d["type"] == "part"])
     for check in checks:
         problems = usage_problems(profile, check, swaps, pool_vdevs)
         if problems:
             raise TabulaError(f"{_field(check.key)}: refusing {check.disk.device} ({check.device}): it is in use, "
                               "and a disk in use is never touched, confirmed or not:\n    " + "\n    ".join(problems))
-        table = host.get_fact(gpt.PartitionTable, disk=check.disk.device)
-        signatures = {d["name"]: host.get_fact(WholeDiskSignature, device=d["name"])
+        table = read(gpt.PartitionTable, disk=check.disk.device)
+        signatures = {d["name"]: read(WholeDiskSignature, device=check.disk.device if d["type"] == "disk" else d["name"])
                       for d in check.tree if d["type"] in ("disk", "part")}
         check.foreign = content_problems(check, table, signatures)
         if not check.foreign:

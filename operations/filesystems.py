@@ -9,11 +9,12 @@ from __future__ import annotations
 import shlex
 
 from pyinfra import host
-from pyinfra.api import QuoteString, StringCommand, operation
+from pyinfra.api import QuoteString, StringCommand
 
 from operations.disks import WholeDiskSignature, before_wipe
 from operations.errors import TabulaError
 from operations.profile import Filesystem, Profile, Swap
+from operations.roundtrips import one_command, operation, read_many
 
 # mkfs program and its "label" flag, by format.
 MKFS = {
@@ -40,68 +41,67 @@ def mkfs_command(device: str, fs: Filesystem) -> StringCommand:
                                                                   else shlex.quote(a.obj) for a in args)))
 
 
-def _existing(device: str) -> dict:
-    return {} if before_wipe() else host.get_fact(WholeDiskSignature, device=device)
-
-
-@operation()
-def filesystem(device: str, fs: Filesystem):
-    """
-    Make a filesystem on a device that has no signature yet.
-
-    + device: the block device (/dev/disk/by-partlabel/... or /dev/mapper/...)
-    + fs: the profile's Filesystem node (format, label, mkfs options)
-
-    **Example:**
-
-    .. code:: python
-
-        filesystems.filesystem(device="/dev/mapper/cryptroot", fs=Filesystem(format="btrfs", fs_label="nixos"))
-    """
-    found = _existing(device)
+def filesystem_check(device: str, fs: Filesystem, found: dict) -> tuple[StringCommand | None, str]:
+    """(mkfs command, "") where the device is blank, (None, what is there) where the wanted
+    filesystem is already there; TabulaError on anything else (drift, never re-formatted)."""
     kind = found.get("TYPE")
     if kind == fs.format:
         if fs.fs_label and found.get("LABEL") != fs.fs_label:
             raise TabulaError(f"{device} holds {kind} labelled {found.get('LABEL')!r}, the profile wants "
                               f"{fs.fs_label!r} (drift): relabel it or fix the profile")
         label = f" labelled {found['LABEL']!r}" if found.get("LABEL") else ""
-        host.noop(f"{device} already holds {kind}{label} (UUID {found.get('UUID')})")
-        return
+        return None, f"{device} already holds {kind}{label} (UUID {found.get('UUID')})"
     if kind or found.get("PTTYPE"):
         raise TabulaError(f"refusing to make {fs.format} on {device}: it holds {kind or found['PTTYPE'] + ' partition table'}"
                           " (drift: never re-formatted)")
-    yield mkfs_command(device, fs)
+    return mkfs_command(device, fs), ""
+
+
+def swap_check(device: str, swap: Swap, found: dict) -> tuple[StringCommand | None, str]:
+    """As ``filesystem_check`` for a swap partition (random-key swap needs no signature: NixOS
+    re-encrypts it with a new key at every boot)."""
+    if swap.random_encryption:
+        return None, f"{device} is swap with a random key at every boot: nothing to format"
+    if found.get("TYPE") == "swap":
+        return None, f"{device} already holds a swap signature (UUID {found.get('UUID')})"
+    if found.get("TYPE") or found.get("PTTYPE"):
+        raise TabulaError(f"refusing to mkswap {device}: it holds {found.get('TYPE') or found.get('PTTYPE')}")
+    return StringCommand("mkswap", QuoteString(device)), ""
 
 
 @operation()
-def swap_partition(device: str, swap: Swap):
+def formatted(filesystems: list[tuple[str, Filesystem]], swaps: list[tuple[str, Swap]]):
     """
-    Write a swap signature on a swap partition (random-key swap needs none: NixOS re-encrypts it
-    with a new key at every boot).
+    Make the filesystems and swap signatures on the devices that have no signature yet, all in
+    one round trip (signatures read in one too). A device that already holds the wanted
+    filesystem is reused; one holding anything else stops the run before any mkfs.
 
-    + device: the swap partition (/dev/disk/by-partlabel/...)
-    + swap: the profile's Swap node
+    + filesystems: ``(device, Filesystem)`` pairs (format, label, mkfs options)
+    + swaps: ``(device, Swap)`` pairs
 
     **Example:**
 
     .. code:: python
 
-        filesystems.swap_partition(device="/dev/disk/by-partlabel/swap", swap=Swap())
+        filesystems.formatted(filesystems=[("/dev/mapper/cryptroot", Filesystem(format="btrfs", fs_label="nixos"))],
+                              swaps=[])
     """
-    if swap.random_encryption:
-        host.noop(f"{device} is swap with a random key at every boot: nothing to format")
-        return
-    found = _existing(device)
-    if found.get("TYPE") == "swap":
-        host.noop(f"{device} already holds a swap signature (UUID {found.get('UUID')})")
-        return
-    if found.get("TYPE") or found.get("PTTYPE"):
-        raise TabulaError(f"refusing to mkswap {device}: it holds {found.get('TYPE') or found.get('PTTYPE')}")
-    yield StringCommand("mkswap", QuoteString(device))
+    devices = [device for device, _ in filesystems] + [device for device, _ in swaps]
+    if before_wipe():
+        found = {device: {} for device in devices}
+    else:
+        found = dict(zip(devices, read_many([(WholeDiskSignature, {"device": device}) for device in devices])))
+    checks = [filesystem_check(device, fs, found[device]) for device, fs in filesystems]
+    checks += [swap_check(device, swap, found[device]) for device, swap in swaps]
+    commands = [command for command, _ in checks if command is not None]
+    if commands:
+        yield one_command(*commands)
+    else:
+        host.noop("; ".join(kept for _, kept in checks))
 
 
 def apply(profile: Profile) -> None:
-    for device, fs in profile.filesystems():
-        filesystem(device=device, fs=fs, name=f"{fs.format} filesystem on {device}")
-    for device, swap in profile.swaps():
-        swap_partition(device=device, swap=swap, name=f"Swap on {device}")
+    wanted, swaps = list(profile.filesystems()), list(profile.swaps())
+    if wanted or swaps:
+        described = [f"{fs.format} on {device}" for device, fs in wanted] + [f"swap on {device}" for device, _ in swaps]
+        formatted(filesystems=wanted, swaps=swaps, name="Filesystems: " + ", ".join(described))

@@ -11,7 +11,8 @@ import shlex
 from dataclasses import dataclass, field
 
 from pyinfra import host
-from pyinfra.api import FactBase, QuoteString, StringCommand, operation
+from pyinfra.api import FactBase, QuoteString, StringCommand
+from operations.roundtrips import one_command, operation, read
 
 from operations.disks import before_wipe
 from operations.errors import TabulaError
@@ -189,7 +190,7 @@ def partitions(disk_key: str, disk: Disk):
 
         gpt.partitions(disk_key="main", disk=profile.disks["main"])
     """
-    table = None if before_wipe() else host.get_fact(PartitionTable, disk=disk.device)
+    table = None if before_wipe() else read(PartitionTable, disk=disk.device)
     comparison = compare(disk, table)
     if comparison.problems:
         raise TabulaError(f"disks.{disk_key}: the partition table of {disk.device} does not match the profile "
@@ -211,8 +212,7 @@ def partitions(disk_key: str, disk: Disk):
             end = f"+{part.size_bytes // 1024}K"
         args += ["-n", f"{number}:0:{end}", "-t", f"{number}:{part.type}", "-c", QuoteString(f"{number}:{part.label}")]
     args.append(QuoteString(disk.device))
-    yield StringCommand(*args)
-    yield settle_command([p.device for p in disk.partitions], disk.device)
+    yield one_command(StringCommand(*args), settle_command([p.device for p in disk.partitions], disk.device))
 
 
 def settle_command(links: list[str], disk_path: str) -> StringCommand:

@@ -17,7 +17,8 @@ import shlex
 from functools import lru_cache
 
 from pyinfra import host
-from pyinfra.api import FactBase, QuoteString, StringCommand, operation
+from pyinfra.api import FactBase, QuoteString, StringCommand
+from operations.roundtrips import operation, read, read_many
 
 from operations.disks import WholeDiskSignature, before_wipe
 from operations.errors import TabulaError
@@ -218,7 +219,8 @@ def container(device: str, luks: Luks):
 
         luks.container(device="/dev/disk/by-partlabel/cryptroot", luks=profile_luks)
     """
-    header = None if before_wipe() else host.get_fact(LuksHeader, device=device)
+    header, signature = (None, {}) if before_wipe() else read_many(
+        [(LuksHeader, {"device": device}), (WholeDiskSignature, {"device": device})])
     if header:
         want = int(luks.luks_type.removeprefix("luks"))
         if header.get("version") != want:
@@ -226,7 +228,6 @@ def container(device: str, luks: Luks):
                               "refusing to re-format an existing container (drift)")
         host.noop(f"{device} already holds a {luks.luks_type} header (UUID {header.get('uuid')})")
         return
-    signature = {} if before_wipe() else host.get_fact(WholeDiskSignature, device=device)
     if signature.get("TYPE") or signature.get("PTTYPE"):
         found = signature.get("TYPE") or f"{signature['PTTYPE']} partition table"
         if found == "crypto_LUKS":
@@ -255,9 +256,9 @@ def mapping(device: str, luks: Luks):
 
         luks.mapping(device="/dev/disk/by-partlabel/cryptroot", luks=profile_luks)
     """
-    status = host.get_fact(LuksMapping, mapper=luks.mapper)
+    status = read(LuksMapping, mapper=luks.mapper)
     if status:
-        backing = host.get_fact(CanonicalPath, path=device)
+        backing = read(CanonicalPath, path=device)
         if backing and status.get("device") and status["device"] != backing:
             raise TabulaError(f"/dev/mapper/{luks.mapper} is open on {status['device']}, not on {device} "
                               f"({backing}): close it or rename the mapper in the profile")

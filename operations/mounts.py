@@ -12,7 +12,8 @@ from __future__ import annotations
 import shlex
 
 from pyinfra import host
-from pyinfra.api import FactBase, QuoteString, StringCommand, operation
+from pyinfra.api import FactBase, QuoteString, StringCommand
+from operations.roundtrips import one_command, operation, read, read_many
 
 from operations.disks import decode_octal, install_path
 from operations.errors import TabulaError
@@ -114,24 +115,38 @@ def mount_command(mount: Mount, target: str) -> list[StringCommand]:
 
 
 @operation()
-def mounted(mount: Mount):
+def mounted(mounts: list[Mount]):
     """
-    Mount one filesystem of the installed system under /mnt, creating the mount point.
+    Mount the installed system's filesystems under /mnt, parents first, creating the mount
+    points, in one round trip. Mounts already in place are checked against the profile (source,
+    type, options); one that differs is drift and stops the run before anything is mounted.
 
-    + mount: the Mount (mount point of the installed system, device, type, options)
+    + mounts: the profile's Mounts in order (mount point of the installed system, device, type, options)
 
     **Example:**
 
     .. code:: python
 
-        mounts.mounted(Mount(mountpoint="/home", device="/dev/mapper/cryptroot", fstype="btrfs",
-                             options=("subvol=@home", "noatime")))
+        mounts.mounted([Mount(mountpoint="/home", device="/dev/mapper/cryptroot", fstype="btrfs",
+                              options=("subvol=@home", "noatime"))])
     """
-    target = install_path(mount.mountpoint)
-    current = host.get_fact(Mounts).get(target)
-    if current is None:
-        yield from mount_command(mount, target)
-        return
+    current = read(Mounts)
+    commands, present = [], []
+    for mount in mounts:
+        target = install_path(mount.mountpoint)
+        if target in current:
+            check_mounted(mount, target, current[target])
+            present.append(target)
+        else:
+            commands += mount_command(mount, target)
+    if commands:
+        yield one_command(*commands)
+    else:
+        host.noop(f"{', '.join(present)} {'are' if len(present) > 1 else 'is'} already mounted as the profile says")
+
+
+def check_mounted(mount: Mount, target: str, current: dict) -> None:
+    """Stop (TabulaError) when ``target`` is mounted differently from ``mount`` (drift)."""
     problems = []
     is_bind = "bind" in mount.options
     if not is_bind and mount.fstype != current["fstype"]:
@@ -139,8 +154,7 @@ def mounted(mount: Mount):
     if mount.fstype == "zfs" and current["device"] != mount.device:
         problems.append(f"source {current['device']}, not {mount.device}")
     elif mount.device.startswith("/dev/") and current["device"] != mount.device:
-        want = host.get_fact(CanonicalPath, path=mount.device)
-        have = host.get_fact(CanonicalPath, path=current["device"])
+        want, have = read_many([(CanonicalPath, {"path": mount.device}), (CanonicalPath, {"path": current["device"]})])
         if want != have:
             problems.append(f"source {current['device']} ({have}), not {mount.device} ({want})")
     missing = option_problems(mount.options, current["options"])
@@ -149,11 +163,13 @@ def mounted(mount: Mount):
     if problems:
         raise TabulaError(f"{target} is already mounted, but differently (drift): " + "; ".join(problems) +
                           f". Unmount it (umount -R {shlex.quote(target)}) and run again.")
-    host.noop(f"{target} is already mounted from {current['device']} ({current['fstype']}, "
-              f"{','.join(current['options'])})")
+
+
+def describe(mount: Mount) -> str:
+    return f"{mount.mountpoint} at {install_path(mount.mountpoint)} ({mount.fstype} {mount.device} {','.join(mount.options)})"
 
 
 def apply(profile: Profile) -> None:
-    for mount in profile.all_mounts():
-        mounted(mount=mount, name=f"Mount {mount.mountpoint} at {install_path(mount.mountpoint)} "
-                                  f"({mount.fstype} {mount.device} {','.join(mount.options)})")
+    wanted = profile.all_mounts()
+    if wanted:
+        mounted(mounts=wanted, name="Mount " + "; ".join(describe(m) for m in wanted))

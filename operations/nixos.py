@@ -19,18 +19,17 @@ import base64
 import hashlib
 import re
 from dataclasses import dataclass
-from io import StringIO
 from pathlib import Path
 from typing import Callable
 
 import jinja2
 from pyinfra import host, logger
-from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand, operation
-from pyinfra.operations import files
+from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand
 
 from operations.errors import TabulaError
 from operations.nixpatch import patch_hardware_configuration
 from operations.profile import Filesystem, Luks, Profile, Subvolume, Swap
+from operations.roundtrips import operation, read, read_many
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 ROOT = "/mnt"
@@ -93,7 +92,7 @@ class BlockDeviceIds(FactBase):
 
     .. code:: python
 
-        ids = host.get_fact(BlockDeviceIds, devices=["/dev/disk/by-partlabel/EFI"])
+        ids = read(BlockDeviceIds, devices=["/dev/disk/by-partlabel/EFI"])
     """
 
     def command(self, devices) -> StringCommand:
@@ -176,6 +175,69 @@ class PathExists(FactBase):
     @staticmethod
     def default():
         return False
+
+
+class PathsState(FactBase):
+    """
+    What is at each of several paths, in one round trip; absent paths are left out.
+
+    .. code:: python
+
+        read(PathsState, paths=["/mnt/etc/nixos", "/mnt/etc/nixos/flake.nix"])
+        {"/mnt/etc/nixos": {"type": "directory", "mode": "755", "user": "root", "sha256": ""},
+         "/mnt/etc/nixos/flake.nix": {"type": "file", "mode": "644", "user": "root", "sha256": "9f…"}}
+    """
+
+    def command(self, paths) -> StringCommand:
+        script = (
+            'for p in "$@"; do '
+            'if [ -L "$p" ]; then t=link; elif [ -d "$p" ]; then t=directory; elif [ -f "$p" ]; then t=file; '
+            'elif [ -e "$p" ]; then t=other; else continue; fi; '
+            's=; [ $t = file ] && s=$(sha256sum < "$p" | cut -c1-64); '
+            'printf "%s\t%s\t%s\t%s\n" "$t" "$(stat -c "%a %U" "$p")" "$s" "$p"; done'
+        )
+        return StringCommand("sh", "-c", QuoteString(script), "paths", *[QuoteString(p) for p in paths])
+
+    def process(self, output):
+        return parse_paths_state(output)
+
+    @staticmethod
+    def default():
+        return {}
+
+
+def parse_paths_state(lines) -> dict:
+    found = {}
+    for line in lines:
+        parts = line.split("\t", 3)
+        if len(parts) != 4:
+            continue
+        kind, mode_user, digest, path = parts
+        mode, _, user = mode_user.partition(" ")
+        found[path] = {"type": kind, "mode": mode, "user": user, "sha256": digest}
+    return found
+
+
+def is_file_with(state: dict | None, text: str, mode: str) -> bool:
+    """Whether PathsState shows a regular file with exactly this text and mode."""
+    return bool(state) and state["type"] == "file" and state["mode"] == mode and \
+        state["sha256"] == hashlib.sha256(text.encode()).hexdigest()
+
+
+# Files are sent on stdin (one base64 line each, in the order of the names), written beside
+# their place and renamed into it: an interrupted write never leaves a half file under the name.
+WRITE_FILES_SCRIPT = (
+    'set -e; d=$1; m=$2; shift 2; for n in "$@"; do IFS= read -r data; f="$d/$n"; '
+    'mkdir -p "$(dirname "$f")"; printf "%s" "$data" | base64 -d > "$f.tabula-new"; '
+    'chmod "$m" "$f.tabula-new"; mv -f "$f.tabula-new" "$f"; done'
+)
+
+
+def write_files_command(directory: str, files: dict[str, str], mode: str = "644") -> StringCommand:
+    """One command writing ``{relative name: text}`` below ``directory``, contents on stdin."""
+    return StringCommand("sh", "-c", QuoteString(WRITE_FILES_SCRIPT), "write", QuoteString(directory), mode,
+                         *[QuoteString(name) for name in files],
+                         _stdin=[base64.b64encode(text.encode()).decode() for text in files.values()])
 
 
 # --- storage rendering ------------------------------------------------------------------------
@@ -498,19 +560,30 @@ def config_digest(rendered: dict[str, str]) -> str:
 # --- operations -------------------------------------------------------------------------------
 
 
+def configuration_reads(profile: Profile, config_dir: str) -> list[tuple[type, dict]]:
+    """What rendering the configuration reads from the target, asked in one round trip: the
+    generated hardware configuration, the devices' UUIDs, the DMI name and the files in place."""
+    names = render_files(profile, None, None, placeholder=True)     # the file names only
+    return [(FileText, {"path": f"{config_dir}/hardware-configuration.nix"}),
+            (BlockDeviceIds, {"devices": id_devices(profile)}),
+            (DmiProductName, {}),
+            (PathsState, {"paths": [f"{config_dir}/{name}" for name in names]})]
+
+
 @operation()
-def generate_config(root: str = ROOT):
+def generate_config(profile: Profile, root: str = ROOT):
     """
     Run nixos-generate-config once: it detects the hardware into hardware-configuration.nix.
 
+    + profile: the loaded profile (what the next step reads is read together with the check)
     + root: the mounted target (``--root``)
 
     .. code:: python
 
-        nixos.generate_config(root="/mnt")
+        nixos.generate_config(profile, root="/mnt")
     """
     hardware = f"{root}/etc/nixos/hardware-configuration.nix"
-    if host.get_fact(PathExists, path=hardware):
+    if read_many(configuration_reads(profile, f"{root}/etc/nixos"))[0] is not None:
         host.noop(f"{hardware} is already generated")
         return
     yield StringCommand("nixos-generate-config", "--root", QuoteString(root))
@@ -531,8 +604,7 @@ def configuration(profile: Profile, root: str = ROOT):
         nixos.configuration(profile, root="/mnt")
     """
     config_dir = f"{root}/etc/nixos"
-    generated = host.get_fact(FileText, path=f"{config_dir}/hardware-configuration.nix")
-    ids = host.get_fact(BlockDeviceIds, devices=id_devices(profile))
+    generated, ids, product_name, _ = read_many(configuration_reads(profile, config_dir))
     missing = [d for d in id_devices(profile) if not ids.get(d, {}).get("UUID") and not ids.get(d, {}).get("PARTUUID")]
     if generated is None or missing:
         # Prepare time on blank disks: nothing to read yet; this runs again at execution.
@@ -542,11 +614,17 @@ def configuration(profile: Profile, root: str = ROOT):
             raise MissingDeviceIds(f"cannot render the NixOS configuration: {waiting} missing on the target")
         return
 
-    module, note = choose_hardware_module(profile, host.get_fact(DmiProductName))
+    module, note = choose_hardware_module(profile, product_name)
     if host.state.is_executing:
         logger.info(f"{host.print_prefix}{note}")
-    for filename, text in render_files(profile, generated, ids, hardware_module=module).items():
-        yield from files.put._inner(src=StringIO(text), dest=f"{config_dir}/{filename}", mode="644")
+    rendered = render_files(profile, generated, ids, hardware_module=module)
+    present = read(PathsState, paths=[f"{config_dir}/{name}" for name in rendered])
+    stale = {name: text for name, text in rendered.items()
+             if not is_file_with(present.get(f"{config_dir}/{name}"), text, "644")}
+    if not stale:
+        host.noop(f"{config_dir} already holds the rendered {', '.join(rendered)} (mode 0644)")
+        return
+    yield write_files_command(config_dir, stale, mode="644")
 
 
 def _stream(state, host, command: StringCommand) -> bool:
@@ -570,9 +648,9 @@ def nixos_install(hostname: str, root: str = ROOT, stamp: str = INSTALL_STAMP):
         nixos.nixos_install("zephyrus", root="/mnt")
     """
     config_dir = f"{root}/etc/nixos"
-    current = host.get_fact(DirectoryDigest, path=config_dir)
-    installed = (host.get_fact(FileText, path=stamp) or "").strip()
-    system = host.get_fact(PathExists, path=f"{root}/nix/var/nix/profiles/system")
+    current = read(DirectoryDigest, path=config_dir)
+    installed = (read(FileText, path=stamp) or "").strip()
+    system = read(PathExists, path=f"{root}/nix/var/nix/profiles/system")
     if current and installed == current and system:
         host.noop(f"the system in {root} is already installed from the current {config_dir} ({current[:12]})")
         return
@@ -590,7 +668,7 @@ def nixos_install(hostname: str, root: str = ROOT, stamp: str = INSTALL_STAMP):
 
 def apply(profile: Profile, settings=None) -> None:
     """Generate, patch and write the NixOS configuration under /mnt/etc/nixos."""
-    generate_config(name="nixos-generate-config", root=ROOT)
+    generate_config(profile, name="nixos-generate-config", root=ROOT)
     configuration(profile, name="NixOS configuration in /mnt/etc/nixos", root=ROOT)
 
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 import re
 
 from pyinfra import host, logger
-from pyinfra.api import QuoteString, StringCommand, operation
-from pyinfra.facts.files import Directory
+from pyinfra.api import QuoteString, StringCommand
+from operations.roundtrips import one_command, operation, read, read_many
 
 from operations.errors import TabulaError
-from operations.nixos import CONFIG_DIR, ROOT, DirectoryDigest, PathExists
+from operations.nixos import CONFIG_DIR, ROOT, DirectoryDigest, PathsState
 from operations.profile import Profile
 from operations.secrets import Secret, read_secret
 
@@ -41,63 +41,71 @@ def check_password_hash(secret: Secret) -> str:
 
 
 @operation()
-def secrets_directory(path: str):
+def secrets(directory: str, files: dict[str, Secret]):
     """
-    The secrets directory, mode 0700 root:root (created only if missing; the mode is enforced).
+    The secrets directory (mode 0700, root) and its files (mode 0600), in one round trip; the
+    values go on stdin, one line each. An existing file is never replaced.
 
-    + path: e.g. /mnt/persist/secrets
+    + directory: e.g. /mnt/persist/secrets
+    + files: ``{file name: Secret}`` (a ``Secret`` is never put in argv or output)
 
     .. code:: python
 
-        persist.secrets_directory("/mnt/persist/secrets")
+        persist.secrets("/mnt/persist/secrets", {"root-password": read_secret("ROOT_PASSWORD_HASH")})
     """
-    info = host.get_fact(Directory, path=path)
-    if info and str(info.get("mode")) == "700" and info.get("user") == "root":
-        host.noop(f"{path} exists with mode 0700")
+    state = read(PathsState, paths=[directory, *(f"{directory}/{n}" for n in files)])
+    present = state.get(directory)
+    if present and present["type"] != "directory":
+        raise TabulaError(f"{directory} is a {present['type']}, not a directory: move it away and run again")
+    missing = {n: secret for n, secret in files.items() if f"{directory}/{n}" not in state}
+    if present and present["mode"] == "700" and present["user"] == "root" and not missing:
+        kept = f"; {', '.join(files)} kept as they are" if files else ""
+        host.noop(f"{directory} exists with mode 0700{kept}")
         return
-    yield StringCommand("install", "-d", "-m", "0700", "-o", "root", "-g", "root", QuoteString(path))
+    yield StringCommand("sh", "-c", QuoteString(SECRETS_SCRIPT), "secrets", QuoteString(directory),
+                        *[QuoteString(n) for n in missing], _stdin=[s.reveal() for s in missing.values()])
+
+
+# printf is the shell's own: a value read from stdin is never in any process's argv.
+SECRETS_SCRIPT = (
+    'set -e; d=$1; shift; install -d -m 0700 -o root -g root "$d"; chown root:root "$d"; chmod 0700 "$d"; '
+    'umask 077; for n in "$@"; do IFS= read -r v; printf "%s\\n" "$v" > "$d/$n.tmp"; chmod 600 "$d/$n.tmp"; '
+    'mv "$d/$n.tmp" "$d/$n"; done'
+)
 
 
 @operation()
-def secret_file(path: str, secret: Secret):
+def host_identity(etc: str, keys: list[tuple[str, int | None]], comment: str = ""):
     """
-    A file of mode 0600 holding a secret, written from stdin. An existing file is never replaced.
+    The installed host's identity, made on the target in one round trip: SSH host key pairs in
+    ``<etc>/ssh`` and ``<etc>/machine-id``. Nothing that exists is ever replaced.
 
-    + path: where the secret goes, e.g. /mnt/persist/secrets/root-password
-    + secret: the value (a ``Secret``; it is never put in argv or output)
+    + etc: e.g. /mnt/persist/etc
+    + keys: ``(type, bits)`` pairs, e.g. ``[("ed25519", None), ("rsa", 4096)]``
+    + comment: the keys' comment, e.g. root@zephyrus
 
     .. code:: python
 
-        persist.secret_file("/mnt/persist/secrets/root-password", read_secret("ROOT_PASSWORD_HASH"))
+        persist.host_identity("/mnt/persist/etc", [("ed25519", None), ("rsa", 4096)], comment="root@zephyrus")
     """
-    if host.get_fact(PathExists, path=path):
-        host.noop(f"{path} already exists (kept as it is)")
+    ssh_dir, machine_id = f"{etc}/ssh", f"{etc}/machine-id"
+    paths = {key_type: f"{ssh_dir}/ssh_host_{key_type}_key" for key_type, _bits in keys}
+    state = read(PathsState, paths=[*paths.values(), machine_id])
+    commands = [StringCommand("sh", "-c", QuoteString(KEYGEN_SCRIPT), "keygen", QuoteString(ssh_dir),
+                              QuoteString(paths[key_type]), QuoteString(key_type), QuoteString(str(bits or "")),
+                              QuoteString(comment))
+                for key_type, bits in keys if paths[key_type] not in state]
+    if machine_id not in state:
+        commands.append(StringCommand("sh", "-c", QuoteString(MACHINE_ID_SCRIPT), "machine-id", QuoteString(machine_id)))
+    if not commands:
+        host.noop(f"{', '.join([*paths.values(), machine_id])} already exist (kept as they are)")
         return
-    script = 'umask 077 && cat > "$1.tmp" && chmod 600 "$1.tmp" && mv "$1.tmp" "$1"'
-    yield StringCommand("sh", "-c", QuoteString(script), "secret", QuoteString(path),
-                        _stdin=secret.reveal() + "\n")
+    yield one_command(*commands)
 
 
-@operation()
-def ssh_host_key(directory: str, key_type: str, bits: int | None = None, comment: str = ""):
-    """
-    An SSH host key pair generated on the target; an existing key is never replaced.
-
-    + directory: e.g. /mnt/persist/etc/ssh
-    + key_type: ed25519 or rsa
-    + bits: key size (rsa)
-    + comment: the key's comment, e.g. root@zephyrus
-
-    .. code:: python
-
-        persist.ssh_host_key("/mnt/persist/etc/ssh", "rsa", bits=4096)
-    """
-    key = f"{directory}/ssh_host_{key_type}_key"
-    if host.get_fact(PathExists, path=key):
-        host.noop(f"{key} already exists (kept as it is)")
-        return
-    yield StringCommand("sh", "-c", QuoteString(KEYGEN_SCRIPT), "keygen", QuoteString(directory), QuoteString(key),
-                        QuoteString(key_type), QuoteString(str(bits or "")), QuoteString(comment))
+# 32 lower-case hex digits, written beside its place and renamed into it.
+MACHINE_ID_SCRIPT = ('mkdir -p "$(dirname "$1")" && umask 022 && '
+                     'tr -d "-" < /proc/sys/kernel/random/uuid > "$1.tmp" && chmod 444 "$1.tmp" && mv "$1.tmp" "$1"')
 
 
 # The key is generated in a private folder beside it and moved into place last, private key
@@ -113,25 +121,6 @@ KEYGEN_SCRIPT = (
 
 
 @operation()
-def machine_id(path: str):
-    """
-    A machine-id (32 lower-case hex digits), created once and never replaced.
-
-    + path: e.g. /mnt/persist/etc/machine-id
-
-    .. code:: python
-
-        persist.machine_id("/mnt/persist/etc/machine-id")
-    """
-    if host.get_fact(PathExists, path=path):
-        host.noop(f"{path} already exists (kept as it is)")
-        return
-    script = ('mkdir -p "$(dirname "$1")" && umask 022 && '
-              'tr -d "-" < /proc/sys/kernel/random/uuid > "$1.tmp" && chmod 444 "$1.tmp" && mv "$1.tmp" "$1"')
-    yield StringCommand("sh", "-c", QuoteString(script), "machine-id", QuoteString(path))
-
-
-@operation()
 def config_copy(source: str, dest: str):
     """
     A copy of the NixOS configuration (``cp -a``), refreshed when the source's files differ.
@@ -143,8 +132,7 @@ def config_copy(source: str, dest: str):
 
         persist.config_copy("/mnt/etc/nixos", "/mnt/persist/etc/nixos")
     """
-    wanted = host.get_fact(DirectoryDigest, path=source)
-    present = host.get_fact(DirectoryDigest, path=dest)
+    wanted, present = read_many([(DirectoryDigest, {"path": source}), (DirectoryDigest, {"path": dest})])
     if wanted and wanted == present:
         host.noop(f"{dest} already holds the same files as {source}")
         return
@@ -174,13 +162,8 @@ def apply(profile: Profile, settings=None) -> None:
     # Read and checked before anything runs: a plaintext value (or a missing one when this run
     # installs) stops the run here.
     hashes = password_hashes(profile, required=getattr(settings, "install", True))
-    secrets_directory(f"{persist}/secrets", name=f"{persist}/secrets (0700)")
-    for filename, value in hashes.items():
-        secret_file(f"{persist}/secrets/{filename}", Secret(value, filename),
-                    name=f"{persist}/secrets/{filename} (0600)")
-    ssh_dir = f"{persist}/etc/ssh"
-    comment = f"root@{profile.nixos.hostname}"
-    ssh_host_key(ssh_dir, "ed25519", comment=comment, name=f"{ssh_dir}/ssh_host_ed25519_key")
-    ssh_host_key(ssh_dir, "rsa", bits=4096, comment=comment, name=f"{ssh_dir}/ssh_host_rsa_key")
-    machine_id(f"{persist}/etc/machine-id", name=f"{persist}/etc/machine-id")
+    secrets(f"{persist}/secrets", {filename: Secret(value, filename) for filename, value in hashes.items()},
+            name=f"{persist}/secrets (0700): {', '.join(hashes) or 'no password hashes given'} (0600)")
+    host_identity(f"{persist}/etc", [("ed25519", None), ("rsa", 4096)], comment=f"root@{profile.nixos.hostname}",
+                  name=f"Host identity in {persist}/etc: SSH host keys (ed25519, rsa 4096), machine-id")
     config_copy(CONFIG_DIR, f"{persist}/etc/nixos", name=f"{persist}/etc/nixos (copy of {CONFIG_DIR})")

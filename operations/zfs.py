@@ -19,7 +19,8 @@ import shlex
 from collections.abc import Iterable
 
 from pyinfra import host
-from pyinfra.api import FactBase, QuoteString, StringCommand, operation
+from pyinfra.api import FactBase, QuoteString, StringCommand
+from operations.roundtrips import operation, read
 
 from operations.errors import TabulaError
 from operations.profile import Dataset, Pool, Profile
@@ -209,7 +210,7 @@ def kernel_module():
 
         zfs.kernel_module(name="Load the zfs kernel module")
     """
-    if host.get_fact(ZfsModuleLoaded):
+    if read(ZfsModuleLoaded):
         host.noop("the zfs kernel module is already loaded")
         return
     yield "modprobe zfs"
@@ -284,7 +285,7 @@ def pool(pool: Pool, devices: dict[str, str]):
         zfs.pool(profile.pools["rpool"], {"rpool-rz1-2790ee34": "/dev/disk/by-partlabel/rpool-rz1-2790ee34", ...})
     """
     search_dirs = tuple(sorted({path.rsplit("/", 1)[0] for path in devices.values()}))
-    state = host.get_fact(ZfsPoolState, pool_name=pool.name, devices=tuple(devices.values()))
+    state = read(ZfsPoolState, pool_name=pool.name, devices=tuple(devices.values()))
     if state.get("state") == "imported":
         problems = topology_differences(pool, devices, state)
         if problems:
@@ -293,7 +294,7 @@ def pool(pool: Pool, devices: dict[str, str]):
                 f"Tabula never rebuilds a pool; export or destroy it yourself if it is the wrong one"
             )
         host.noop(f"pool {pool.name} is imported with the profile's topology")
-    elif pool.name in host.get_fact(ZfsImportablePools, search_dirs=search_dirs):
+    elif pool.name in read(ZfsImportablePools, search_dirs=search_dirs):
         # -N: mount nothing (all datasets are legacy and mounted by operations.mounts)
         yield StringCommand("zpool", "import", "-N", "-o", "cachefile=none",
                             *[x for d in search_dirs for x in ("-d", QuoteString(d))], QuoteString(pool.name))
@@ -346,7 +347,7 @@ def dataset(dataset_name: str, properties: dict[str, str] | None = None, encrypt
                     _stdin=read_secret("ZFS_KEY").reveal())
     """
     pool_name = dataset_name.split("/", 1)[0]
-    datasets = host.get_fact(ZfsPoolDatasets, pool_name=pool_name)
+    datasets = read(ZfsPoolDatasets, pool_name=pool_name)
     wanted = {**(properties or {}), **(encryption or {})}
     current = datasets.get(dataset_name)
 
@@ -401,7 +402,7 @@ def export_pool(pool_name: str):
 
         zfs.export_pool("rpool-2790ee34")
     """
-    state = host.get_fact(ZfsPoolState, pool_name=pool_name)
+    state = read(ZfsPoolState, pool_name=pool_name)
     if state.get("state") != "imported":
         host.noop(f"pool {pool_name} is not imported")
         return

@@ -44,7 +44,6 @@ CREATING = {
     "zfs create": "dataset",                # the dataset (last argument)
     "zfs snapshot": "snapshot",
 }
-SEGMENTS = re.compile(r"\s*(?:&&|\|\||;|\bthen\b|\bdo\b)\s*")
 
 def strip_ansi(text: str) -> str:
     return ANSI.sub("", text)
@@ -148,17 +147,33 @@ def run_with_fault(livevm, args: list[str], fault: Fault | None, env: dict | Non
                     commands=operation_commands(strip_ansi(output)))
 
 
+def simple_commands(command: str) -> list[list[str]]:
+    """The simple commands (word lists) of a shell command line, looking inside every
+    ``sh -c SCRIPT`` however deeply nested (one_command joins a step's commands that way)."""
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    try:
+        tokens = list(lexer)
+    except ValueError:                       # unbalanced quotes: not a command we made
+        return []
+    found, words = [], []
+    for token in tokens + [";"]:
+        if token and set(token) <= set(";&|(){}") or token in ("then", "do", "else", "fi", "done", "if", "while"):
+            if words[:2] == ["sh", "-c"] and len(words) > 2:
+                found += simple_commands(words[2])
+            elif words:
+                found.append(words)
+            words = []
+        else:
+            words.append(token)
+    return found
+
+
 def created(commands: list[str]) -> list[str]:
     """Everything the commands created, one entry per creation: "luksFormat /dev/...", ..."""
     items = []
     for cmd in commands:
-        body = cmd
-        if body.startswith("sh -c "):
-            body = body[len("sh -c "):].strip("'")
-        for segment in SEGMENTS.split(body):
-            words = segment.replace("'", " ").split()
-            if not words:
-                continue
+        for words in simple_commands(cmd):
             text = " ".join(words)
             for program, kind in CREATING.items():
                 if not (text.startswith(program) or (program == "mkfs" and words[0].startswith("mkfs."))):

@@ -184,9 +184,9 @@ def test_dry_plan_executes_nothing(clean_disks, livevm, passphrase_env):
     assert result.returncode == 0, output[-6000:]
     assert "Detected changes" in output
     for stage in ("GPT partitions on disks.main", "LUKS luks2 container on cryptroot",
-                  "Open cryptroot as /dev/mapper/cryptroot", "btrfs filesystem on /dev/mapper/cryptroot",
-                  "vfat filesystem on /dev/disk/by-partlabel/EFI", "Btrfs subvolumes on /dev/mapper/cryptroot",
-                  "Mount / at /mnt", "Mount /home at /mnt/home", "Swapfile /mnt/swap/swapfile"):
+                  "Open cryptroot as /dev/mapper/cryptroot", "btrfs on /dev/mapper/cryptroot",
+                  "vfat on /dev/disk/by-partlabel/EFI", "Btrfs subvolumes on /dev/mapper/cryptroot",
+                  "Mount / at /mnt", "/home at /mnt/home", "Swapfile /mnt/swap/swapfile"):
         assert stage in output, f"plan lacks {stage!r}"
     assert executed_commands(output), "no fact commands echoed at -vv"
     assert operation_commands(output) == []

@@ -59,7 +59,7 @@ CHAINS = {
     "zephyrus-btrfs": [
         (Fault("kill", op=r"^LUKS luks2 container"), "after partitioning"),
         (Fault("cut", cmd=r"cryptsetup luksFormat", delay=0.3), "mid luksFormat (SSH cut)"),
-        (Fault("kill", op=r"^btrfs filesystem on"), "after luksFormat + open"),
+        (Fault("kill", op=r"^Filesystems"), "after luksFormat + open"),
         (Fault("cut", cmd=r"mkfs\.btrfs", delay=0.2), "mid mkfs.btrfs (SSH cut)"),
         (Fault("kill", op=r"^Btrfs subvolumes"), "after mkfs"),
         (Fault("kill", cmd=r"btrfs subvolume create", delay=0.3), "mid subvolumes"),
@@ -67,14 +67,14 @@ CHAINS = {
         (Fault("kill", op=r"^Swapfile"), "after mounts"),
         (Fault("cut", cmd=r"fallocate", delay=0.2), "mid swapfile (SSH cut)"),
         (Fault("kill", op=r"^nixos-generate-config"), "after swapfile"),
-        (Fault("cut", op=r"^/mnt/persist/etc/ssh/ssh_host_rsa_key", delay=0.5), "mid NixOS/persist stage (SSH cut)"),
+        (Fault("cut", op=r"^Host identity", delay=0.5), "mid NixOS/persist stage (SSH cut)"),
     ],
     "zfs-raidz1": [
         (Fault("kill", op=r"^ZFS: pool .* imported"), "after partitioning"),
         (Fault("cut", cmd=r"zpool create", delay=0.5), "mid pool create (SSH cut)"),
         (Fault("kill", op=r"^ZFS: dataset .*/temp/root"), "after pool create"),
         (Fault("kill", cmd=r"zfs snapshot", delay=0.0), "mid datasets (at an @empty snapshot)"),
-        (Fault("kill", op=r"^Mount /nix"), "after datasets, mid mounts"),
+        (Fault("kill", cmd=r"mount -t zfs", delay=0.2), "after datasets, mid mounts"),
     ],
     "light-tmpfs-f2fs": [
         (Fault("kill", op=r"^Open local-"), "after luksFormat"),

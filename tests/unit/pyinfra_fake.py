@@ -21,7 +21,10 @@ class FakeHost:
         self.noops: list[str] = []
 
     def get_fact(self, fact, **kwargs):
-        key = (fact, frozenset(kwargs.items()))
+        try:
+            key = (fact, frozenset(kwargs.items()))
+        except TypeError:                       # list arguments (paths=[...]): answered per class
+            key = None
         if key in self.facts:
             return self.facts[key]
         if fact in self.facts:
@@ -33,11 +36,38 @@ class FakeHost:
         self.noops.append(message)
 
 
-def run_op(monkeypatch, module, op, facts, **kwargs):
-    """Run an operation's generator against fake facts: (commands as text, stdin list, host)."""
+def use_fake_host(monkeypatch, module, facts) -> FakeHost:
+    """Answer the module's facts (read through operations.roundtrips) from the table."""
+    from operations import roundtrips
+
     fake = FakeHost(facts)
     monkeypatch.setattr(module, "host", fake)
+    monkeypatch.setattr(roundtrips, "host", fake)
+    monkeypatch.setattr(roundtrips, "_kept", {})
+    # Batched reads answered one by one from the table (the batching itself: test_roundtrips).
+    monkeypatch.setattr(roundtrips, "_read_together",
+                        lambda missing: {key: fake.get_fact(fact, **kwargs) for key, fact, kwargs in missing})
+    return fake
+
+
+def run_op(monkeypatch, module, op, facts, **kwargs):
+    """Run an operation's generator against fake facts: (commands as text, stdin list, host)."""
+    fake = use_fake_host(monkeypatch, module, facts)
     commands = list(op._inner(**kwargs))
     texts = [str(c) for c in commands]
     stdins = [c.connector_arguments.get("_stdin") for c in commands]
     return texts, stdins, fake
+
+
+def unjoined(commands: list[str]) -> list[str]:
+    """The parts of commands that ``roundtrips.one_command`` joined into one ``sh -c`` script."""
+    import shlex
+
+    parts = []
+    for text in commands:
+        words = shlex.split(text) if text.startswith("sh -c ") else []
+        if len(words) == 3 and " && " in words[2]:
+            parts += words[2].split(" && ")
+        else:
+            parts.append(text)
+    return parts

@@ -6,7 +6,7 @@ from operations import disks, gpt
 from operations.errors import TabulaError
 from operations.profile import load_profile
 from operations.settings import Settings
-from tests.unit.pyinfra_fake import FakeHost, fixture_lines
+from tests.unit.pyinfra_fake import fixture_lines, use_fake_host
 
 BY_ID = "/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_TABULA-NVME0"
 NVME = "/dev/nvme0n1"
@@ -54,6 +54,7 @@ def facts(lsblk_name, table=None, signatures=None, swaps=(), stable=None):
         disks.WholeDiskSignature: {},
     }
     for device, value in signatures.items():
+        device = BY_ID if device == NVME else device      # the guard reads the disk itself by its stable path
         result[(disks.WholeDiskSignature, frozenset({("device", device)}))] = value
     return result
 
@@ -68,7 +69,7 @@ def wipes(monkeypatch):
 
 
 def run_guard(monkeypatch, the_profile, fact_table, confirm=()):
-    monkeypatch.setattr(disks, "host", FakeHost(fact_table))
+    use_fake_host(monkeypatch, disks, fact_table)
     return disks.guard(the_profile, Settings(profile=the_profile, confirm_wipe=tuple(confirm)))
 
 
@@ -184,7 +185,8 @@ def test_partlabel_on_another_disk_refused(monkeypatch, wipes):
         run_guard(monkeypatch, profile(), fact_table)
 
 
-def test_wipe_commands():
+def test_wipe_commands(monkeypatch):
+    use_fake_host(monkeypatch, disks, {})
     commands = [str(c) for c in disks.wipe._inner(disk_path=BY_ID, partitions=["/dev/nvme0n1p1"], reasons=["x"])]
     assert commands[:4] == ["wipefs -a /dev/nvme0n1p1", f"wipefs -a {BY_ID}", f"sgdisk --zap-all {BY_ID}",
                             f"wipefs -a {BY_ID}"]

@@ -5,7 +5,7 @@ from operations import filesystems
 from operations.disks import WholeDiskSignature, parse_blkid_export
 from operations.errors import TabulaError
 from operations.profile import Filesystem, Swap
-from tests.unit.pyinfra_fake import fixture_lines, run_op
+from tests.unit.pyinfra_fake import fixture_lines, run_op, unjoined
 
 BTRFS = Filesystem(format="btrfs", fs_label="nixos")
 VFAT = Filesystem(format="vfat", fs_label="EFI", mkfs_options=["-F", "32"])
@@ -27,40 +27,47 @@ def test_parse_blkid():
     (Filesystem(format="ext4"), "/dev/vdb1", "mkfs.ext4 -q /dev/vdb1"),
 ])
 def test_absent_filesystem_is_made(monkeypatch, fs, device, expected):
-    commands, _, _ = run_op(monkeypatch, filesystems, filesystems.filesystem, {}, device=device, fs=fs)
+    commands, _, _ = run_op(monkeypatch, filesystems, filesystems.formatted, {}, filesystems=[(device, fs)], swaps=[])
     assert len(commands) == 1 and commands[0].endswith(f"; {expected}'")
     assert f"blkid -p -o value -s TYPE {device}" in commands[0]   # re-checked in the same command
 
 
 def test_present_filesystem_is_reused(monkeypatch):
     found = parse_blkid_export(fixture_lines("btrfs_blkid_mapper.txt"))
-    commands, _, fake = run_op(monkeypatch, filesystems, filesystems.filesystem, {WholeDiskSignature: found},
-                               device="/dev/mapper/cryptroot", fs=BTRFS)
+    commands, _, fake = run_op(monkeypatch, filesystems, filesystems.formatted, {WholeDiskSignature: found}, filesystems=[("/dev/mapper/cryptroot", BTRFS)], swaps=[])
     assert commands == []
     assert fake.noops == [f"/dev/mapper/cryptroot already holds btrfs labelled 'nixos' (UUID {found['UUID']})"]
 
 
 def test_other_filesystem_is_drift(monkeypatch):
     with pytest.raises(TabulaError, match="refusing to make btrfs on /dev/mapper/cryptroot: it holds ext4"):
-        run_op(monkeypatch, filesystems, filesystems.filesystem, {WholeDiskSignature: {"TYPE": "ext4"}},
-               device="/dev/mapper/cryptroot", fs=BTRFS)
+        run_op(monkeypatch, filesystems, filesystems.formatted, {WholeDiskSignature: {"TYPE": "ext4"}}, filesystems=[("/dev/mapper/cryptroot", BTRFS)], swaps=[])
 
 
 def test_wrong_label_is_drift(monkeypatch):
     with pytest.raises(TabulaError, match="labelled 'other'"):
-        run_op(monkeypatch, filesystems, filesystems.filesystem, {WholeDiskSignature: {"TYPE": "btrfs", "LABEL": "other"}},
-               device="/dev/mapper/cryptroot", fs=BTRFS)
+        run_op(monkeypatch, filesystems, filesystems.formatted, {WholeDiskSignature: {"TYPE": "btrfs", "LABEL": "other"}}, filesystems=[("/dev/mapper/cryptroot", BTRFS)], swaps=[])
 
 
 def test_swap_partition(monkeypatch):
-    commands, _, _ = run_op(monkeypatch, filesystems, filesystems.swap_partition, {}, device="/dev/sw", swap=Swap())
+    commands, _, _ = run_op(monkeypatch, filesystems, filesystems.formatted, {}, filesystems=[], swaps=[("/dev/sw", Swap())])
     assert commands == ["mkswap /dev/sw"]
-    commands, _, fake = run_op(monkeypatch, filesystems, filesystems.swap_partition, {WholeDiskSignature: {"TYPE": "swap"}},
-                               device="/dev/sw", swap=Swap())
+
+
+def test_all_filesystems_and_swaps_in_one_round_trip_and_drift_stops_before_any(monkeypatch):
+    wanted = [("/dev/disk/by-partlabel/EFI", VFAT), ("/dev/mapper/cryptroot", BTRFS)]
+    commands, _, _ = run_op(monkeypatch, filesystems, filesystems.formatted, {}, filesystems=wanted,
+                            swaps=[("/dev/sw", Swap())])
+    assert len(commands) == 1
+    assert unjoined(commands)[-1] == "mkswap /dev/sw"
+    assert commands[0].index("mkfs.vfat") < commands[0].index("mkfs.btrfs") < commands[0].index("mkswap")
+    assert commands[0].count("blkid -p -o value -s TYPE") == 2           # each mkfs re-checks its device
+    drift = {(WholeDiskSignature, frozenset({("device", "/dev/mapper/cryptroot")})): {"TYPE": "ext4"}}
+    with pytest.raises(TabulaError, match="refusing to make btrfs"):
+        run_op(monkeypatch, filesystems, filesystems.formatted, drift, filesystems=wanted, swaps=[])
+    commands, _, fake = run_op(monkeypatch, filesystems, filesystems.formatted, {WholeDiskSignature: {"TYPE": "swap"}}, filesystems=[], swaps=[("/dev/sw", Swap())])
     assert commands == [] and "already holds a swap signature" in fake.noops[0]
-    commands, _, fake = run_op(monkeypatch, filesystems, filesystems.swap_partition, {},
-                               device="/dev/sw", swap=Swap(random_encryption=True))
+    commands, _, fake = run_op(monkeypatch, filesystems, filesystems.formatted, {}, filesystems=[], swaps=[("/dev/sw", Swap(random_encryption=True))])
     assert commands == [] and "random key" in fake.noops[0]
     with pytest.raises(TabulaError, match="refusing to mkswap"):
-        run_op(monkeypatch, filesystems, filesystems.swap_partition, {WholeDiskSignature: {"TYPE": "xfs"}},
-               device="/dev/sw", swap=Swap())
+        run_op(monkeypatch, filesystems, filesystems.formatted, {WholeDiskSignature: {"TYPE": "xfs"}}, filesystems=[], swaps=[("/dev/sw", Swap())])

@@ -7,7 +7,7 @@ import pytest
 from operations import gpt
 from operations.errors import TabulaError
 from operations.profile import load_profile
-from tests.unit.pyinfra_fake import fixture_lines, run_op
+from tests.unit.pyinfra_fake import fixture_lines, run_op, unjoined
 
 DISK = "/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_TABULA-NVME0"
 
@@ -70,6 +70,8 @@ def facts(table):
 
 def test_blank_disk_gets_new_table(monkeypatch, profile):
     commands, _, _ = run_op(monkeypatch, gpt, gpt.partitions, facts(None), disk_key="main", disk=profile.disks["main"])
+    assert len(commands) == 1
+    commands = unjoined(commands)
     assert commands[0] == (f"sgdisk --clear -n 1:0:+1048576K -t 1:EF00 -c 1:EFI -n 2:0:0 -t 2:8300 -c 2:cryptroot {DISK}")
     assert "udevadm settle" in commands[1] and "/dev/disk/by-partlabel/cryptroot" in commands[1]
 
@@ -77,6 +79,7 @@ def test_blank_disk_gets_new_table(monkeypatch, profile):
 def test_partial_table_gets_missing_partitions_only(monkeypatch, profile, installed):
     installed["partitions"] = installed["partitions"][:1]
     commands, _, _ = run_op(monkeypatch, gpt, gpt.partitions, facts(installed), disk_key="main", disk=profile.disks["main"])
+    commands = unjoined(commands)
     assert commands[0] == f"sgdisk -n 2:0:0 -t 2:8300 -c 2:cryptroot {DISK}"
     assert "--clear" not in commands[0]
 

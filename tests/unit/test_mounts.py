@@ -7,7 +7,7 @@ from operations.disks import decode_octal
 from operations.errors import TabulaError
 from operations.luks import CanonicalPath
 from operations.profile import Mount, load_profile
-from tests.unit.pyinfra_fake import fixture_lines, run_op
+from tests.unit.pyinfra_fake import fixture_lines, run_op, unjoined
 
 
 @pytest.fixture
@@ -60,13 +60,14 @@ def test_order_parents_first(btrfs_mounts):
     assert list(btrfs_mounts)[0] == "/"
 
 
-def test_absent_btrfs_and_vfat_mounts(monkeypatch, btrfs_mounts):
-    commands, _, _ = run_op(monkeypatch, mounts, mounts.mounted, {mounts.Mounts: {}}, mount=btrfs_mounts["/"])
-    assert commands == ["mkdir -p /mnt",
-                        "mount -t btrfs -o subvol=@root,compress=zstd,noatime,discard=async /dev/mapper/cryptroot /mnt"]
-    commands, _, _ = run_op(monkeypatch, mounts, mounts.mounted, {mounts.Mounts: {}}, mount=btrfs_mounts["/boot"])
-    assert commands == ["mkdir -p /mnt/boot",
-                        "mount -t vfat -o fmask=0022,dmask=0022 /dev/disk/by-partlabel/EFI /mnt/boot"]
+def test_absent_btrfs_and_vfat_mounts_in_one_round_trip(monkeypatch, btrfs_mounts):
+    commands, _, _ = run_op(monkeypatch, mounts, mounts.mounted, {mounts.Mounts: {}},
+                            mounts=[btrfs_mounts["/"], btrfs_mounts["/boot"]])
+    assert len(commands) == 1
+    assert unjoined(commands) == ["mkdir -p /mnt",
+                                  "mount -t btrfs -o subvol=@root,compress=zstd,noatime,discard=async /dev/mapper/cryptroot /mnt",
+                                  "mkdir -p /mnt/boot",
+                                  "mount -t vfat -o fmask=0022,dmask=0022 /dev/disk/by-partlabel/EFI /mnt/boot"]
 
 
 def test_absent_tmpfs_f2fs_zfs_bind_mounts(monkeypatch, light_mounts):
@@ -77,7 +78,9 @@ def test_absent_tmpfs_f2fs_zfs_bind_mounts(monkeypatch, light_mounts):
     for kind, mount in by_type.items():
         target = mounts.install_path(mount.mountpoint)
         opts = ",".join(o for o in mount.options if o != "bind")
-        commands, _, _ = run_op(monkeypatch, mounts, mounts.mounted, {mounts.Mounts: {}}, mount=mount)
+        commands, _, _ = run_op(monkeypatch, mounts, mounts.mounted, {mounts.Mounts: {}}, mounts=[mount])
+        assert len(commands) == 1
+        commands = unjoined(commands)
         if kind == "bind":
             source = mounts.install_path(mount.device)
             assert source.startswith("/mnt/")
@@ -93,14 +96,26 @@ def test_present_mounts_are_noops(monkeypatch, btrfs_mounts, installed):
                  "/dev/nvme0n1p1": "/dev/nvme0n1p1"}
     facts = {mounts.Mounts: installed}
     facts.update({(CanonicalPath, frozenset({("path", k)})): v for k, v in canonical.items()})
-    for mount in btrfs_mounts.values():
-        commands, _, fake = run_op(monkeypatch, mounts, mounts.mounted, facts, mount=mount)
-        assert commands == [], mount
-        assert fake.noops[0].startswith(f"{mounts.install_path(mount.mountpoint)} is already mounted from")
+    commands, _, fake = run_op(monkeypatch, mounts, mounts.mounted, facts, mounts=list(btrfs_mounts.values()))
+    assert commands == []
+    targets = ", ".join(mounts.install_path(m) for m in btrfs_mounts)
+    assert fake.noops == [f"{targets} are already mounted as the profile says"]
 
 
-def test_mounted_differently_is_drift(monkeypatch, btrfs_mounts, installed):
+def test_only_the_missing_mounts_are_made(monkeypatch, btrfs_mounts, installed):
+    del installed["/mnt/var/log"]
+    facts = {mounts.Mounts: installed, CanonicalPath: "/dev/dm-0"}
+    facts[(CanonicalPath, frozenset({("path", "/dev/disk/by-partlabel/EFI")}))] = "/dev/nvme0n1p1"
+    facts[(CanonicalPath, frozenset({("path", "/dev/nvme0n1p1")}))] = "/dev/nvme0n1p1"
+    commands, _, _ = run_op(monkeypatch, mounts, mounts.mounted, facts, mounts=list(btrfs_mounts.values()))
+    assert unjoined(commands) == ["mkdir -p /mnt/var/log",
+                                  "mount -t btrfs -o subvol=@log,compress=zstd,noatime,discard=async "
+                                  "/dev/mapper/cryptroot /mnt/var/log"]
+
+
+def test_mounted_differently_is_drift_and_nothing_is_mounted(monkeypatch, btrfs_mounts, installed):
     installed["/mnt/home"]["options"] = ["rw", "relatime", "subvol=/@persist"]
+    del installed["/mnt/var/log"]
     with pytest.raises(TabulaError, match="/mnt/home is already mounted, but differently.*lack subvol=@home"):
         run_op(monkeypatch, mounts, mounts.mounted, {mounts.Mounts: installed, CanonicalPath: "/dev/dm-0"},
-               mount=btrfs_mounts["/home"])
+               mounts=list(btrfs_mounts.values()))

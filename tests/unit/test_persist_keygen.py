@@ -31,16 +31,66 @@ def test_existing_key_is_kept_and_stale_temp_folders_cleared(tmp_path):
     assert not list(directory.glob(".keygen.*"))
 
 
-def test_operation_command_runs_for_both_key_types(monkeypatch, tmp_path):
-    """The op's own command line, run by a real shell: an empty bits argument must stay in place."""
+def test_operation_command_makes_both_key_types_in_one_round_trip(monkeypatch, tmp_path):
+    """The op's one command, run by a real shell: an empty bits argument must stay in place."""
     from operations import persist
     from tests.unit.pyinfra_fake import run_op
 
-    directory = tmp_path / "persist" / "etc" / "ssh"
-    for key_type, bits in (("ed25519", None), ("rsa", 1024)):
-        commands, _, _ = run_op(monkeypatch, persist, persist.ssh_host_key, {persist.PathExists: False},
-                                directory=str(directory), key_type=key_type, bits=bits, comment="root@test")
-        (command,) = commands
-        result = subprocess.run(command, shell=True, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr
-        assert (directory / f"ssh_host_{key_type}_key.pub").read_text().startswith(f"ssh-{key_type} ")
+    import re
+
+    etc = tmp_path / "persist" / "etc"
+    commands, _, _ = run_op(monkeypatch, persist, persist.host_identity, {},
+                            etc=str(etc), keys=[("ed25519", None), ("rsa", 1024)], comment="root@test")
+    (command,) = commands
+    result = subprocess.run(command, shell=True, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for key_type in ("ed25519", "rsa"):
+        assert (etc / "ssh" / f"ssh_host_{key_type}_key.pub").read_text().startswith(f"ssh-{key_type} ")
+    assert re.fullmatch(r"[0-9a-f]{32}\n", (etc / "machine-id").read_text())
+    assert (etc / "machine-id").stat().st_mode & 0o777 == 0o444
+
+
+def test_only_missing_keys_are_made(monkeypatch, tmp_path):
+    from operations import persist
+    from tests.unit.pyinfra_fake import run_op
+
+    file = {"type": "file", "mode": "600", "user": "root", "sha256": "x"}
+    present = {f"{tmp_path}/ssh/ssh_host_ed25519_key": file, f"{tmp_path}/machine-id": file}
+    commands, _, _ = run_op(monkeypatch, persist, persist.host_identity, {persist.PathsState: present},
+                            etc=str(tmp_path), keys=[("ed25519", None), ("rsa", 1024)])
+    (command,) = commands
+    assert "rsa" in command and "ed25519" not in command and "machine-id" not in command
+    present[f"{tmp_path}/ssh/ssh_host_rsa_key"] = file
+    commands, _, fake = run_op(monkeypatch, persist, persist.host_identity, {persist.PathsState: present},
+                               etc=str(tmp_path), keys=[("ed25519", None), ("rsa", 1024)])
+    assert commands == [] and "already exist" in fake.noops[0]
+
+
+def test_secrets_written_from_stdin_private_and_never_replaced(monkeypatch, tmp_path):
+    """The secrets op's command run by a real shell: values only on stdin, files 0600 in a 0700 dir."""
+    import os
+
+    from operations import persist
+    from operations.secrets import Secret
+    from tests.unit.pyinfra_fake import run_op
+
+    directory = tmp_path / "persist" / "secrets"
+    values = {"root-password": Secret("$6$salt$rootvalue", "root"), "sean-password": Secret("$6$salt$userval", "user")}
+    commands, stdins, _ = run_op(monkeypatch, persist, persist.secrets, {}, directory=str(directory), files=values)
+    (command,), (stdin,) = commands, stdins
+    assert "rootvalue" not in command and "userval" not in command
+    result = subprocess.run(command, shell=True, input="".join(line + "\n" for line in stdin),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (directory / "root-password").read_text() == "$6$salt$rootvalue\n"
+    assert (directory / "sean-password").read_text() == "$6$salt$userval\n"
+    assert os.stat(directory).st_mode & 0o777 == 0o700
+    assert {os.stat(f).st_mode & 0o777 for f in directory.iterdir()} == {0o600}
+    assert sorted(p.name for p in directory.iterdir()) == ["root-password", "sean-password"]
+
+    # A present file is kept: only the missing one is written.
+    state = {str(directory): {"type": "directory", "mode": "700", "user": "root", "sha256": ""},
+             f"{directory}/root-password": {"type": "file", "mode": "600", "user": "root", "sha256": "x"}}
+    commands, stdins, _ = run_op(monkeypatch, persist, persist.secrets, {persist.PathsState: state},
+                                 directory=str(directory), files=values)
+    assert stdins == [["$6$salt$userval"]] and "root-password" not in commands[0]

@@ -1,16 +1,24 @@
 #!/bin/sh
-# The btrfs guide's install steps 1-5 (zephyrus-btrfs-impermanence-guide.md) plus the swapfile, as
-# one plain shell script: the baseline tools/benchmark.py times Tabula against. Same commands and
-# settings as the zephyrus-btrfs profile with the test variables (LUKS2 with pbkdf2 at 1000
-# iterations, discards, no workqueues; swapfile NOCOW, preallocated). Runs in the live VM:
+# The btrfs guide's sequence up to nixos-install (zephyrus-btrfs-impermanence-guide.md), as one
+# plain shell script: the baseline tools/benchmark.py times Tabula against. Install steps 1-5 plus
+# the swapfile, step 6 (nixos-generate-config), the NixOS files written into /mnt/etc/nixos, and
+# the guide's post-installation seeding of /persist (password files, SSH host keys, the copy of
+# /etc/nixos), which Tabula does before the first boot, plus the machine-id Tabula also seeds.
+# Same commands and settings as the zephyrus-btrfs profile with the test variables (LUKS2 with
+# pbkdf2 at 1000 iterations, discards, no workqueues; swapfile NOCOW, preallocated). Runs in the
+# live VM, everything on stdin: the passphrase, the two password hashes, then the NixOS files as a
+# base64 tar (the guide's user pastes them):
 #
-#     sh guide.sh /dev/disk/by-id/nvme-... SWAP_SIZE < passphrase
+#     sh guide.sh /dev/disk/by-id/nvme-... SWAP_SIZE < stdin
 #
+# It prints "disk stages done" after step 5 + swapfile, for the benchmark's first ratio.
 # No checks, no idempotence: it assumes blank disks, like the guide.
 set -eu
 DISK=$1
 SWAP_SIZE=$2
 IFS= read -r PASS
+IFS= read -r ROOT_HASH
+IFS= read -r USER_HASH
 OPTS="compress=zstd,noatime,discard=async"
 
 # 1. Partition the disk
@@ -57,3 +65,21 @@ chattr +C /mnt/swap/swapfile
 fallocate -l "$SWAP_SIZE" /mnt/swap/swapfile
 chmod 600 /mnt/swap/swapfile
 mkswap /mnt/swap/swapfile
+echo "disk stages done"
+
+# 6. Generate the hardware configuration, then the NixOS files (flake, configuration,
+#    impermanence, the patched hardware configuration, the model's extra module)
+nixos-generate-config --root /mnt
+base64 -d | tar -x -C /mnt/etc/nixos
+
+# Post-installation: password files, SSH host keys, machine-id, a copy of /etc/nixos on /persist
+mkdir -p /mnt/persist/secrets
+chmod 700 /mnt/persist/secrets
+printf '%s\n' "$USER_HASH" > /mnt/persist/secrets/sean-password
+printf '%s\n' "$ROOT_HASH" > /mnt/persist/secrets/root-password
+chmod 600 /mnt/persist/secrets/*
+mkdir -p /mnt/persist/etc/ssh
+ssh-keygen -q -t ed25519 -f /mnt/persist/etc/ssh/ssh_host_ed25519_key -N ""
+ssh-keygen -q -t rsa -b 4096 -f /mnt/persist/etc/ssh/ssh_host_rsa_key -N ""
+tr -d - < /proc/sys/kernel/random/uuid > /mnt/persist/etc/machine-id
+cp -r /mnt/etc/nixos /mnt/persist/etc/

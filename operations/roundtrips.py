@@ -1,0 +1,160 @@
+"""
+Fewer SSH round trips, the main cost of a run (each command is one round trip to the target).
+
+Three rules, used by every layer module:
+
+- ``read(Fact, **args)``: a fact is read from the target once and kept until the next command
+  that may change the target. pyinfra 3 itself keeps nothing: every operation read its facts
+  again, so a converged run read ``/proc/mounts`` once per mount. What is kept is thrown away
+  as soon as any Tabula operation yields a command (before that command runs), so no operation
+  ever sees a value from before a change.
+- ``read_many([(Fact, args), ...])``: facts that are all needed now are read in one round trip
+  (each part's output goes to its own fact's ``process``) and kept like single reads.
+- ``one_command(...)``: the commands of one step go to the target as one ``sh -c`` script that
+  stops at the first failure, instead of one round trip each.
+
+    from operations.roundtrips import operation, read, read_many, one_command
+"""
+
+from __future__ import annotations
+
+import functools
+
+from pyinfra import host, logger
+from pyinfra.api import FactBase, QuoteString, StringCommand
+
+from operations.errors import TabulaError
+from pyinfra.api import operation as pyinfra_operation
+
+# host name -> {(fact class, arguments): value}
+_kept: dict[str, dict] = {}
+
+
+def _key(fact, kwargs: dict) -> tuple:
+    return (fact, repr(sorted(kwargs.items())))
+
+
+def read(fact, **kwargs):
+    """``host.get_fact(fact, **kwargs)``, read once until the next command that may change the target."""
+    kept = _kept.setdefault(host.name, {})
+    key = _key(fact, kwargs)
+    if key not in kept:
+        kept[key] = host.get_fact(fact, **kwargs)
+    return kept[key]
+
+
+def read_many(requests: list[tuple[type, dict]]) -> list:
+    """The facts' values, in order; those not kept already are read together in one round trip."""
+    kept = _kept.setdefault(host.name, {})
+    missing = []
+    for fact, kwargs in requests:
+        key = _key(fact, kwargs)
+        if key not in kept and key not in [k for k, _, _ in missing]:
+            missing.append((key, fact, kwargs))
+    if len(missing) == 1:
+        _, fact, kwargs = missing[0]
+        kept[missing[0][0]] = host.get_fact(fact, **kwargs)
+    elif missing:
+        kept.update(_read_together(missing))
+    return [kept[_key(fact, kwargs)] for fact, kwargs in requests]
+
+
+def _read_together(missing: list[tuple]) -> dict:
+    sections = host.get_fact(FactBatch, commands=[_fact_command(fact, kwargs) for _, fact, kwargs in missing])
+    if len(sections) != len(missing):
+        raise TabulaError(f"reading {len(missing)} facts in one command gave {len(sections)} answers: "
+                          "the connection to the target may have dropped; run again")
+    values = {}
+    for (key, fact, kwargs), (status, lines) in zip(missing, sections):
+        if status != 0:
+            # A failing fact command: read it alone, so pyinfra reports it as it always does.
+            values[key] = host.get_fact(fact, **kwargs)
+        else:
+            values[key] = _processed(fact, kwargs, lines)
+    return values
+
+
+_PART = "##tabula-part##"
+_MISSING = "##tabula-missing-command##"
+
+
+def _fact_command(fact, kwargs: dict) -> str:
+    instance = fact()
+    command = instance.command(**kwargs)
+    text = command.get_raw_value() if isinstance(command, StringCommand) else str(command)
+    required = instance.requires_command(**kwargs)
+    if required:
+        text = f"if command -v {required} >/dev/null 2>&1; then ( {text} ); else echo '{_MISSING}'; fi"
+    return text
+
+
+def _processed(fact, kwargs: dict, lines: list[str]):
+    # As pyinfra's own fact reading: the default unless the command printed something.
+    if lines == [_MISSING]:
+        logger.warning(f"{host.print_prefix}fact {fact.__name__} skipped: {fact().requires_command(**kwargs)} "
+                       "is not installed")
+        return fact().default()
+    if not lines:
+        return fact().default()
+    return fact().process(lines)
+
+
+class FactBatch(FactBase):
+    """Several fact commands in one round trip: ``[(exit status, output lines), ...]`` in order."""
+
+    def command(self, commands) -> str:
+        return "; ".join(f"echo '{_PART}'; ( {text} ); echo \"{_PART} $?\"" for text in commands)
+
+    def process(self, output):
+        sections, lines = [], None
+        for line in output:
+            if line == _PART:
+                lines = []
+            elif line.startswith(_PART + " ") and lines is not None:
+                sections.append((int(line.split()[-1]), lines))
+                lines = None
+            elif lines is not None:
+                lines.append(line)
+        return sections
+
+    @staticmethod
+    def default():
+        return []
+
+
+def forget() -> None:
+    """Throw away every fact kept for the current host (a command may change anything)."""
+    _kept.pop(host.name, None)
+
+
+def operation(**operation_kwargs):
+    """pyinfra's ``@operation()``, forgetting the kept facts whenever the operation yields a command."""
+
+    def decorate(func):
+        @functools.wraps(func)
+        def commands(*args, **kwargs):
+            for command in func(*args, **kwargs):
+                forget()
+                yield command
+
+        return pyinfra_operation(**operation_kwargs)(commands)
+
+    return decorate
+
+
+def one_command(*commands: StringCommand) -> StringCommand:
+    """The commands as one ``sh -c`` script run in order, stopping at the first failure.
+
+    Connector arguments (``_stdin``...) of the parts are kept; at most one part may read stdin.
+    """
+    parts = [c for c in commands if c is not None]
+    if len(parts) == 1:
+        return parts[0]
+    arguments: dict = {}
+    for part in parts:
+        for key, value in part.connector_arguments.items():
+            if key in arguments and arguments[key] != value:
+                raise ValueError(f"one_command: two parts set {key} differently")
+            arguments[key] = value
+    script = " && ".join(part.get_raw_value() for part in parts)
+    return StringCommand("sh", "-c", QuoteString(script), **arguments)
