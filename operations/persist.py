@@ -163,7 +163,7 @@ def apply(profile: Profile, settings=None) -> None:
     # installs) stops the run here.
     hashes = password_hashes(profile, required=getattr(settings, "install", True))
     secrets(f"{persist}/secrets", {filename: Secret(value, filename) for filename, value in hashes.items()},
-            name=f"{persist}/secrets (0700): {', '.join(hashes) or 'no password hashes given'} (0600)")
+            name=f"{persist}/secrets (0700)" + (f": {', '.join(hashes)} (0600)" if hashes else ""))
     host_identity(f"{persist}/etc", [("ed25519", None), ("rsa", 4096)], comment=f"root@{profile.nixos.hostname}",
                   name=f"Host identity in {persist}/etc: SSH host keys (ed25519, rsa 4096), machine-id")
     config_copy(CONFIG_DIR, f"{persist}/etc/nixos", name=f"{persist}/etc/nixos (copy of {CONFIG_DIR})")

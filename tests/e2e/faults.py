@@ -188,10 +188,44 @@ def created(commands: list[str]) -> list[str]:
     return items
 
 
+# How the target shows that a creation happened (for the command a fault may have cut short).
+EXISTS = {
+    "partition": lambda target: (lambda disk, number: f"sgdisk -i {number} {shlex.quote(disk)} 2>/dev/null "
+                                                      "| grep -q 'Partition unique GUID'")(*target.rsplit("#", 1)),
+    "luksFormat": lambda target: f"cryptsetup isLuks {shlex.quote(target)}",
+    "mkfs": lambda target: f"[ -n \"$(blkid -p -o value -s TYPE {shlex.quote(target)} 2>/dev/null)\" ]",
+    "subvolume": lambda target: f"btrfs subvolume show {shlex.quote(target)} >/dev/null 2>&1",
+}
+BUSY = "pgrep -x 'sgdisk|cryptsetup|mkfs.vfat|mkfs.fat|mkfs.btrfs|mkfs.f2fs|mkfs.ext4|mkswap|btrfs|zpool|zfs'"
+
+
+def creations_of_faulted_run(livevm, commands: list[str]) -> list[str]:
+    """What a faulted run really created. pyinfra runs one command after another, so every
+    command before the last one it echoed completed; the last one may have been cut short (a
+    step's commands go as one script), so each of its creations counts only if the target shows
+    it, once the guest has no creating program left running."""
+    if not commands:
+        return []
+    livevm.run(f"n=0; while {BUSY} >/dev/null && [ $n -lt 300 ]; do sleep 0.2; n=$((n+1)); done", check=False,
+               timeout=120)
+    found = created(commands[:-1])
+    for item in created(commands[-1:]):
+        kind, target = item.split(" ", 1)
+        check = EXISTS.get(kind)
+        if check is None or livevm.run(check(target), check=False, timeout=60).returncode == 0:
+            found.append(item)
+    return found
+
+
+def duplicates(items: list[str], allowed: tuple[str, ...] = ()) -> list[str]:
+    """Items that occur more than once, leaving out those matching an ``allowed`` pattern."""
+    items = [i for i in items if not any(re.search(a, i) for a in allowed)]
+    return sorted({i for i in items if items.count(i) > 1})
+
+
 def duplicated_creations(commands: list[str], allowed: tuple[str, ...] = ()) -> list[str]:
     """Creations that happened more than once across the runs (must be empty)."""
-    items = [i for i in created(commands) if not any(re.search(a, i) for a in allowed)]
-    return sorted({i for i in items if items.count(i) > 1})
+    return duplicates(created(commands), allowed)
 
 
 # --- disks --------------------------------------------------------------------------------------
