@@ -22,9 +22,9 @@ import functools
 
 from pyinfra import host, logger
 from pyinfra.api import FactBase, QuoteString, StringCommand
+from pyinfra.api import operation as pyinfra_operation
 
 from operations.errors import TabulaError
-from pyinfra.api import operation as pyinfra_operation
 
 # host name -> {(fact class, arguments): value}
 _kept: dict[str, dict] = {}
@@ -110,8 +110,12 @@ class FactBatch(FactBase):
         for line in output:
             if line == _PART:
                 lines = []
-            elif line.startswith(_PART + " ") and lines is not None:
-                sections.append((int(line.split()[-1]), lines))
+            elif _PART + " " in line and lines is not None:
+                # (after output that did not end in a newline, the status marker ends its last line)
+                before, _, status = line.partition(_PART + " ")
+                if before:
+                    lines.append(before)
+                sections.append((int(status), lines))
                 lines = None
             elif lines is not None:
                 lines.append(line)

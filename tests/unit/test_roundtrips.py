@@ -143,3 +143,9 @@ def test_a_failing_part_is_read_again_alone(monkeypatch):
     monkeypatch.setattr(roundtrips, "_kept", {})
     assert roundtrips.read_many([(Counted, {"path": "/a"}), (Counted, {"path": "/b"})]) == ["x", "alone"]
     assert Host.reads == ["FactBatch", "Counted"]
+
+
+def test_output_without_a_final_newline_keeps_its_last_line():
+    batch = roundtrips.FactBatch().command(commands=["printf 'a\\nb'", "echo c"])
+    out = subprocess.run(["sh", "-c", batch], capture_output=True, text=True).stdout.splitlines()
+    assert roundtrips.FactBatch().process(out) == [(0, ["a", "b"]), (0, ["c"])]
