@@ -63,7 +63,7 @@ def timed_pyinfra(vm: LiveVM, args: list[str], env: dict) -> dict:
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1)
     disk_seconds, disk_commands, commands, tail = None, None, 0, []
-    identity_started, identity_seconds = None, 0.0
+    identity_started, identity_seconds = None, None
     for line in proc.stdout:
         plain = ANSI.sub("", line)
         if EXECUTED.search(plain):
@@ -79,6 +79,8 @@ def timed_pyinfra(vm: LiveVM, args: list[str], env: dict) -> dict:
     total = time.monotonic() - started
     if proc.returncode != 0:
         raise SystemExit("pyinfra failed:\n" + "".join(tail))
+    if identity_seconds is None:     # renamed operation: the ratio without it would be skewed
+        raise SystemExit("benchmark: no 'Host identity' operation in pyinfra's output:\n" + "".join(tail))
     return {"seconds": total, "commands": commands, "identity_seconds": identity_seconds,
             "disk_seconds": disk_seconds if disk_seconds is not None else total,
             "disk_commands": disk_commands if disk_commands is not None else commands}
