@@ -17,7 +17,8 @@ import shlex
 
 from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import one_command, operation, read
+from operations.roundtrips import (created_this_run, is_fresh, one_command, operation, read, record_created,
+                                   record_fresh)
 
 from operations.disks import PRIVATE_MOUNT_ROOT, install_path
 from operations.errors import TabulaError
@@ -150,7 +151,9 @@ def top_level(device: str, path: str, options: tuple[str, ...] = ()):
 
         btrfs.top_level(device="/dev/mapper/cryptroot", path="/run/tabula/btrfs/nixos")
     """
-    current = read(Mounts).get(path)
+    # A filesystem this run just made cannot be mounted yet: the mount command checks the path.
+    new = created_this_run(f"filesystem {device}")
+    current = None if new else read(Mounts).get(path)
     if current:
         want = read(CanonicalPath, path=device)
         have = read(CanonicalPath, path=current["device"])
@@ -159,28 +162,33 @@ def top_level(device: str, path: str, options: tuple[str, ...] = ()):
                               f"{','.join(current['options'])}), not the top level of {device}: unmount it")
         host.noop(f"the top level of {device} is already mounted at {path}")
         return
-    yield one_command(StringCommand("mkdir", "-p", QuoteString(path)),
+    free = StringCommand("sh", "-c", QuoteString(
+        f"if mountpoint -q {shlex.quote(path)}; then echo 'tabula: {path} is already mounted: unmount it' >&2; exit 1; fi"))
+    yield one_command(StringCommand("mkdir", "-p", QuoteString(path)), free if new else None,
                       StringCommand("mount", "-t", "btrfs", "-o", QuoteString(",".join(["subvolid=5", *options])),
                                     QuoteString(device), QuoteString(path)))
 
 
 @operation()
-def subvolumes(top: str, wanted: list[Subvolume]):
+def subvolumes(top: str, wanted: list[Subvolume], device: str = ""):
     """
     Create the missing top-level subvolumes; right after creating a subvolume that has a
     ``blank_snapshot``, take that read-only snapshot of it while it is still empty.
 
     + top: where the filesystem's top level is mounted
     + wanted: the profile's subvolumes
+    + device: the filesystem's block device (a filesystem this run just made has no subvolumes to
+      read; btrfs itself refuses to create one that exists)
 
     **Example:**
 
     .. code:: python
 
-        btrfs.subvolumes(top="/run/tabula/btrfs/nixos", wanted=[Subvolume(path="@root", blank_snapshot="@root-blank")])
+        btrfs.subvolumes(top="/run/tabula/btrfs/nixos", wanted=[Subvolume(path="@root", blank_snapshot="@root-blank")],
+                         device="/dev/mapper/cryptroot")
     """
-    existing = read(BtrfsSubvolumes, path=top)
-    commands = []
+    existing = {} if device and created_this_run(f"filesystem {device}") else read(BtrfsSubvolumes, path=top)
+    commands, created = [], []
     for sub in wanted:
         target = f"{top}/{sub.path}"
         blank = existing.get(sub.blank_snapshot) if sub.blank_snapshot else None
@@ -194,6 +202,8 @@ def subvolumes(top: str, wanted: list[Subvolume]):
                 commands.append(StringCommand("btrfs", "subvolume", "create", QuoteString(target)))
                 if sub.blank_snapshot:
                     commands.append(_snapshot_command(top, sub))
+            if device:
+                created.append(f"subvolume {device} {sub.path}")     # empty: a new one, or a blank copy
             continue
         if sub.blank_snapshot:
             if blank is None:
@@ -205,6 +215,7 @@ def subvolumes(top: str, wanted: list[Subvolume]):
                 _check_blank(sub, blank)
     if commands:
         # One round trip, in order: a blank snapshot right after its subvolume is created.
+        record_created(*created)
         yield one_command(*commands)
     else:
         names = ", ".join(s.path for s in wanted)
@@ -253,9 +264,11 @@ def swapfile(path: str, swapfile: Swapfile):
 
         btrfs.swapfile(path="/mnt/swap/swapfile", swapfile=Swapfile(size="32GiB"))
     """
-    state = read(SwapfileState, path=path)
+    # In an empty subvolume this run just made and mounted there is no file to read.
+    state = None if is_fresh(path) else read(SwapfileState, path=path)
     want = swapfile.size_bytes
     if state is None:
+        record_fresh(path, False)
         yield one_command(*swapfile_commands(path, swapfile))
         return
     problems = []
@@ -289,7 +302,7 @@ def apply(profile: Profile) -> None:
         first = next((s for s in fs.subvolumes if s.mountpoint), None)
         options = tuple(o for o in (first.mount_options if first else ()) if not o.startswith(("subvol", "ro")))
         top_level(device=device, path=top, options=options, name=f"Mount the btrfs top level of {device} at {top}")
-        subvolumes(top=top, wanted=list(fs.subvolumes),
+        subvolumes(top=top, wanted=list(fs.subvolumes), device=device,
                    name=f"Btrfs subvolumes on {device}: {', '.join(s.path for s in fs.subvolumes)}")
 
 

@@ -14,7 +14,7 @@ from pyinfra.api import QuoteString, StringCommand
 from operations.disks import WholeDiskSignature, before_wipe
 from operations.errors import TabulaError
 from operations.profile import Filesystem, Profile, Swap
-from operations.roundtrips import one_command, operation, read_many
+from operations.roundtrips import created_this_run, one_command, operation, read_many, record_created
 
 # mkfs program and its "label" flag, by format.
 MKFS = {
@@ -33,12 +33,17 @@ def mkfs_command(device: str, fs: Filesystem) -> StringCommand:
     if fs.format == "ext4":
         args.append("-q")
     args.append(QuoteString(device))
-    # Checked again in the same command: never format over a signature the facts missed.
+    return StringCommand("sh", "-c", QuoteString(blank_guard(device) + " ".join(
+        str(a) if not isinstance(a, QuoteString) else shlex.quote(a.obj) for a in args)))
+
+
+def blank_guard(device: str) -> str:
+    """Shell that stops unless the device exists and carries no signature: checked again in the
+    formatting command itself, so nothing is formatted over a signature the facts missed (or did
+    not read, on a device this run just made)."""
     quoted = shlex.quote(device)
-    guard = (f"udevadm settle; [ -b {quoted} ] && [ -z \"$(blkid -p -o value -s TYPE {quoted})\" ] || "
-             f"{{ echo 'tabula: {device} is missing or already carries a signature: not formatting it' >&2; exit 1; }}; ")
-    return StringCommand("sh", "-c", QuoteString(guard + " ".join(str(a) if not isinstance(a, QuoteString)
-                                                                  else shlex.quote(a.obj) for a in args)))
+    return (f"udevadm settle; [ -b {quoted} ] && [ -z \"$(blkid -p -o value -s TYPE {quoted})\" ] || "
+            f"{{ echo 'tabula: {device} is missing or already carries a signature: not formatting it' >&2; exit 1; }}; ")
 
 
 def filesystem_check(device: str, fs: Filesystem, found: dict) -> tuple[StringCommand | None, str]:
@@ -66,7 +71,7 @@ def swap_check(device: str, swap: Swap, found: dict) -> tuple[StringCommand | No
         return None, f"{device} already holds a swap signature (UUID {found.get('UUID')})"
     if found.get("TYPE") or found.get("PTTYPE"):
         raise TabulaError(f"refusing to mkswap {device}: it holds {found.get('TYPE') or found.get('PTTYPE')}")
-    return StringCommand("mkswap", QuoteString(device)), ""
+    return StringCommand("sh", "-c", QuoteString(blank_guard(device) + f"mkswap {shlex.quote(device)}")), ""
 
 
 @operation()
@@ -87,14 +92,15 @@ def formatted(filesystems: list[tuple[str, Filesystem]], swaps: list[tuple[str, 
                               swaps=[])
     """
     devices = [device for device, _ in filesystems] + [device for device, _ in swaps]
-    if before_wipe():
-        found = {device: {} for device in devices}
-    else:
-        found = dict(zip(devices, read_many([(WholeDiskSignature, {"device": device}) for device in devices])))
+    # Devices this run just made are not read: each mkfs command checks its device is blank itself.
+    to_read = [] if before_wipe() else [device for device in devices if not created_this_run(f"device {device}")]
+    found = {device: {} for device in devices}
+    found.update(zip(to_read, read_many([(WholeDiskSignature, {"device": device}) for device in to_read])))
     checks = [filesystem_check(device, fs, found[device]) for device, fs in filesystems]
     checks += [swap_check(device, swap, found[device]) for device, swap in swaps]
     commands = [command for command, _ in checks if command is not None]
     if commands:
+        record_created(*(f"filesystem {device}" for (device, _), (command, _) in zip(filesystems, checks) if command))
         yield one_command(*commands)
     else:
         host.noop("; ".join(kept for _, kept in checks))

@@ -18,7 +18,7 @@ from functools import lru_cache
 
 from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import operation, read, read_many
+from operations.roundtrips import created_this_run, operation, read, read_many, record_created
 
 from operations.disks import WholeDiskSignature, before_wipe
 from operations.errors import TabulaError
@@ -193,7 +193,10 @@ def open_options(luks: Luks) -> list[str]:
 
 def open_command(device: str, luks: Luks, secret: Secret) -> StringCommand:
     # A wrong passphrase must stop the run with a message, never lead to a re-format.
+    mapped = shlex.quote(f"/dev/mapper/{luks.mapper}")
     script = (
+        f"if [ -e {mapped} ]; then echo 'tabula: /dev/mapper/{luks.mapper} is already open on another device: "
+        "close it or rename the mapper in the profile' >&2; exit 1; fi; "
         f"cryptsetup open {' '.join(open_options(luks))} {shlex.quote(device)} {shlex.quote(luks.mapper)} || "
         f"{{ echo \"tabula: the LUKS passphrase does not open {device} (or cryptsetup failed): "
         "the header is kept; check TABULA_LUKS_PASSPHRASE\" >&2; exit 1; }"
@@ -219,7 +222,8 @@ def container(device: str, luks: Luks):
 
         luks.container(device="/dev/disk/by-partlabel/cryptroot", luks=profile_luks)
     """
-    header, signature = (None, {}) if before_wipe() else read_many(
+    # A partition this run just made is not read: the format command itself checks it is blank.
+    header, signature = (None, {}) if before_wipe() or created_this_run(f"device {device}") else read_many(
         [(LuksHeader, {"device": device}), (WholeDiskSignature, {"device": device})])
     if header:
         want = int(luks.luks_type.removeprefix("luks"))
@@ -238,6 +242,7 @@ def container(device: str, luks: Luks):
                               f"the partition holds nothing you need, clear it with `wipefs -a {device}` on the target "
                               "and re-run; otherwise restore the header from a backup (cryptsetup luksHeaderRestore)")
         raise TabulaError(f"refusing to luksFormat {device}: it holds a {found} signature")
+    record_created(f"luks {device}")
     yield format_command(device, luks, passphrase())
 
 
@@ -256,7 +261,9 @@ def mapping(device: str, luks: Luks):
 
         luks.mapping(device="/dev/disk/by-partlabel/cryptroot", luks=profile_luks)
     """
-    status = read(LuksMapping, mapper=luks.mapper)
+    # Nothing can be open on a container this run just formatted; the open command itself stops
+    # when a mapping of that name is open on another device.
+    status = None if created_this_run(f"luks {device}") else read(LuksMapping, mapper=luks.mapper)
     if status:
         backing = read(CanonicalPath, path=device)
         if backing and status.get("device") and status["device"] != backing:
@@ -264,6 +271,8 @@ def mapping(device: str, luks: Luks):
                               f"({backing}): close it or rename the mapper in the profile")
         host.noop(f"/dev/mapper/{luks.mapper} is already open on {status.get('device', device)}")
         return
+    if created_this_run(f"luks {device}"):
+        record_created(f"device /dev/mapper/{luks.mapper}")
     yield open_command(device, luks, passphrase())
 
 

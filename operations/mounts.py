@@ -13,7 +13,7 @@ import shlex
 
 from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import one_command, operation, read, read_many
+from operations.roundtrips import created_this_run, one_command, operation, read, read_many, record_fresh
 
 from operations.disks import decode_octal, install_path
 from operations.errors import TabulaError
@@ -131,18 +131,35 @@ def mounted(mounts: list[Mount]):
                               options=("subvol=@home", "noatime"))])
     """
     current = read(Mounts)
-    commands, present = [], []
+    commands, present, fresh = [], [], {}
     for mount in mounts:
         target = install_path(mount.mountpoint)
         if target in current:
             check_mounted(mount, target, current[target])
             present.append(target)
+            fresh[target] = False
         else:
             commands += mount_command(mount, target)
+            fresh[target] = is_empty_when_mounted(mount)
+            if "bind" in mount.options:
+                fresh[install_path(mount.device)] = False   # seen through the bind too: no shortcut
+    for path, empty in fresh.items():
+        record_fresh(path, empty)
     if commands:
         yield one_command(*commands)
     else:
         host.noop(f"{', '.join(present)} {'are' if len(present) > 1 else 'is'} already mounted as the profile says")
+
+
+def is_empty_when_mounted(mount: Mount) -> bool:
+    """Whether this mount shows an empty filesystem: a tmpfs, or a filesystem or btrfs subvolume
+    this same run just created (the later steps then have nothing to read below it)."""
+    if mount.fstype == "tmpfs":
+        return True
+    if mount.fstype == "btrfs":
+        subvol = next((o.split("=", 1)[1] for o in mount.options if o.startswith("subvol=")), None)
+        return subvol is not None and created_this_run(f"subvolume {mount.device} {subvol.lstrip('/')}")
+    return mount.fstype not in ("zfs", "none") and created_this_run(f"filesystem {mount.device}")
 
 
 def check_mounted(mount: Mount, target: str, current: dict) -> None:

@@ -17,7 +17,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
+import posixpath
 import re
+import shlex
+import tarfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,7 +34,7 @@ from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand
 from operations.errors import TabulaError
 from operations.nixpatch import patch_hardware_configuration
 from operations.profile import Filesystem, Luks, Profile, Subvolume, Swap
-from operations.roundtrips import operation, read, read_many
+from operations.roundtrips import created_this_run, is_fresh, operation, read, read_many, record_created, record_fresh
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 ROOT = "/mnt"
@@ -224,20 +229,32 @@ def is_file_with(state: dict | None, text: str, mode: str) -> bool:
         state["sha256"] == hashlib.sha256(text.encode()).hexdigest()
 
 
-# Files are sent on stdin (one base64 line each, in the order of the names), written beside
-# their place and renamed into it: an interrupted write never leaves a half file under the name.
-WRITE_FILES_SCRIPT = (
-    'set -e; d=$1; m=$2; shift 2; for n in "$@"; do IFS= read -r data; f="$d/$n"; '
-    'mkdir -p "$(dirname "$f")"; printf "%s" "$data" | base64 -d > "$f.tabula-new"; '
-    'chmod "$m" "$f.tabula-new"; mv -f "$f.tabula-new" "$f"; done'
-)
-
-
 def write_files_command(directory: str, files: dict[str, str], mode: str = "644") -> StringCommand:
-    """One command writing ``{relative name: text}`` below ``directory``, contents on stdin."""
-    return StringCommand("sh", "-c", QuoteString(WRITE_FILES_SCRIPT), "write", QuoteString(directory), mode,
-                         *[QuoteString(name) for name in files],
-                         _stdin=[base64.b64encode(text.encode()).decode() for text in files.values()])
+    """One command writing ``{relative name: text}`` below ``directory``, contents on stdin.
+
+    The files go as one base64 tar (modes set in it), unpacked into a folder beside their place
+    and renamed into it, one ``mv`` per folder: an interrupted write never leaves a half file
+    under a name, and a handful of processes write them all (each costs ~30 ms on a slow target).
+    """
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, text in files.items():
+            data = text.encode()
+            member = tarfile.TarInfo(name)
+            member.size, member.mode, member.mtime = len(data), int(mode, 8), int(time.time())
+            tar.addfile(member, io.BytesIO(data))
+    folders: dict[str, list[str]] = {}
+    for name in files:
+        folders.setdefault(posixpath.dirname(name), []).append(name)
+    moves = []
+    for folder, names in folders.items():
+        place = shlex.quote(folder or ".")
+        staged = " ".join(f'"$s/"{shlex.quote(name)}' for name in names)
+        moves.append(f'mkdir -p "$d/"{place}; mv -f {staged} "$d/"{place}; ')
+    script = (f'set -e; d={shlex.quote(directory)}; s="$d/.tabula-new"; rm -rf "$s"; mkdir -p "$s"; '
+              'base64 -d | tar -x -C "$s"; ' + "".join(moves) + 'rm -rf "$s"')
+    return StringCommand("sh", "-c", QuoteString(script),
+                         _stdin=base64.encodebytes(archive.getvalue()).decode().splitlines())
 
 
 # --- storage rendering ------------------------------------------------------------------------
@@ -560,14 +577,16 @@ def config_digest(rendered: dict[str, str]) -> str:
 # --- operations -------------------------------------------------------------------------------
 
 
-def configuration_reads(profile: Profile, config_dir: str) -> list[tuple[type, dict]]:
+def configuration_reads(profile: Profile, config_dir: str, files_in_place: bool = True) -> list[tuple[type, dict]]:
     """What rendering the configuration reads from the target, asked in one round trip: the
     generated hardware configuration, the devices' UUIDs, the DMI name and the files in place."""
-    names = render_files(profile, None, None, placeholder=True)     # the file names only
-    return [(FileText, {"path": f"{config_dir}/hardware-configuration.nix"}),
-            (BlockDeviceIds, {"devices": id_devices(profile)}),
-            (DmiProductName, {}),
-            (PathsState, {"paths": [f"{config_dir}/{name}" for name in names]})]
+    reads = [(FileText, {"path": f"{config_dir}/hardware-configuration.nix"}),
+             (BlockDeviceIds, {"devices": id_devices(profile)}),
+             (DmiProductName, {})]
+    if files_in_place:
+        names = render_files(profile, None, None, placeholder=True)     # the file names only
+        reads.append((PathsState, {"paths": [f"{config_dir}/{name}" for name in names]}))
+    return reads
 
 
 @operation()
@@ -582,10 +601,14 @@ def generate_config(profile: Profile, root: str = ROOT):
 
         nixos.generate_config(profile, root="/mnt")
     """
-    hardware = f"{root}/etc/nixos/hardware-configuration.nix"
-    if read_many(configuration_reads(profile, f"{root}/etc/nixos"))[0] is not None:
+    config_dir = f"{root}/etc/nixos"
+    hardware = f"{config_dir}/hardware-configuration.nix"
+    # On a root this run just made and mounted empty there is nothing to read.
+    if not is_fresh(config_dir) and read_many(configuration_reads(profile, config_dir))[0] is not None:
         host.noop(f"{hardware} is already generated")
         return
+    record_fresh(config_dir, False)
+    record_created(f"generated {config_dir}")
     yield StringCommand("nixos-generate-config", "--root", QuoteString(root))
 
 
@@ -604,7 +627,9 @@ def configuration(profile: Profile, root: str = ROOT):
         nixos.configuration(profile, root="/mnt")
     """
     config_dir = f"{root}/etc/nixos"
-    generated, ids, product_name, _ = read_many(configuration_reads(profile, config_dir))
+    # Right after this run's nixos-generate-config, none of the files can be ours yet: all are written.
+    just_generated = created_this_run(f"generated {config_dir}")
+    generated, ids, product_name = read_many(configuration_reads(profile, config_dir, not just_generated))[:3]
     missing = [d for d in id_devices(profile) if not ids.get(d, {}).get("UUID") and not ids.get(d, {}).get("PARTUUID")]
     if generated is None or missing:
         # Prepare time on blank disks: nothing to read yet; this runs again at execution.
@@ -618,12 +643,13 @@ def configuration(profile: Profile, root: str = ROOT):
     if host.state.is_executing:
         logger.info(f"{host.print_prefix}{note}")
     rendered = render_files(profile, generated, ids, hardware_module=module)
-    present = read(PathsState, paths=[f"{config_dir}/{name}" for name in rendered])
+    present = {} if just_generated else read(PathsState, paths=[f"{config_dir}/{name}" for name in rendered])
     stale = {name: text for name, text in rendered.items()
              if not is_file_with(present.get(f"{config_dir}/{name}"), text, "644")}
     if not stale:
         host.noop(f"{config_dir} already holds the rendered {', '.join(rendered)} (mode 0644)")
         return
+    record_fresh(config_dir, False)
     yield write_files_command(config_dir, stale, mode="644")
 
 

@@ -17,7 +17,7 @@ import re
 
 from pyinfra import host, logger
 from pyinfra.api import QuoteString, StringCommand
-from operations.roundtrips import one_command, operation, read, read_many
+from operations.roundtrips import is_fresh, one_command, operation, read, read_many, record_fresh
 
 from operations.errors import TabulaError
 from operations.nixos import CONFIG_DIR, ROOT, DirectoryDigest, PathsState
@@ -53,7 +53,8 @@ def secrets(directory: str, files: dict[str, Secret]):
 
         persist.secrets("/mnt/persist/secrets", {"root-password": read_secret("ROOT_PASSWORD_HASH")})
     """
-    state = read(PathsState, paths=[directory, *(f"{directory}/{n}" for n in files)])
+    # Below an empty filesystem this run just made and mounted, nothing is there to read.
+    state = {} if is_fresh(directory) else read(PathsState, paths=[directory, *(f"{directory}/{n}" for n in files)])
     present = state.get(directory)
     if present and present["type"] != "directory":
         raise TabulaError(f"{directory} is a {present['type']}, not a directory: move it away and run again")
@@ -62,6 +63,7 @@ def secrets(directory: str, files: dict[str, Secret]):
         kept = f"; {', '.join(files)} kept as they are" if files else ""
         host.noop(f"{directory} exists with mode 0700{kept}")
         return
+    record_fresh(directory, False)
     yield StringCommand("sh", "-c", QuoteString(SECRETS_SCRIPT), "secrets", QuoteString(directory),
                         *[QuoteString(n) for n in missing], _stdin=[s.reveal() for s in missing.values()])
 
@@ -90,7 +92,8 @@ def host_identity(etc: str, keys: list[tuple[str, int | None]], comment: str = "
     """
     ssh_dir, machine_id = f"{etc}/ssh", f"{etc}/machine-id"
     paths = {key_type: f"{ssh_dir}/ssh_host_{key_type}_key" for key_type, _bits in keys}
-    state = read(PathsState, paths=[*paths.values(), machine_id])
+    wanted = [*paths.values(), machine_id]
+    state = {} if all(is_fresh(path) for path in wanted) else read(PathsState, paths=wanted)
     commands = [StringCommand("sh", "-c", QuoteString(KEYGEN_SCRIPT), "keygen", QuoteString(ssh_dir),
                               QuoteString(paths[key_type]), QuoteString(key_type), QuoteString(str(bits or "")),
                               QuoteString(comment))
@@ -100,6 +103,8 @@ def host_identity(etc: str, keys: list[tuple[str, int | None]], comment: str = "
     if not commands:
         host.noop(f"{', '.join([*paths.values(), machine_id])} already exist (kept as they are)")
         return
+    record_fresh(ssh_dir, False)
+    record_fresh(machine_id, False)
     yield one_command(*commands)
 
 
@@ -132,10 +137,12 @@ def config_copy(source: str, dest: str):
 
         persist.config_copy("/mnt/etc/nixos", "/mnt/persist/etc/nixos")
     """
-    wanted, present = read_many([(DirectoryDigest, {"path": source}), (DirectoryDigest, {"path": dest})])
-    if wanted and wanted == present:
-        host.noop(f"{dest} already holds the same files as {source}")
-        return
+    if not is_fresh(dest):
+        wanted, present = read_many([(DirectoryDigest, {"path": source}), (DirectoryDigest, {"path": dest})])
+        if wanted and wanted == present:
+            host.noop(f"{dest} already holds the same files as {source}")
+            return
+    record_fresh(dest, False)
     yield StringCommand("sh", "-c", QuoteString('rm -rf "$2" && mkdir -p "$(dirname "$2")" && cp -a "$1" "$2"'),
                         "copy", QuoteString(source), QuoteString(dest))
 

@@ -12,15 +12,23 @@ def fixture_lines(name: str) -> list[str]:
     return [line for line in (FIXTURES / name).read_text().splitlines()]
 
 
+class FakeState:
+    is_executing = True
+
+
 class FakeHost:
     name = "install-target"
+    print_prefix = "[install-target] "
+    state = FakeState()
 
     def __init__(self, facts: dict | None = None):
         # {(FactClass, frozenset(kwargs.items())): value} or {FactClass: value} for any kwargs
         self.facts = facts or {}
         self.noops: list[str] = []
+        self.reads: list[str] = []              # the facts read from the "target", in order
 
     def get_fact(self, fact, **kwargs):
+        self.reads.append(fact.__name__)
         try:
             key = (fact, frozenset(kwargs.items()))
         except TypeError:                       # list arguments (paths=[...]): answered per class
@@ -44,6 +52,9 @@ def use_fake_host(monkeypatch, module, facts) -> FakeHost:
     monkeypatch.setattr(module, "host", fake)
     monkeypatch.setattr(roundtrips, "host", fake)
     monkeypatch.setattr(roundtrips, "_kept", {})
+    # What an earlier operation of the same run made: none, unless a test records it.
+    monkeypatch.setattr(roundtrips, "_created", {})
+    monkeypatch.setattr(roundtrips, "_fresh", {})
     # Batched reads answered one by one from the table (the batching itself: test_roundtrips).
     monkeypatch.setattr(roundtrips, "_read_together",
                         lambda missing: {key: fake.get_fact(fact, **kwargs) for key, fact, kwargs in missing})

@@ -149,3 +149,18 @@ def test_output_without_a_final_newline_keeps_its_last_line():
     batch = roundtrips.FactBatch().command(commands=["printf 'a\\nb'", "echo c"])
     out = subprocess.run(["sh", "-c", batch], capture_output=True, text=True).stdout.splitlines()
     assert roundtrips.FactBatch().process(out) == [(0, ["a", "b"]), (0, ["c"])]
+
+
+def test_parts_run_in_the_batch_shell_unless_they_may_exit_or_change_it():
+    # No subshell (a process each, ~30 ms on a slow target) for a plain part; a part that exits,
+    # cd's or sets shell options gets its own, so the parts after it still run as before.
+    assert roundtrips.group("cat /proc/swaps") == "{ cat /proc/swaps\n}"
+    assert roundtrips.group("udevadm settle; exit 1").startswith("( ")
+    parts = ["echo $$", "cd / && exit 3", "set -e; false; echo same shell", "echo $$; pwd", "x=1; echo ends;"]
+    batch = roundtrips.FactBatch().command(commands=parts)
+    out = subprocess.run(["sh", "-c", batch], capture_output=True, text=True, cwd="/tmp").stdout.splitlines()
+    sections = roundtrips.FactBatch().process(out)
+    assert [status for status, _ in sections] == [0, 3, 1, 0, 0]
+    assert sections[0][1][0] == sections[3][1][0]          # the same process: no fork for plain parts
+    assert sections[3][1][1] == "/tmp"                      # the cd stayed in its subshell
+    assert sections[4][1] == ["ends"]                       # a trailing ";" is fine in a group

@@ -1,0 +1,163 @@
+"""What a run made itself is not read back before the next step (operations.roundtrips:
+record_created / is_fresh): a first run on a blank disk reads the target only where it must, a
+re-run (which knows nothing of the run before it) reads everything, and each step that skips its
+read carries the check inside its own command instead."""
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from operations import btrfs, disks, filesystems, gpt, luks, mounts, nixos, persist, roundtrips
+from operations.disks import install_path
+from operations.profile import load_profile
+from operations.secrets import Secret
+from tests.unit.pyinfra_fake import FIXTURES, FakeHost
+from tests.unit.test_nixos_render import fake_ids
+from tests.unit.vm_vars import NVME
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    host = FakeHost({})
+    for module in (roundtrips, disks, gpt, luks, filesystems, btrfs, mounts, nixos, persist):
+        monkeypatch.setattr(module, "host", host)
+    monkeypatch.setattr(roundtrips, "_kept", {})
+    monkeypatch.setattr(roundtrips, "_created", {})
+    monkeypatch.setattr(roundtrips, "_fresh", {})
+    monkeypatch.setattr(roundtrips, "_read_together",
+                        lambda missing: {key: host.get_fact(fact, **kwargs) for key, fact, kwargs in missing})
+    monkeypatch.setattr(luks, "passphrase", lambda: Secret("unit test secret", "test"))
+    return host
+
+
+def run(op, **kwargs) -> list[str]:
+    return [str(command) for command in op._inner(**kwargs)]
+
+
+def first_run(profile, fake, knows_nothing: bool = False):
+    """The zephyrus-btrfs stages in deploy order: ({stage: facts it read}, {stage: commands}).
+    knows_nothing: each stage as if it were the first of a new run (a re-run after a fault)."""
+    reads: dict[str, list[str]] = {}
+
+    def stage(label, op, **kwargs):
+        if knows_nothing:
+            roundtrips._created.clear()
+            roundtrips._fresh.clear()
+            roundtrips.forget()
+        before = len(fake.reads)
+        commands = run(op, **kwargs)
+        reads[label] = fake.reads[before:]
+        return commands
+
+    commands = {}
+    commands["gpt"] = stage("gpt", gpt.partitions, disk_key="main", disk=profile.disks["main"])
+    [(part, spec)] = profile.luks_devices()
+    commands["format"] = stage("format", luks.container, device=part.device, luks=spec)
+    commands["open"] = stage("open", luks.mapping, device=part.device, luks=spec)
+    commands["mkfs"] = stage("mkfs", filesystems.formatted, filesystems=list(profile.filesystems()),
+                             swaps=list(profile.swaps()))
+    [(device, fs)] = btrfs._btrfs_filesystems(profile)
+    top = btrfs.top_level_path(device, fs)
+    commands["top"] = stage("top", btrfs.top_level, device=device, path=top, options=())
+    commands["subvolumes"] = stage("subvolumes", btrfs.subvolumes, top=top, wanted=list(fs.subvolumes), device=device)
+    commands["mounts"] = stage("mounts", mounts.mounted, mounts=profile.all_mounts())
+    [sub] = [s for s in fs.subvolumes if s.swapfile]
+    commands["swapfile"] = stage("swapfile", btrfs.swapfile, path=f"{install_path(sub.mountpoint)}/swapfile",
+                                 swapfile=sub.swapfile)
+    commands["ngc"] = stage("ngc", nixos.generate_config, profile=profile, root="/mnt")
+    commands["config"] = stage("config", nixos.configuration, profile=profile, root="/mnt")
+    commands["secrets"] = stage("secrets", persist.secrets, directory="/mnt/persist/secrets",
+                                files={"root-password": Secret("$6$saltsalt$hash", "test")})
+    commands["identity"] = stage("identity", persist.host_identity, etc="/mnt/persist/etc", keys=[("ed25519", None)])
+    commands["copy"] = stage("copy", persist.config_copy, source="/mnt/etc/nixos", dest="/mnt/persist/etc/nixos")
+    return reads, commands
+
+
+@pytest.fixture
+def profile():
+    return load_profile("zephyrus-btrfs", {"disk": NVME})
+
+
+def blank_target_facts(profile) -> dict:
+    # What the target shows when read: blank disk, nothing mounted; after nixos-generate-config,
+    # its hardware configuration. Devices' ids exist once formatted.
+    generated = (FIXTURES / "nixos" / "zephyrus-btrfs-luks.nix").read_text()
+    return {gpt.PartitionTable: None, nixos.FileText: generated, nixos.BlockDeviceIds: fake_ids(profile),
+            nixos.DmiProductName: "ROG Zephyrus G16"}
+
+
+def test_a_first_run_reads_only_what_it_did_not_make(fake, profile):
+    fake.facts.update(blank_target_facts(profile))
+    reads, commands = first_run(profile, fake)
+    # Read: the disk's table, /proc/mounts (a mount point may be taken by something else), and
+    # what nixos-generate-config wrote. Nothing else: every other stage works on what it made.
+    assert reads == {"gpt": ["PartitionTable"], "format": [], "open": [], "mkfs": [], "top": [], "subvolumes": [],
+                     "mounts": ["Mounts"], "swapfile": [], "ngc": [],
+                     "config": ["FileText", "BlockDeviceIds", "DmiProductName"],
+                     "secrets": [], "identity": [], "copy": []}
+    assert all(commands[stage] for stage in reads), "every stage of a first run has a command"
+    # ...and the unread steps check inside their own command what the read would have shown.
+    assert "cryptsetup isLuks /dev/disk/by-partlabel/cryptroot" in commands["format"][0]
+    assert "if [ -e /dev/mapper/cryptroot ]" in commands["open"][0]
+    assert commands["mkfs"][0].count("blkid -p -o value -s TYPE") == 2
+    assert "mountpoint -q /run/tabula/btrfs/nixos" in commands["top"][0]
+    # all NixOS files are written over what nixos-generate-config left (configuration.nix)
+    assert all(name in commands["config"][0] for name in ('"$s/"flake.nix', '"$s/"configuration.nix',
+                                                           '"$s/"hardware-configuration.nix'))
+
+
+def test_a_run_resumed_at_any_stage_reads_before_it_acts(fake, profile):
+    # The same target, but each stage as the first of a new run (resumed after a fault there):
+    # nothing is known, so every stage reads the target before it decides.
+    fake.facts.update(blank_target_facts(profile))
+    reads, _ = first_run(profile, fake, knows_nothing=True)
+    assert all(reads.values()), reads
+    assert "LuksHeader" in reads["format"] and "LuksMapping" in reads["open"]
+    assert reads["mkfs"] == ["WholeDiskSignature", "WholeDiskSignature"] and reads["top"] == ["Mounts"]
+    assert "BtrfsSubvolumes" in reads["subvolumes"] and "SwapfileState" in reads["swapfile"]
+
+
+def test_what_the_target_shows_is_not_trusted_over_a_fresh_make(fake, profile):
+    # If read, the partition would show a LUKS header (say, stale data from an old table at the
+    # same offset) and the stage would keep it. This run made the partition: it is not read, and
+    # the format command's own check (isLuks, blkid) stops the run on the target instead.
+    [(part, spec)] = profile.luks_devices()
+    fake.facts.update({luks.LuksHeader: {"version": 2, "uuid": "old"}})
+    assert run(luks.container, device=part.device, luks=spec) == [] and "already holds" in fake.noops[-1]
+    roundtrips.record_created(f"device {part.device}")
+    [command] = run(luks.container, device=part.device, luks=spec)
+    script = shlex.split(command)[2]
+    assert script.index("cryptsetup isLuks") < script.index("cryptsetup luksFormat")
+    assert "already carries a signature: not formatting it" in script
+
+
+def test_mounts_record_which_places_are_empty(fake, profile):
+    for sub in ("@root", "@nix", "@persist"):
+        roundtrips.record_created(f"subvolume /dev/mapper/cryptroot {sub}")
+    roundtrips.record_created("filesystem /dev/disk/by-partlabel/EFI")
+    run(mounts.mounted, mounts=profile.all_mounts())
+    assert roundtrips.is_fresh("/mnt/etc/nixos") and roundtrips.is_fresh("/mnt/persist/secrets")
+    assert roundtrips.is_fresh("/mnt/boot") and roundtrips.is_fresh("/mnt/nix/store")
+    assert not roundtrips.is_fresh("/mnt/home/ana")        # @home was not made by this run: read it
+    assert not roundtrips.is_fresh("/mnt/var/log") and not roundtrips.is_fresh("/srv")
+
+
+def test_fresh_places_follow_the_nearest_record(fake):
+    roundtrips.record_fresh("/mnt", True)
+    roundtrips.record_fresh("/mnt/nix", False)
+    roundtrips.record_fresh("/mnt/persist/etc/ssh", False)
+    assert roundtrips.is_fresh("/mnt") and roundtrips.is_fresh("/mnt/etc/nixos/")
+    assert roundtrips.is_fresh("/mnt/persist/etc/nixos")
+    assert not roundtrips.is_fresh("/mnt/nix/store") and not roundtrips.is_fresh("/mnt/persist/etc/ssh/key")
+    assert not roundtrips.is_fresh("/mntx") and not roundtrips.is_fresh("/")
+
+
+def test_a_plan_never_lends_its_assumptions_to_the_execution(fake):
+    fake.state = type("PrepareState", (), {"is_executing": False})()
+    roundtrips.record_created("device /dev/disk/by-partlabel/cryptroot")
+    roundtrips.record_fresh("/mnt", True)
+    assert roundtrips.created_this_run("device /dev/disk/by-partlabel/cryptroot") and roundtrips.is_fresh("/mnt/x")
+    fake.state = type("ExecutingState", (), {"is_executing": True})()
+    assert not roundtrips.created_this_run("device /dev/disk/by-partlabel/cryptroot")
+    assert not roundtrips.is_fresh("/mnt/x")
