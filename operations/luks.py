@@ -177,7 +177,9 @@ def format_command(device: str, luks: Luks, secret: Secret) -> StringCommand:
     quoted = shlex.quote(device)
     script = (f"udevadm settle; [ -b {quoted} ] || {{ echo 'tabula: {device} is missing' >&2; exit 1; }}; "
               f"if cryptsetup isLuks {quoted} || [ -n \"$(blkid -p -o value -s TYPE {quoted})\" ]; then "
-              f"echo 'tabula: {device} already carries a signature: not formatting it' >&2; exit 1; fi; "
+              f"echo 'tabula: {device} already carries a signature: not formatting it (left by an earlier install "
+              "on this disk?). Run again to have it checked and kept, or clear it with wipefs -a if it holds nothing "
+              "you need' >&2; exit 1; fi; "
               + " ".join(str(a) for a in args))
     return StringCommand("sh", "-c", QuoteString(script), _stdin=secret.reveal())
 

@@ -114,3 +114,35 @@ def test_drift_and_wrong_passphrase_stop_the_run(clean_disks, livevm, target, pa
     assert result.returncode == 0, output[-8000:]
     assert livevm.run("cryptsetup luksUUID /dev/disk/by-partlabel/cryptroot").stdout == uuid
     assert_installed_layout(livevm, target)
+
+
+def test_old_install_under_a_zapped_table_is_never_formatted_over(clean_disks, livevm, target, passphrase_env,
+                                                                  run_pyinfra):
+    """A user zaps the partition table of an installed disk and runs again. The new partitions
+    land where the old ones were, so the old LUKS header and vfat are visible in them. The first
+    run does not read partitions it has just made: the checks inside luksFormat/mkfs must stop it
+    before anything is formatted over, and the next run (which reads) keeps the old container."""
+    first, output = run_over_ssh(run_pyinfra, deploy_args(livevm))
+    assert first.returncode == 0, output[-8000:]
+    livevm.run("echo kept > /mnt/persist/marker")
+    uuids = livevm.run("cryptsetup luksUUID /dev/disk/by-partlabel/cryptroot; "
+                       "blkid -p -o value -s UUID /dev/disk/by-partlabel/EFI").stdout
+    nvme = livevm.disk_by_serial(NVME_SERIAL)
+    livevm.run(f"swapoff -a; umount -R /mnt; umount /run/tabula/btrfs/nixos; cryptsetup close cryptroot; "
+               f"sgdisk --zap-all {nvme} >/dev/null; partx -u {nvme} 2>/dev/null; udevadm settle")
+    assert livevm.run(f"blkid -p -o value -s PTTYPE {nvme}", check=False).stdout.strip() == ""   # looks blank
+
+    result, output = run_over_ssh(run_pyinfra, deploy_args(livevm), "-vv")
+    assert result.returncode != 0, output[-8000:]
+    assert "/dev/disk/by-partlabel/cryptroot already carries a signature: not formatting it" in output
+    assert "Run again to have it checked and kept" in output
+    assert livevm.run("cryptsetup luksUUID /dev/disk/by-partlabel/cryptroot; "
+                      "blkid -p -o value -s UUID /dev/disk/by-partlabel/EFI").stdout == uuids
+
+    result, output = run_over_ssh(run_pyinfra, deploy_args(livevm), "-vv")
+    assert result.returncode == 0, output[-8000:]
+    assert "already holds a luks2 header" in output
+    assert livevm.run("cryptsetup luksUUID /dev/disk/by-partlabel/cryptroot; "
+                      "blkid -p -o value -s UUID /dev/disk/by-partlabel/EFI").stdout == uuids
+    assert livevm.run("cat /mnt/persist/marker").stdout.strip() == "kept"
+    assert_installed_layout(livevm, target)

@@ -45,11 +45,13 @@ class FakeHost:
 
 
 def use_fake_host(monkeypatch, module, facts) -> FakeHost:
-    """Answer the module's facts (read through operations.roundtrips) from the table."""
+    """Answer the module's (or a tuple of modules') facts, read through operations.roundtrips,
+    from the table."""
     from operations import roundtrips
 
     fake = FakeHost(facts)
-    monkeypatch.setattr(module, "host", fake)
+    for each in module if isinstance(module, tuple) else (module,):
+        monkeypatch.setattr(each, "host", fake)
     monkeypatch.setattr(roundtrips, "host", fake)
     monkeypatch.setattr(roundtrips, "_kept", {})
     # What an earlier operation of the same run made: none, unless a test records it.

@@ -12,21 +12,14 @@ from operations import btrfs, disks, filesystems, gpt, luks, mounts, nixos, pers
 from operations.disks import install_path
 from operations.profile import load_profile
 from operations.secrets import Secret
-from tests.unit.pyinfra_fake import FIXTURES, FakeHost
+from tests.unit.pyinfra_fake import FIXTURES, use_fake_host
 from tests.unit.test_nixos_render import fake_ids
 from tests.unit.vm_vars import NVME
 
 
 @pytest.fixture
 def fake(monkeypatch):
-    host = FakeHost({})
-    for module in (roundtrips, disks, gpt, luks, filesystems, btrfs, mounts, nixos, persist):
-        monkeypatch.setattr(module, "host", host)
-    monkeypatch.setattr(roundtrips, "_kept", {})
-    monkeypatch.setattr(roundtrips, "_created", {})
-    monkeypatch.setattr(roundtrips, "_fresh", {})
-    monkeypatch.setattr(roundtrips, "_read_together",
-                        lambda missing: {key: host.get_fact(fact, **kwargs) for key, fact, kwargs in missing})
+    host = use_fake_host(monkeypatch, (disks, gpt, luks, filesystems, btrfs, mounts, nixos, persist), {})
     monkeypatch.setattr(luks, "passphrase", lambda: Secret("unit test secret", "test"))
     return host
 
