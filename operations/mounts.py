@@ -152,14 +152,16 @@ def mounted(mounts: list[Mount]):
 
 
 def is_empty_when_mounted(mount: Mount) -> bool:
-    """Whether this mount shows an empty filesystem: a tmpfs, or a filesystem or btrfs subvolume
-    this same run just created (the later steps then have nothing to read below it)."""
+    """Whether this mount shows an empty filesystem: a tmpfs, or a filesystem, btrfs subvolume or
+    ZFS dataset this same run just created (the later steps then have nothing to read below it)."""
     if mount.fstype == "tmpfs":
         return True
     if mount.fstype == "btrfs":
         subvol = next((o.split("=", 1)[1] for o in mount.options if o.startswith("subvol=")), None)
         return subvol is not None and created_this_run(f"subvolume {mount.device} {subvol.lstrip('/')}")
-    return mount.fstype not in ("zfs", "none") and created_this_run(f"filesystem {mount.device}")
+    if mount.fstype == "zfs":
+        return created_this_run(f"dataset {mount.device}")
+    return mount.fstype != "none" and created_this_run(f"filesystem {mount.device}")
 
 
 def check_mounted(mount: Mount, target: str, current: dict) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import operation, read
+from operations.roundtrips import created_this_run, operation, read, record_created
 
 from operations.errors import TabulaError
 from operations.profile import Dataset, Pool, Profile
@@ -285,6 +285,16 @@ def pool(pool: Pool, devices: dict[str, str]):
         zfs.pool(profile.pools["rpool"], {"rpool-rz1-2790ee34": "/dev/disk/by-partlabel/rpool-rz1-2790ee34", ...})
     """
     search_dirs = tuple(sorted({path.rsplit("/", 1)[0] for path in devices.values()}))
+    if all(created_this_run(f"device {path}") for path in devices.values()):
+        # Every member is a partition this run just made: no pool to find. zpool create itself
+        # refuses a member that still carries an old pool's label (new partitions where old ones were).
+        record_created(f"pool {pool.name}")
+        hint = (f"tabula: zpool create {pool.name} failed. If a member carries the label of an earlier pool "
+                "(new partitions where old ones were), run again to have that pool found and imported, or clear "
+                "the label with zpool labelclear if it holds nothing you need")
+        yield StringCommand("sh", "-c", QuoteString(f"{create_pool_command(pool, devices).get_raw_value()} || "
+                                                    f"{{ echo {shlex.quote(hint)} >&2; exit 1; }}"))
+        return
     state = read(ZfsPoolState, pool_name=pool.name, devices=tuple(devices.values()))
     if state.get("state") == "imported":
         problems = topology_differences(pool, devices, state)
@@ -347,8 +357,16 @@ def dataset(dataset_name: str, properties: dict[str, str] | None = None, encrypt
                     _stdin=read_secret("ZFS_KEY").reveal())
     """
     pool_name = dataset_name.split("/", 1)[0]
-    datasets = read(ZfsPoolDatasets, pool_name=pool_name)
     wanted = {**(properties or {}), **(encryption or {})}
+    if created_this_run(f"pool {pool_name}"):
+        # A pool this run just made holds only what this run created in it (zfs create refuses
+        # an existing dataset); its root dataset got its properties from zpool create -O.
+        if not create:
+            host.noop(f"dataset {dataset_name} got its properties from this run's zpool create")
+            return
+        datasets = {}
+    else:
+        datasets = read(ZfsPoolDatasets, pool_name=pool_name)
     current = datasets.get(dataset_name)
 
     if current is None and not create:
@@ -362,6 +380,7 @@ def dataset(dataset_name: str, properties: dict[str, str] | None = None, encrypt
         if empty_snapshot:
             # The same command: nothing can be written to the dataset before its @empty exists.
             bits += ["&&", "zfs", "snapshot", QuoteString(f"{dataset_name}@{EMPTY_SNAPSHOT}")]
+        record_created(f"dataset {dataset_name}")
         yield StringCommand(*bits)
         return
 

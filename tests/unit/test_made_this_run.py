@@ -8,18 +8,18 @@ import shlex
 
 import pytest
 
-from operations import btrfs, disks, filesystems, gpt, luks, mounts, nixos, persist, roundtrips
+from operations import btrfs, disks, filesystems, gpt, luks, mounts, nixos, persist, roundtrips, zfs
 from operations.disks import install_path
 from operations.profile import load_profile
 from operations.secrets import Secret
 from tests.unit.pyinfra_fake import FIXTURES, use_fake_host
 from tests.unit.test_nixos_render import fake_ids
-from tests.unit.vm_vars import NVME
+from tests.unit.vm_vars import NVME, ZFS_VARS
 
 
 @pytest.fixture
 def fake(monkeypatch):
-    host = use_fake_host(monkeypatch, (disks, gpt, luks, filesystems, btrfs, mounts, nixos, persist), {})
+    host = use_fake_host(monkeypatch, (disks, gpt, luks, filesystems, btrfs, mounts, nixos, persist, zfs), {})
     monkeypatch.setattr(luks, "passphrase", lambda: Secret("unit test secret", "test"))
     return host
 
@@ -154,3 +154,32 @@ def test_a_plan_never_lends_its_assumptions_to_the_execution(fake):
     fake.state = type("ExecutingState", (), {"is_executing": True})()
     assert not roundtrips.created_this_run("device /dev/disk/by-partlabel/cryptroot")
     assert not roundtrips.is_fresh("/mnt/x")
+
+
+def test_a_pool_on_new_partitions_is_created_and_filled_without_reading_it(fake):
+    profile = load_profile("zfs-raidz1", ZFS_VARS)
+    pool_def = profile.pools["rpool"]
+    devices = zfs.member_devices(profile, "rpool")
+    for path in devices.values():
+        roundtrips.record_created(f"device {path}")
+    [create] = run(zfs.pool, pool=pool_def, devices=devices)
+    assert "zpool create" in create and "zpool labelclear" in create   # its own refusal of an old label says what to do
+    assert run(zfs.dataset, dataset_name=pool_def.name, properties=dict(pool_def.root_properties), create=False) == []
+    for ds in zfs.ordered_datasets(pool_def):
+        [command] = run(zfs.dataset, dataset_name=f"{pool_def.name}/{ds.name}", properties=zfs.dataset_properties(ds),
+                        encryption=ds.encryption.model_dump() if ds.encryption else None,
+                        empty_snapshot=ds.empty_snapshot)
+        assert command.startswith("zfs create")
+    assert fake.reads == []
+    run(mounts.mounted, mounts=profile.all_mounts())
+    zfs_mounts = [m for m in profile.all_mounts() if m.fstype == "zfs"]
+    assert zfs_mounts and all(roundtrips.is_fresh(install_path(m.mountpoint)) for m in zfs_mounts)
+
+
+def test_a_pool_with_a_member_from_before_is_looked_for(fake):
+    profile = load_profile("zfs-raidz1", ZFS_VARS)
+    devices = zfs.member_devices(profile, "rpool")
+    for path in list(devices.values())[1:]:
+        roundtrips.record_created(f"device {path}")
+    run(zfs.pool, pool=profile.pools["rpool"], devices=devices)
+    assert fake.reads == ["ZfsPoolState", "ZfsImportablePools"]
