@@ -262,4 +262,3 @@ def test_too_small_disk_is_refused_before_any_change(clean_disks, target, run_py
     assert "TABULA-RZ1" in output or "smaller" in output, output
     assert disks_snapshot(target) == before
     assert target.run("zpool list -H").stdout.strip() == ""
-
