@@ -162,9 +162,11 @@ def top_level(device: str, path: str, options: tuple[str, ...] = ()):
                               f"{','.join(current['options'])}), not the top level of {device}: unmount it")
         host.noop(f"the top level of {device} is already mounted at {path}")
         return
+    # (not read, so checked: nothing may be mounted there already)
     free = StringCommand("sh", "-c", QuoteString(
-        f"if mountpoint -q {shlex.quote(path)}; then echo 'tabula: {path} is already mounted: unmount it' >&2; exit 1; fi"))
-    yield one_command(StringCommand("mkdir", "-p", QuoteString(path)), free if new else None,
+        f"if mountpoint -q {shlex.quote(path)}; then echo 'tabula: {path} is already mounted: unmount it' >&2; exit 1; fi"
+    )) if new else None
+    yield one_command(StringCommand("mkdir", "-p", QuoteString(path)), free,
                       StringCommand("mount", "-t", "btrfs", "-o", QuoteString(",".join(["subvolid=5", *options])),
                                     QuoteString(device), QuoteString(path)))
 

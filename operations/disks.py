@@ -39,6 +39,11 @@ CONTENT_SIGNATURES = {
 }
 
 
+# What a formatting command says when it finds a signature on its device (the checks inside
+# luksFormat, mkfs and mkswap), after "<device> ... not formatting it".
+SIGNATURE_FOUND_ADVICE = ("(left by an earlier install on this disk?). Run again to have it checked and kept, "
+                          "or clear it with wipefs -a if it holds nothing you need")
+
 # Stable paths of the disks this run wipes first (confirmed foreign content).
 _PLANNED_WIPES: set[str] = set()
 

@@ -11,7 +11,7 @@ import shlex
 from pyinfra import host
 from pyinfra.api import QuoteString, StringCommand
 
-from operations.disks import WholeDiskSignature, before_wipe
+from operations.disks import SIGNATURE_FOUND_ADVICE, WholeDiskSignature, before_wipe
 from operations.errors import TabulaError
 from operations.profile import Filesystem, Profile, Swap
 from operations.roundtrips import created_this_run, one_command, operation, read_many, record_created
@@ -43,9 +43,8 @@ def blank_guard(device: str) -> str:
     not read, on a device this run just made)."""
     quoted = shlex.quote(device)
     return (f"udevadm settle; [ -b {quoted} ] && [ -z \"$(blkid -p -o value -s TYPE {quoted})\" ] || "
-            f"{{ echo 'tabula: {device} is missing or already carries a signature: not formatting it (left by an "
-            "earlier install on this disk?). Run again to have it checked and kept, or clear it with wipefs -a if it "
-            "holds nothing you need' >&2; exit 1; }; ")
+            f"{{ echo 'tabula: {device} is missing or already carries a signature: not formatting it "
+            f"{SIGNATURE_FOUND_ADVICE}' >&2; exit 1; }}; ")
 
 
 def filesystem_check(device: str, fs: Filesystem, found: dict) -> tuple[StringCommand | None, str]:

@@ -20,7 +20,7 @@ from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
 from operations.roundtrips import created_this_run, operation, read, read_many, record_created
 
-from operations.disks import WholeDiskSignature, before_wipe
+from operations.disks import SIGNATURE_FOUND_ADVICE, WholeDiskSignature, before_wipe
 from operations.errors import TabulaError
 from operations.profile import Luks, Partition, Profile
 from operations.secrets import Secret, read_secret
@@ -177,9 +177,8 @@ def format_command(device: str, luks: Luks, secret: Secret) -> StringCommand:
     quoted = shlex.quote(device)
     script = (f"udevadm settle; [ -b {quoted} ] || {{ echo 'tabula: {device} is missing' >&2; exit 1; }}; "
               f"if cryptsetup isLuks {quoted} || [ -n \"$(blkid -p -o value -s TYPE {quoted})\" ]; then "
-              f"echo 'tabula: {device} already carries a signature: not formatting it (left by an earlier install "
-              "on this disk?). Run again to have it checked and kept, or clear it with wipefs -a if it holds nothing "
-              "you need' >&2; exit 1; fi; "
+              f"echo 'tabula: {device} already carries a signature: not formatting it {SIGNATURE_FOUND_ADVICE}' >&2; "
+              "exit 1; fi; "
               + " ".join(str(a) for a in args))
     return StringCommand("sh", "-c", QuoteString(script), _stdin=secret.reveal())
 
@@ -265,7 +264,8 @@ def mapping(device: str, luks: Luks):
     """
     # Nothing can be open on a container this run just formatted; the open command itself stops
     # when a mapping of that name is open on another device.
-    status = None if created_this_run(f"luks {device}") else read(LuksMapping, mapper=luks.mapper)
+    new = created_this_run(f"luks {device}")
+    status = None if new else read(LuksMapping, mapper=luks.mapper)
     if status:
         backing = read(CanonicalPath, path=device)
         if backing and status.get("device") and status["device"] != backing:
@@ -273,7 +273,7 @@ def mapping(device: str, luks: Luks):
                               f"({backing}): close it or rename the mapper in the profile")
         host.noop(f"/dev/mapper/{luks.mapper} is already open on {status.get('device', device)}")
         return
-    if created_this_run(f"luks {device}"):
+    if new:
         record_created(f"device /dev/mapper/{luks.mapper}")
     yield open_command(device, luks, passphrase())
 
