@@ -520,6 +520,11 @@ HARDWARE_SKELETON = """\
 """
 
 
+def extra_config_name(extra_config: str) -> str:
+    """The file name the profile's extra module gets in /etc/nixos (a template name or a path)."""
+    return Path(extra_config).name
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, autoescape=False)
@@ -549,7 +554,8 @@ def render_files(profile: Profile, generated_hardware: str | None, ids: dict | N
     out = {
         "flake.nix": env.get_template("flake.nix.j2").render(**common, hardware_module=hardware_module),
         "configuration.nix": env.get_template("configuration.nix.j2").render(
-            **common, imports=([n.extra_config] if n.extra_config else []) + [name for f in fragments for name, _ in f.files],
+            **common, imports=([extra_config_name(n.extra_config)] if n.extra_config else [])
+            + [name for f in fragments for name, _ in f.files],
             layer_fragments=[f.configuration.rstrip("\n") for f in fragments if f.configuration]),
         "impermanence.nix": env.get_template("impermanence.nix.j2").render(
             **common, tmpfiles_dirs=_tmpfiles_dirs(persist_root),
@@ -561,10 +567,10 @@ def render_files(profile: Profile, generated_hardware: str | None, ids: dict | N
     for fragment in fragments:
         out.update(dict(fragment.files))
     if n.extra_config:
-        extra = TEMPLATE_DIR / n.extra_config
+        extra = TEMPLATE_DIR / n.extra_config     # an absolute path stays as it is
         if not extra.is_file():
-            raise TabulaError(f"nixos.extra_config: no template {n.extra_config!r} in {TEMPLATE_DIR}")
-        out[n.extra_config] = extra.read_text()
+            raise TabulaError(f"nixos.extra_config: no template {n.extra_config!r} in {TEMPLATE_DIR}, nor such a file")
+        out[extra_config_name(n.extra_config)] = extra.read_text()
     return out
 
 

@@ -13,6 +13,7 @@ to the target on stdin only.
 
 from __future__ import annotations
 
+import posixpath
 import re
 
 from pyinfra import host, logger
@@ -154,8 +155,9 @@ def password_hashes(profile: Profile, required: bool) -> dict[str, str]:
     that does not install may leave them out and seed them on the run that installs.
     """
     hashes = {}
-    for filename, secret_name in (("root-password", "ROOT_PASSWORD_HASH"),
-                                  (f"{profile.nixos.user}-password", "USER_PASSWORD_HASH")):
+    files = profile.password_files
+    for filename, secret_name in ((posixpath.basename(files["root"]), "ROOT_PASSWORD_HASH"),
+                                  (posixpath.basename(files[profile.nixos.user]), "USER_PASSWORD_HASH")):
         secret = read_secret(secret_name, required=required)
         if secret is None:
             logger.warning(f"TABULA_{secret_name} is not set: {filename} is not seeded (needed before installing)")
@@ -169,7 +171,7 @@ def apply(profile: Profile, settings=None) -> None:
     # Read and checked before anything runs: a plaintext value (or a missing one when this run
     # installs) stops the run here.
     hashes = password_hashes(profile, required=getattr(settings, "install", True))
-    secrets(f"{persist}/secrets", {filename: Secret(value, filename) for filename, value in hashes.items()},
+    secrets(f"{ROOT}{profile.secrets_dir}", {filename: Secret(value, filename) for filename, value in hashes.items()},
             name=f"{persist}/secrets (0700)" + (f": {', '.join(hashes)} (0600)" if hashes else ""))
     host_identity(f"{persist}/etc", [("ed25519", None), ("rsa", 4096)], comment=f"root@{profile.nixos.hostname}",
                   name=f"Host identity in {persist}/etc: SSH host keys (ed25519, rsa 4096), machine-id")

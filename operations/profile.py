@@ -334,7 +334,10 @@ class NixosSettings(_Node):
     # nixos-hardware module name, e.g. asus-zephyrus-gu605my; null: none, or chosen from DMI
     hardware_module: str | None = None
     user_groups: list[str] = ["wheel"]
-    extra_config: str | None = None  # name of a template under templates/ with host extras
+    extra_config: str | None = None  # name of a template under templates/ (or a path) with host extras
+    # Unfree packages the configuration may install, by name (lib.getName): nixpkgs refuses to
+    # evaluate any other unfree package, so nothing unfree comes in unnoticed.
+    unfree_packages: list[str] = []
 
     @field_validator("hostname")
     @classmethod
@@ -447,6 +450,17 @@ class Profile(_Node):
     @property
     def hash(self) -> str:
         return host_hash(self.nixos.hostname)
+
+    @property
+    def secrets_dir(self) -> str:
+        """Where the persist stage seeds the password hashes (on the installed system)."""
+        return f"{self.persistence.root}/secrets"
+
+    @property
+    def password_files(self) -> dict[str, str]:
+        """{user name: the hashedPasswordFile NixOS reads at boot}, seeded by the persist stage."""
+        return {"root": f"{self.secrets_dir}/root-password",
+                self.nixos.user: f"{self.secrets_dir}/{self.nixos.user}-password"}
 
     @property
     def host_id(self) -> str:

@@ -16,8 +16,9 @@
   # Fix for supergfxctl GPU detection
   systemd.services.supergfxd.path = [ pkgs.pciutils ];
 
-  # Power management
-  services.power-profiles-daemon.enable = true;
+  # Power management: power-profiles-daemon unless the nixos-hardware module chooses otherwise
+  # (the 2025 G16's gu605cw module enables TuneD, which switches power-profiles-daemon off).
+  services.power-profiles-daemon.enable = lib.mkDefault true;
   services.thermald.enable = true;
 
   # NVIDIA configuration (for hybrid graphics)

@@ -1,0 +1,219 @@
+"""Every configuration Tabula writes evaluates in Nix's module system, against real nixpkgs.
+
+For every profile, and for zephyrus-btrfs with each nixos-hardware module it may use, the files
+of the review renderer (tools/render.py) are evaluated with the offline kit of ``../shared/nix``
+down to ``config.system.build.toplevel.drvPath``, what nixos-install evaluates before it builds.
+An evaluation error or warning fails (but the kit's one known trace). The assertions read the
+merged, evaluated options back (``--json --apply``), not the text Tabula wrote.
+
+Not proven here: that the system builds or boots (nothing can be built offline), nor anything
+nixpkgs-unstable changed since 24.05 (the kit's compat modules map only the option names).
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from operations.nixos import render_files, stable_device, systemd_escape
+from operations.profile import available_profiles, load_profile
+from operations import zfs
+from tests.nix.evaluation import kit_evaluate
+
+VARS = {
+    "zephyrus-btrfs": {"disk": "/dev/disk/by-id/nvme-TEST", "hostname": "g16", "user": "ana"},
+    "light-tmpfs-f2fs": {"disk": "/dev/disk/by-id/virtio-TEST", "hostname": "light"},
+    "zfs-raidz1": {"ssd": "/dev/disk/by-id/virtio-S", "rz1": "/dev/disk/by-id/virtio-1",
+                   "rz2": "/dev/disk/by-id/virtio-2", "rz3": "/dev/disk/by-id/virtio-3", "hostname": "nas"},
+}
+DEFAULT = "profile's own"
+# (profile, nixos-hardware module): the guide's 2024 G16, the 2025 G16 (what DMI GU605CW
+# selects), none; the other profiles with their own choice.
+CASES = [("zephyrus-btrfs", "asus-zephyrus-gu605my"), ("zephyrus-btrfs", "asus-zephyrus-gu605cw"),
+         ("zephyrus-btrfs", None), ("zfs-raidz1", DEFAULT), ("light-tmpfs-f2fs", DEFAULT)]
+
+
+def case_id(case) -> str:
+    return f"{case[0]}-{case[1] or 'no-hardware-module'}".replace(f"-{DEFAULT}", "")
+
+
+class Case:
+    def __init__(self, profile_name: str, module):
+        variables = dict(VARS[profile_name])
+        if module != DEFAULT:
+            variables["hardware_module"] = module
+        self.profile = load_profile(profile_name, variables)
+        self.module = self.profile.nixos.hardware_module
+        self.files = render_files(self.profile, None, None, hardware_module=self.module, placeholder=True)
+        self._value = None
+        self._error = None
+
+    def evaluate(self):
+        try:
+            self._value = kit_evaluate(self.files, self.profile.nixos.hostname, self.module)
+        except AssertionError as error:
+            self._error = error
+
+    @property
+    def value(self) -> dict:
+        if self._error:
+            raise self._error
+        return self._value
+
+
+@pytest.fixture(scope="session")
+def evaluated() -> dict:
+    """Every case evaluated once, two at a time (one nix eval keeps one core busy)."""
+    cases = {case_id(c): Case(*c) for c in CASES}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(lambda case: case.evaluate(), cases.values()))
+    return cases
+
+
+@pytest.fixture(params=CASES, ids=case_id)
+def case(request, evaluated) -> Case:
+    return evaluated[case_id(request.param)]
+
+
+def test_every_profile_is_a_case():
+    assert {name for name, _ in CASES} == set(available_profiles()) == set(VARS)
+
+
+def test_configuration_evaluates_to_a_system(case):
+    drv = case.value["drvPath"]
+    assert drv.startswith("/nix/store/") and drv.endswith(".drv")
+    assert f"-nixos-system-{case.profile.nixos.hostname}-" in drv
+    assert case.value["hostName"] == case.profile.nixos.hostname
+
+
+def test_file_systems_are_the_profile_mounts(case):
+    fs = case.value["fileSystems"]
+    for mount in case.profile.all_mounts():
+        got = fs[mount.mountpoint]
+        assert got["device"] == stable_device(mount.device, None, "UUID", placeholder=True), mount.mountpoint
+        assert got["fsType"] == mount.fstype, mount.mountpoint
+        assert set(mount.options) <= set(got["options"]), mount.mountpoint
+        assert got["neededForBoot"] == mount.needed_for_boot, mount.mountpoint
+
+
+def test_persistent_mounts_are_needed_for_boot(case):
+    """Impermanence binds from the persistent root in stage 1: it must be mounted by then, and so
+    must whatever holds the store and the logs ("/" is mounted in stage 1 anyway)."""
+    fs = case.value["fileSystems"]
+    persist = case.profile.persistence.root
+    for mountpoint in (persist, "/nix", "/var/log"):
+        assert fs[mountpoint]["neededForBoot"] is True, mountpoint
+
+
+def test_impermanence_entries_are_the_profile(case):
+    persistence = case.value["persistence"]
+    root = case.profile.persistence.root
+    assert list(persistence) == [root]
+    assert persistence[root]["directories"] == case.profile.persistence.directories
+    assert persistence[root]["files"] == case.profile.persistence.files
+    # every entry becomes a bind mount from the persistent root
+    for directory in case.profile.persistence.directories:
+        assert case.value["fileSystems"][directory]["device"] == f"{root}{directory}"
+
+
+def test_password_files_are_the_seeded_ones(case):
+    """users.mutableUsers is false and the root is wiped: NixOS reads the hashes from exactly the
+    files the persist stage seeds, or nobody can log in."""
+    assert case.value["mutableUsers"] is False
+    assert case.value["passwordFiles"] == case.profile.password_files
+    assert all(path.startswith(case.profile.secrets_dir + "/") for path in case.value["passwordFiles"].values())
+
+
+def test_ssh_host_keys_live_on_the_persistent_root(case):
+    root = case.profile.persistence.root
+    assert case.value["sshKeys"] == [f"{root}/etc/ssh/ssh_host_ed25519_key", f"{root}/etc/ssh/ssh_host_rsa_key"]
+
+
+def test_initrd_luks_devices_are_the_profile_containers(case):
+    luks = case.value["luks"]
+    expected = {l.mapper: (part, l) for part, l in case.profile.luks_devices()}
+    assert set(luks) == set(expected)
+    for mapper, (part, container) in expected.items():
+        assert luks[mapper]["device"] == stable_device(part.device, None, "UUID", placeholder=True)
+        assert luks[mapper]["allowDiscards"] == container.allow_discards
+        assert luks[mapper]["bypassWorkqueues"] == container.bypass_workqueues
+
+
+def test_swap_devices(case):
+    swaps = case.value["swapDevices"]
+    expected = []
+    for _, fs in case.profile.filesystems():
+        for sub in fs.subvolumes:
+            if sub.swapfile:
+                expected.append({"device": f"{sub.mountpoint}/swapfile", "randomEncryption": False,
+                                 "size": sub.swapfile.size_bytes // (1024 * 1024)})
+    for device, swap in case.profile.swaps():
+        expected.append({"device": stable_device(device, None, "PARTUUID", placeholder=True),
+                         "randomEncryption": swap.random_encryption, "size": None})
+    assert swaps == expected
+
+
+def test_btrfs_rollback_runs_between_the_real_units(case):
+    """The rollback service orders itself on unit names systemd really generates: the
+    cryptsetup service of a LUKS device NixOS opens in the initrd, the device unit of what "/"
+    is mounted from, and sysroot.mount, the initrd's unit for "/"."""
+    blank = [sub for _, fs in case.profile.filesystems() for sub in fs.subvolumes if sub.blank_snapshot]
+    services = case.value["initrdServices"]
+    if not blank:
+        assert not [name for name in services if name.startswith("rollback")]
+        return
+    assert case.value["initrdSystemd"] is True
+    rollback = services["rollback"]
+    root_device = case.value["fileSystems"]["/"]["device"]
+    device_unit = f"{systemd_escape(root_device, path=True)}.device"
+    mapper = root_device.removeprefix("/dev/mapper/")
+    assert mapper in case.value["luks"], "the root's device is not a LUKS device the initrd opens"
+    assert rollback["requires"] == [device_unit]
+    assert set(rollback["after"]) == {device_unit, f"systemd-cryptsetup@{systemd_escape(mapper)}.service"}
+    assert rollback["before"] == ["sysroot.mount"]
+    assert "initrd.target" in rollback["wantedBy"]
+
+
+def test_zfs_rollback_import_host_id_and_credentials(case):
+    profile = case.profile
+    services = case.value["initrdServices"]
+    if not profile.pools:
+        assert "zfs" not in case.value["supportedFilesystems"]
+        assert case.value["zfsRequestCredentials"] is None
+        return
+    assert "zfs" in case.value["supportedFilesystems"]
+    assert case.value["hostId"] == profile.host_id == profile.hash
+    encrypted = [f"{p.name}/{d.name}" for p in profile.pools.values() for d in p.datasets if d.encryption]
+    assert case.value["zfsRequestCredentials"] == encrypted
+    rollbacks = {name: s for name, s in services.items() if name.startswith("tabula-rollback")}
+    if zfs.temp_datasets(profile):
+        assert rollbacks, "temp datasets but no rollback service"
+        for service in rollbacks.values():
+            imports = [u for u in service["after"] if u.startswith("zfs-import-")]
+            assert imports and set(imports) <= set(service["requires"])
+            for unit in imports:
+                # the import unit NixOS's ZFS module really generates for the pool
+                assert unit.removesuffix(".service") in services, unit
+                assert unit.removesuffix(".service").removeprefix("zfs-import-") in [p.name for p in profile.pools.values()]
+            assert service["before"] == ["sysroot.mount"]
+
+
+def test_unfree_packages_are_allowed_by_name_only(case):
+    """Nothing unfree is allowed wholesale; the G16's NVIDIA driver evaluates because its
+    packages are named (a missing name fails test_configuration_evaluates_to_a_system)."""
+    assert case.value["allowUnfree"] is False
+    if case.profile.name == "zephyrus-btrfs":
+        assert "nixpkgs.config.allowUnfreePredicate" in case.files["configuration.nix"]
+        assert set(case.profile.nixos.unfree_packages) >= {"nvidia-x11"}
+
+
+def test_power_management_gives_way_to_the_hardware_module(case):
+    """The 2025 G16's module enables TuneD, which turns power-profiles-daemon off; elsewhere the
+    G16 extras keep power-profiles-daemon (a plain `true` conflicted with TuneD's `false`)."""
+    if case.profile.nixos.extra_config != "zephyrus-extra.nix":
+        return
+    if case.module == "asus-zephyrus-gu605cw":
+        assert case.value["tuned"] is True
+        assert case.value["powerProfilesDaemon"] is False
+    else:
+        assert case.value["powerProfilesDaemon"] is True
