@@ -4,7 +4,11 @@ Patch nixos-generate-config's hardware-configuration.nix on its syntax tree (tre
 What the tool detected about the hardware (kernel modules, microcode, host platform, DHCP)
 is kept byte for byte; what it detected about storage (``fileSystems``, ``swapDevices``,
 ``boot.initrd.luks.devices``) is removed and the profile's storage bindings take the place of
-the first of them, so the file reads like the guide's hardware-configuration.nix.
+the first of them, so the file reads like the guide's hardware-configuration.nix. Storage is
+found in every form Nix allows for it: the real tool's (``fileSystems."/x" =`` with its
+``{ device = …`` on the next line, the dotted ``boot.initrd.luks.devices."x".device = …;``
+between them, a multi-line ``swapDevices``), split attribute paths, and bindings nested in
+``boot = { initrd = { … }; }``; the rest of a line it shares is kept.
 
     from operations.nixpatch import patch_hardware_configuration
     patched = patch_hardware_configuration(generated_text, storage_bindings)
@@ -89,19 +93,93 @@ def _is_storage(path: tuple[str, ...]) -> bool:
     return any(path[: len(prefix)] == prefix for prefix in STORAGE_ATTRPATHS)
 
 
-def _line_span(text: bytes, start: int, end: int) -> tuple[int, int]:
-    """Widen [start, end) to whole lines plus the blank lines that follow."""
+def _leads_to_storage(path: tuple[str, ...]) -> bool:
+    """A strict prefix of a storage path (``boot``, ``boot.initrd``): its attrset may hold storage."""
+    return any(len(path) < len(prefix) and prefix[: len(path)] == path for prefix in STORAGE_ATTRPATHS)
+
+
+def _storage_bindings(binding_set: tree_sitter.Node, outer: tuple[str, ...] = ()) -> list[tuple[tree_sitter.Node, bool]]:
+    """(binding, top level?) for every storage binding, dotted (``boot.initrd.luks.devices."x".device``)
+    or nested in attrsets (``boot = { initrd.luks.devices = …; };``)."""
+    found = []
+    for child in binding_set.named_children:
+        if child.type != "binding":
+            continue
+        path = outer + attrpath(child)
+        if _is_storage(path):
+            found.append((child, not outer))
+        elif _leads_to_storage(path):
+            value = child.child_by_field_name("expression")
+            if value is not None and value.type in ("attrset_expression", "rec_attrset_expression"):
+                inner = next((c for c in value.named_children if c.type == "binding_set"), None)
+                if inner is not None:
+                    found += [(b, False) for b, _ in _storage_bindings(inner, path)]
+    return found
+
+
+def _removal_span(text: bytes, start: int, end: int) -> tuple[int, int]:
+    """What to cut for the binding at [start, end): its whole lines and the blank lines after them,
+    but never anything else that shares its first or last line (a comment after it goes with it)."""
     line_start = text.rfind(b"\n", 0, start) + 1
-    if text[line_start:start].strip():
-        line_start = start  # something else shares the line: keep it
     line_end = text.find(b"\n", end)
-    line_end = len(text) if line_end < 0 else line_end + 1
+    line_end = len(text) if line_end < 0 else line_end
+    after = text[end:line_end]
+    shares_before = bool(text[line_start:start].strip())
+    shares_after = bool(after.strip()) and not after.strip().startswith(b"#")
+    if shares_after:
+        # `binding; other = …;`: cut the binding and the spaces up to what follows
+        return start, end + len(after) - len(after.lstrip())
+    if shares_before:
+        # `other = …; binding;`: cut from the end of what precedes, keep the line break
+        return len(text[:start].rstrip(b" \t")), line_end
+    cut_end = min(line_end + 1, len(text))
     while True:
-        next_end = text.find(b"\n", line_end)
-        if next_end < 0 or text[line_end:next_end].strip():
+        next_end = text.find(b"\n", cut_end)
+        if next_end < 0 or text[cut_end:next_end].strip():
             break
-        line_end = next_end + 1
-    return line_start, line_end
+        cut_end = next_end + 1
+    return line_start, cut_end
+
+
+def _merge_overlaps(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _merge(text: bytes, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Overlapping spans as one; one that leaves only indentation on its line takes the whole line
+    (two bindings that shared a line)."""
+    widened = []
+    for start, end in _merge_overlaps(spans):
+        line_start = text.rfind(b"\n", 0, start) + 1
+        if start > line_start and not text[line_start:start].strip() and text[end:end + 1] in (b"", b"\n"):
+            start, end = _removal_span(text, line_start, end)
+        widened.append((start, end))
+    return _merge_overlaps(widened)
+
+
+def _cut(text: bytes, spans: list[tuple[int, int]], begin: int, stop: int) -> bytes:
+    """text[begin:stop] without the spans (each span lies wholly on one side of begin and stop)."""
+    out = bytearray()
+    cursor = begin
+    for start, end in spans:
+        if start >= begin and end <= stop:
+            out += text[cursor:start]
+            cursor = end
+    return bytes(out + text[cursor:stop])
+
+
+def _drop_leading_blank_lines(text: bytes) -> bytes:
+    while True:
+        line_end = text.find(b"\n")
+        if line_end < 0 or text[:line_end].strip():
+            return text
+        text = text[line_end + 1:]
 
 
 def patch_hardware_configuration(generated: str, storage_bindings: str) -> str:
@@ -109,45 +187,41 @@ def patch_hardware_configuration(generated: str, storage_bindings: str) -> str:
 
     + generated: the text nixos-generate-config wrote (or an earlier result of this function)
     + storage_bindings: Nix bindings, two-space indented, as ``render_storage`` returns them
+
+    Every binding under ``fileSystems``, ``swapDevices`` and ``boot.initrd.luks.devices`` goes,
+    wherever it is (the real tool puts the dotted LUKS binding between the ``fileSystems``
+    entries); the profile's block takes the line of the first top-level one, or comes last.
     """
     tree = parse(generated)
     source = generated.encode()
     bindings = module_bindings(tree)
 
-    spans: list[tuple[int, int]] = []
-    for child in bindings.named_children:
-        if child.type == "binding" and _is_storage(attrpath(child)):
-            spans.append(_line_span(source, child.start_byte, child.end_byte))
-        elif child.type == "comment" and child.text.decode().strip() == MARKER:
-            spans.append(_line_span(source, child.start_byte, child.end_byte))
-    # tree-sitter may leave comments between bindings outside the binding_set
-    for child in bindings.parent.named_children:
-        if child.type == "comment" and child.text.decode().strip() == MARKER:
-            spans.append(_line_span(source, child.start_byte, child.end_byte))
-    spans = sorted(set(spans))
+    found = _storage_bindings(bindings)
+    # the marker a previous patch left: tree-sitter may put comments between bindings inside or
+    # outside the binding_set
+    markers = [c for c in (*bindings.named_children, *bindings.parent.named_children)
+               if c.type == "comment" and c.text.decode().strip() == MARKER]
+    top_level = [node for node, top in found if top] + markers
+    spans = _merge(source, [_removal_span(source, n.start_byte, n.end_byte)
+                            for n in [node for node, _ in found] + markers])
 
     block = f"  {MARKER}\n{storage_bindings.rstrip()}\n\n".encode()
-    if spans:
-        insert_at = spans[0][0]
+    if top_level:
+        first = min(_removal_span(source, n.start_byte, n.end_byte)[0] for n in top_level)
+        # at a line start: the first one's own line, or the line after the one it shares
+        insert_at = first if source[first - 1:first] in (b"", b"\n") else source.find(b"\n", first) + 1
+        if insert_at == 0 < first:
+            raise NixPatchError("the storage bindings share the module's last line: nowhere to put the profile's")
     else:
-        # No storage detected at all: before the closing brace of the module.
-        insert_at = bindings.end_byte
-        insert_at = source.find(b"\n", insert_at) + 1 or len(source)
+        # no storage at the top level: before the closing brace of the module
+        insert_at = source.find(b"\n", bindings.end_byte) + 1 or len(source)
         block = b"\n" + block
-
-    out = bytearray()
-    cursor = 0
     for start, end in spans:
-        if start < cursor:  # overlapping spans (two bindings on one line)
-            start = cursor
-        out += source[cursor:start]
-        if start == insert_at:
-            out += block
-        cursor = max(cursor, end)
-    if not spans:
-        out += source[:insert_at] + block
-        cursor = insert_at
-    out += source[cursor:]
-    result = out.decode()
+        if start < insert_at < end:
+            insert_at = start
+    before = _cut(source, [s for s in spans if s[1] <= insert_at], 0, insert_at)
+    after = _cut(source, [s for s in spans if s[0] >= insert_at], insert_at, len(source))
+    # the blank lines after the block are the block's own: what the cut left there goes
+    result = (before + block + _drop_leading_blank_lines(after)).decode()
     parse(result)  # never hand back text that does not parse
     return result
