@@ -84,6 +84,36 @@ class BlockDevices(FactBase):
         return parse_lsblk("\n".join(output))
 
 
+class ToolsPresent(FactBase):
+    """
+    Which of these commands the target has on its PATH, and which of these kernel modules it can
+    load (loaded already, or found by ``modprobe -n``).
+
+    .. code:: python
+
+        read(ToolsPresent, commands=["cryptsetup", "nix"], modules=["zfs"])
+        {"commands": ["cryptsetup"], "modules": ["zfs"]}
+    """
+
+    def command(self, commands, modules) -> StringCommand:
+        script = ('for c in $1; do command -v "$c" >/dev/null 2>&1 && echo "command $c"; done; '
+                  'for m in $2; do { [ -d "/sys/module/$m" ] || modprobe -n -q "$m" 2>/dev/null; } && echo "module $m"; done; true')
+        return StringCommand("sh", "-c", QuoteString(script), "tools",
+                             QuoteString(" ".join(commands)), QuoteString(" ".join(modules)))
+
+    def process(self, output):
+        found: dict[str, list[str]] = {"commands": [], "modules": []}
+        for line in output:
+            kind, _, name = line.strip().partition(" ")
+            if kind in ("command", "module") and name:
+                found[kind + "s"].append(name)
+        return found
+
+    @staticmethod
+    def default():
+        return {"commands": [], "modules": []}
+
+
 def parse_lsblk(text: str) -> list[dict]:
     devices: list[dict] = []
 
@@ -316,6 +346,54 @@ def allowed_signatures(content) -> set[str]:
     return CONTENT_SIGNATURES.get(type(content), set())
 
 
+# What every run uses on the target: partitioning, probing, mounting, the NixOS files (one
+# base64 tar), host keys, and the NixOS installer's own generator.
+BASE_COMMANDS = ("sgdisk", "wipefs", "blkid", "lsblk", "udevadm", "blockdev", "mount", "umount", "mountpoint",
+                 "base64", "tar", "sha256sum", "ssh-keygen", "nixos-generate-config")
+MKFS_COMMANDS = {"vfat": "mkfs.vfat", "btrfs": "mkfs.btrfs", "f2fs": "mkfs.f2fs", "ext4": "mkfs.ext4"}
+# Looked for too, but not required: with nix the target can evaluate the configuration first.
+OPTIONAL_COMMANDS = ("nix",)
+
+
+def required_tools(profile: Profile, install: bool) -> dict[str, str]:
+    """{command or "<name> kernel module": what needs it} for this profile's stages."""
+    needed = {c: "every run" for c in BASE_COMMANDS}
+    for _, _, part in profile.partitions():
+        content = part.content
+        if isinstance(content, Luks):
+            needed["cryptsetup"] = f"LUKS container {part.label}"
+            content = content.content
+        if isinstance(content, Filesystem):
+            needed[MKFS_COMMANDS[content.format]] = f"{content.format} on {part.label}"
+            if content.format == "btrfs":
+                needed["btrfs"] = f"btrfs subvolumes on {part.label}"
+                if any(sub.swapfile for sub in content.subvolumes):
+                    for command in ("chattr", "mkswap", "swapon"):
+                        needed[command] = "the swapfile"
+        elif isinstance(content, Swap):
+            needed["mkswap"] = f"swap partition {part.label}"
+    for pool in profile.pools.values():
+        needed["zpool"] = needed["zfs"] = f"ZFS pool {pool.name}"
+        needed["zfs kernel module"] = f"ZFS pool {pool.name}"
+    if install:
+        needed["nixos-install"] = "the install (tabula_install)"
+    return needed
+
+
+def tools_request(profile: Profile, install: bool) -> tuple[type, dict]:
+    """The ToolsPresent read of the guard (asked again with the same arguments, it is kept)."""
+    needed = required_tools(profile, install)
+    commands = sorted({c for c in needed if not c.endswith(" kernel module")} | set(OPTIONAL_COMMANDS))
+    modules = sorted(c.removesuffix(" kernel module") for c in needed if c.endswith(" kernel module"))
+    return ToolsPresent, {"commands": commands, "modules": modules}
+
+
+def missing_tools(profile: Profile, install: bool, present: dict) -> list[str]:
+    """What the target lacks of what the profile's stages need, each with what needs it."""
+    have = set(present["commands"]) | {f"{m} kernel module" for m in present["modules"]}
+    return [f"{tool} (for {why})" for tool, why in required_tools(profile, install).items() if tool not in have]
+
+
 def guard(profile: Profile, settings) -> list[DiskCheck]:
     """
     Refuse the run (TabulaError) unless every profile disk is the right, free disk. Confirmed
@@ -327,12 +405,18 @@ def guard(profile: Profile, settings) -> list[DiskCheck]:
     # Everything the checks read about the disks, in one round trip (the partition tables are
     # kept for the partitioning stage, which reads them next).
     disks = list(profile.disks.values())
-    devices, swaps, pool_vdevs, *per_disk = read_many(
-        [(BlockDevices, {}), (ActiveSwaps, {}), (ImportedPoolVdevs, {})]
+    install = getattr(settings, "install", True)
+    tools, devices, swaps, pool_vdevs, *per_disk = read_many(
+        [tools_request(profile, install), (BlockDevices, {}), (ActiveSwaps, {}), (ImportedPoolVdevs, {})]
         + [(StablePath, {"path": disk.device}) for disk in disks]
         + [(gpt.PartitionTable, {"disk": disk.device}) for disk in disks]
         + [(WholeDiskSignature, {"device": disk.device}) for disk in disks])
     stable_paths = dict(zip(profile.disks, per_disk[:len(disks)]))
+    missing = missing_tools(profile, install, tools)
+    if missing:
+        raise TabulaError(f"{host.name} lacks what this profile's stages need, so nothing was touched:\n    "
+                          + "\n    ".join(missing) +
+                          "\n  Run from the NixOS installer (it has them all), or install what is missing.")
     checks: list[DiskCheck] = []
     for key, disk in profile.disks.items():
         found = stable_paths[key]

@@ -215,12 +215,29 @@ def evaluate_on_target(files: dict[str, str], hostname: str) -> Evaluation:
                       error=error or answer["stderr"].strip(), traces=traces)
 
 
+def precheck(profile, settings) -> None:
+    """The stage: render the files this run will write (placeholder devices: the partitions do
+    not exist yet) for the hardware module the target's DMI selects, and evaluate them."""
+    from operations import disks, nixos
+
+    target_has_nix = False
+    if settings.nix_check is not False:
+        fact, arguments = disks.tools_request(profile, settings.install)   # the guard's read, kept
+        target_has_nix = "nix" in read(fact, **arguments)["commands"]
+    where, _ = where_to_evaluate(settings.nix_check, settings.nix_inputs, target_has_nix)
+    files = {}
+    if where is not None:
+        module, _ = nixos.choose_hardware_module(profile, read(nixos.DmiProductName))
+        files = nixos.render_files(profile, None, None, hardware_module=module, placeholder=True)
+    check(files, profile.nixos.hostname, settings.nix_check, settings.nix_inputs, target_has_nix)
+
+
 def check(files: dict[str, str], hostname: str, mode, inputs: dict | None, target_has_nix: bool) -> None:
     """Evaluate (once, while the run is prepared, before any operation runs) and show the result
     as a step of the plan; a configuration Nix refuses stops the run with Nix's error."""
     where, why = where_to_evaluate(mode, inputs, target_has_nix)
     if where is None:
-        evaluated(summary=f"not evaluated before the install: {why}")
+        evaluated(summary=f"not evaluated before the install: {why}", name="NixOS evaluation")
         return
     logger.info(f"{host.print_prefix}evaluating the NixOS configuration {why}")
     result = evaluate(files, hostname, inputs) if where == "controller" else evaluate_on_target(files, hostname)
@@ -231,7 +248,7 @@ def check(files: dict[str, str], hostname: str, mode, inputs: dict | None, targe
             "Fix the profile (nixos.extra_config, vars) and run again; tabula_nix_check=false skips this check.")
     for trace in result.traces:
         logger.warning(f"{host.print_prefix}Nix evaluation: {trace}")
-    evaluated(summary=f"evaluates ({why}): {result.value.strip()}")
+    evaluated(summary=f"evaluates ({why}): {result.value.strip()}", name="NixOS evaluation")
 
 
 @operation()

@@ -7,6 +7,12 @@ What a run is asked to do, from pyinfra host data (group_data/, inventory.py, ``
     tabula_install       run nixos-install at the end (default True)
     tabula_export_pools  export the ZFS pools at the end, ready for the first boot (default True;
                          false keeps them imported and mounted under /mnt for inspection)
+    tabula_nix_check     evaluate the NixOS configuration before any disk is touched: "auto"
+                         (default: on the controller when tabula_nix_inputs is given, else on
+                         the target when it has nix, else skipped and said so), "target",
+                         "controller", or false (offline installs)
+    tabula_nix_inputs    flake input name -> folder on the controller to evaluate with
+                         (``--override-input``), e.g. {"nixpkgs": "/srv/nixpkgs", ...}
 
 Everything is validated here, before any command runs; errors name the data key at fault.
 """
@@ -14,6 +20,7 @@ Everything is validated here, before any command runs; errors name the data key 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from operations.errors import TabulaError
@@ -26,6 +33,8 @@ class Settings:
     confirm_wipe: tuple[str, ...] = ()
     install: bool = True
     export_pools: bool = True
+    nix_check: str | bool = "auto"
+    nix_inputs: dict[str, str] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
 
 
@@ -51,5 +60,17 @@ def load_settings(host_data: Any) -> Settings:
     export_pools = get("tabula_export_pools", True)
     if not isinstance(export_pools, bool):
         raise TabulaError(f"tabula_export_pools: must be true or false, got {export_pools!r}")
+    nix_check = get("tabula_nix_check", "auto")
+    if nix_check is True:
+        nix_check = "auto"
+    if nix_check not in ("auto", "target", "controller", False):
+        raise TabulaError(f"tabula_nix_check: must be \"auto\", \"target\", \"controller\" or false, got {nix_check!r}")
+    nix_inputs = get("tabula_nix_inputs", {})
+    if not isinstance(nix_inputs, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in nix_inputs.items()):
+        raise TabulaError("tabula_nix_inputs: must be a mapping of flake input names to folders on the controller")
+    for input_name, folder in nix_inputs.items():
+        if not Path(folder).is_dir():
+            raise TabulaError(f"tabula_nix_inputs[{input_name!r}]: {folder} is not a folder on this controller")
     profile = load_profile(profile_name, variables)
-    return Settings(profile=profile, confirm_wipe=tuple(confirm), install=install, export_pools=export_pools)
+    return Settings(profile=profile, confirm_wipe=tuple(confirm), install=install, export_pools=export_pools,
+                    nix_check=nix_check, nix_inputs=dict(nix_inputs))

@@ -9,10 +9,11 @@ from operations.settings import Settings
 
 
 def deploy(settings: Settings) -> None:
-    from operations import disks, gpt, luks, filesystems, btrfs, mounts, zfs  # noqa: F401 (layers)
+    from operations import disks, gpt, luks, filesystems, btrfs, mounts, nixeval, zfs  # noqa: F401 (layers)
 
     profile = settings.profile
-    disks.guard(profile, settings)          # refuse wrong/in-use/foreign disks: facts only
+    disks.guard(profile, settings)          # refuse wrong/in-use/foreign disks, missing tools: facts only
+    nixeval.precheck(profile, settings)     # the NixOS configuration evaluates, before any disk change
     gpt.apply(profile)                      # partition tables by partlabel, udev settled
     luks.apply(profile)                     # luksFormat (new only) + open
     filesystems.apply(profile)              # mkfs where no signature is present

@@ -84,6 +84,7 @@ class Case:
     data: dict = field(default_factory=dict)      # extra --data
     env: dict = field(default_factory=dict)       # controller environment (None: unset)
     prepare: Callable | None = None               # (livevm) -> None: state in the guest before the run
+    cleanup: Callable | None = None               # (livevm) -> None: undo what prepare did beyond the disks
 
 
 def vars_with(**extra):
@@ -127,6 +128,17 @@ def nvme_partition(livevm):
 
 def nvme_part1_by_id(livevm):
     return by_id(livevm, "TABULA-NVME0") + "-part1"
+
+
+def installer_tools_aside(livevm):
+    """A live system that is not the NixOS installer: no nixos-install, no cryptsetup."""
+    livevm.run("mv /usr/local/bin/nixos-install /usr/local/bin/nixos-install.aside && "
+               "mv /usr/sbin/cryptsetup /usr/sbin/cryptsetup.aside")
+
+
+def installer_tools_back(livevm):
+    livevm.run("mv /usr/local/bin/nixos-install.aside /usr/local/bin/nixos-install; "
+               "mv /usr/sbin/cryptsetup.aside /usr/sbin/cryptsetup; true")
 
 
 def passphrase_file(mode: int, content: str = PASSPHRASE + "\n") -> str:
@@ -176,6 +188,9 @@ CASES = [
          variables=vars_with(disk=root_disk_by_path)),
     Case("foreign-content-unconfirmed", r"disks\.main\.device: refusing .*ext4.*tabula_confirm_wipe",
          prepare=nvme_whole_disk_ext4),
+    Case("target-lacks-installer-tools", r"lacks what this profile's stages need, so nothing was touched:\s+"
+         r"cryptsetup \(for LUKS container cryptroot\)\s+nixos-install \(for the install \(tabula_install\)\).*NixOS installer",
+         data={"tabula_install": "true"}, prepare=installer_tools_aside, cleanup=installer_tools_back),
     Case("passphrase-missing", r"no luks passphrase: set TABULA_LUKS_PASSPHRASE or TABULA_LUKS_PASSPHRASE_FILE",
          env={"TABULA_LUKS_PASSPHRASE": None}),
     Case("passphrase-file-unreadable", r"TABULA_LUKS_PASSPHRASE_FILE=/nonexistent/passphrase: cannot read the file",
@@ -234,6 +249,8 @@ def test_refused_before_any_change(case: Case, blank_disks, tmp_path):
         if case.prepare or "disks." in case.expect or "partlabel" in case.expect:
             assert executed_commands(output), f"{case.id}: no fact ran on the target"
     finally:
+        if case.cleanup:
+            case.cleanup(livevm)
         if case.prepare:
             livevm.reset_disks()
             livevm.run("rmdir /srv/scratch 2>/dev/null; true")

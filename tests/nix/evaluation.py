@@ -60,3 +60,16 @@ def kit_evaluate(files: dict[str, str] | Path, hostname: str, hardware_module: s
     if warnings:
         raise EvaluationError("the evaluation printed warnings:\n" + "\n".join(warnings))
     return json.loads(result.value)
+
+
+def installed_config(livevm, dest: Path, config_dir: str = "/mnt/etc/nixos") -> Path:
+    """The configuration a deploy wrote on the target (real UUIDs, the real generator's output,
+    patched), copied back into ``dest`` to be evaluated here."""
+    import io
+    import tarfile
+
+    archive = livevm.run(f"tar -C {config_dir} -cf - .", binary=True).stdout
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(dest, filter="data")
+    return dest

@@ -43,9 +43,14 @@ def profile(**variables):
     return load_profile("zephyrus-btrfs", {"disk": BY_ID, **variables})
 
 
-def facts(lsblk_name, table=None, signatures=None, swaps=(), stable=None):
+ALL_TOOLS = {"commands": [*disks.BASE_COMMANDS, *disks.MKFS_COMMANDS.values(), "cryptsetup", "btrfs", "chattr",
+                         "mkswap", "swapon", "zpool", "zfs", "nixos-install"], "modules": ["zfs"]}
+
+
+def facts(lsblk_name, table=None, signatures=None, swaps=(), stable=None, tools=ALL_TOOLS):
     signatures = signatures or {}
     result = {
+        disks.ToolsPresent: tools,
         disks.BlockDevices: lsblk(lsblk_name),
         disks.StablePath: stable or disks.parse_stable_path(fixture_lines("btrfs_stable_path.txt")),
         disks.ActiveSwaps: list(swaps),
@@ -75,6 +80,39 @@ def run_guard(monkeypatch, the_profile, fact_table, confirm=()):
 
 def installed_table():
     return gpt.parse_partition_table(fixture_lines("btrfs_partition_table_installed.txt"))
+
+
+def test_target_without_the_installer_tools_is_refused_naming_them(monkeypatch, wipes):
+    lacking = {"commands": [c for c in ALL_TOOLS["commands"] if c not in ("nixos-install", "cryptsetup")],
+               "modules": []}
+    with pytest.raises(TabulaError) as refused:
+        run_guard(monkeypatch, profile(), facts("btrfs_lsblk_blank.json", tools=lacking))
+    message = str(refused.value)
+    assert "nixos-install (for the install (tabula_install))" in message
+    assert "cryptsetup (for LUKS container cryptroot)" in message
+    assert "zfs kernel module" not in message      # this profile has no pool
+    assert "nothing was touched" in message
+    assert not wipes
+
+
+def test_tools_fact_in_a_real_shell():
+    import subprocess
+    command = disks.ToolsPresent().command(commands=["sh", "no-such-command-tabula"], modules=["no_such_module_tabula"])
+    out = subprocess.run(command.get_raw_value(), shell=True, capture_output=True, text=True)
+    assert out.returncode == 0
+    assert disks.ToolsPresent().process(out.stdout.splitlines()) == {"commands": ["sh"], "modules": []}
+
+
+def test_tools_follow_the_profile_layers():
+    btrfs = disks.required_tools(profile(), install=False)
+    assert {"cryptsetup", "mkfs.btrfs", "mkfs.vfat", "btrfs", "chattr", "mkswap"} <= set(btrfs)
+    assert "nixos-install" not in btrfs and "zpool" not in btrfs
+    light = load_profile("light-tmpfs-f2fs", {"disk": BY_ID, "hostname": "light"})
+    needed = disks.required_tools(light, install=True)
+    assert {"mkfs.f2fs", "zpool", "zfs", "zfs kernel module", "nixos-install", "mkswap"} <= set(needed)
+    assert "btrfs" not in needed
+    _, request = disks.tools_request(light, install=True)
+    assert request["modules"] == ["zfs"] and "nix" in request["commands"]
 
 
 def test_blank_disk_passes(monkeypatch, wipes):
