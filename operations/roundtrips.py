@@ -12,6 +12,8 @@ Three rules, used by every layer module:
   (each part's output goes to its own fact's ``process``) and kept like single reads.
 - ``one_command(...)``: the commands of one step go to the target as one ``sh -c`` script that
   stops at the first failure, instead of one round trip each.
+- ``before_first_change(key, prepare)``: commands that must run before this run's first change,
+  if it makes one (a read-only view of a pool is made writable first), yielded ahead of it.
 - ``record_created(...)`` / ``created_this_run(...)`` and ``record_fresh(...)`` / ``is_fresh(...)``:
   what this run's own commands have just made (a partition, a container, a filesystem, an empty
   mounted filesystem) holds nothing the run must keep, so the next step does not read it first.
@@ -187,6 +189,30 @@ def is_fresh(path: str) -> bool:
         path = path.rsplit("/", 1)[0] or "/"
 
 
+# (host name, executing?) -> {key: function returning commands}: what must run before the first
+# command any Tabula operation yields from then on, once (a pool imported read-only to compare it,
+# operations.zfs, becomes writable before anything is written). Kept apart by phase like _created.
+_before_change: dict[tuple[str, bool], dict] = {}
+
+
+def before_first_change(key: str, prepare) -> None:
+    """Have ``prepare()``'s commands run ahead of the next command any Tabula operation yields,
+    once. ``key`` names the preparation: registering it again replaces it."""
+    _before_change.setdefault(_run_key(), {})[key] = prepare
+
+
+def cancel_before_first_change(key: str) -> None:
+    """Drop a preparation that is no longer needed (what it would undo was undone otherwise)."""
+    _before_change.get(_run_key(), {}).pop(key, None)
+
+
+def _take_before_change() -> list:
+    if not _before_change:
+        return []
+    pending = _before_change.pop(_run_key(), {})
+    return [command for prepare in pending.values() for command in prepare()]
+
+
 def forget() -> None:
     """Throw away every fact kept for the current host (a command may change anything)."""
     _kept.pop(host.name, None)
@@ -199,6 +225,9 @@ def operation(**operation_kwargs):
         @functools.wraps(func)
         def commands(*args, **kwargs):
             for command in func(*args, **kwargs):
+                for prepared in _take_before_change():
+                    forget()
+                    yield prepared
                 forget()
                 yield command
 

@@ -17,7 +17,7 @@ def deploy(settings: Settings) -> None:
     gpt.apply(profile)                      # partition tables by partlabel, udev settled
     luks.apply(profile)                     # luksFormat (new only) + open
     filesystems.apply(profile)              # mkfs where no signature is present
-    zfs.apply(profile)                      # pools imported/created, datasets, @empty, keys loaded
+    zfs.apply(profile, settings)            # pools imported/created (read-only when converged and exported), datasets, @empty, keys
     btrfs.apply(profile)                    # subvolumes, blank snapshot
     mounts.apply(profile)                   # everything under /mnt, parents first
     btrfs.apply_swapfiles(profile)          # swapfiles after their subvolume is mounted

@@ -9,6 +9,13 @@ content is ``type: zfs``), mounts are done by ``operations.mounts`` from ``Profi
 
     zfs.apply(profile)      # module loaded, pools imported or created, datasets + @empty, key loaded
     zfs.export(profile)     # at the end of a run: unmount the pools' mounts, zpool export
+
+A run that ends with the pools exported (``tabula_export_pools``, the default) reads an exported
+pool through a read-only view: ``zpool import -o readonly=on``, keys loaded, the profile's mounts
+made read-only, so every later stage compares as usual. Nothing is written to the pool (same
+uberblock, same ``zpool history``); when everything matches, the view is closed and the pool
+exported again, and the run reports no change. The first command of any stage that does have
+work to do is preceded by making the pool writable (export, import, keys, mounts again).
     zfs.nix_fragments(profile)    # NixOS bindings for operations.nixos (LAYER_RENDERERS)
     zfs.rollback_script(profile)  # what the initrd runs before / is mounted (and the e2e tests)
 """
@@ -17,13 +24,16 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import created_this_run, operation, read, record_created
+from operations.roundtrips import (before_first_change, cancel_before_first_change, created_this_run, forget,
+                                   operation, read, record_created)
 
 from operations.errors import TabulaError
-from operations.profile import Dataset, Pool, Profile
+from operations.profile import Dataset, Mount, Pool, Profile
+from operations.secrets import Secret
 
 # Properties that can only be chosen at creation: a difference is reported, never "fixed".
 ONE_TIME_PROPERTIES = frozenset({
@@ -115,9 +125,9 @@ def parse_zpool_status(lines: Iterable[str]) -> dict:
 
 class ZfsPoolState(FactBase):
     """
-    The state of one pool: ``{"state": "imported" | "absent", "topology": {...},
+    The state of one pool: ``{"state": "imported" | "absent", "readonly": bool, "topology": {...},
     "devices": {given path: real path}}``; topology (imported pools only) lists real device paths
-    as ``zpool status -PL`` shows them.
+    as ``zpool status -PL`` shows them; readonly: imported with ``readonly=on`` (a read-only view).
 
     + pool_name: the pool's name
     + devices: member paths to resolve (by-partlabel links), so they compare with the topology
@@ -133,21 +143,24 @@ class ZfsPoolState(FactBase):
         return (
             f"{resolve}"
             f"if test -e /sys/module/zfs && zpool list -H -o name {pool} >/dev/null 2>&1; "
-            f"then echo state imported; zpool status -PL {pool}; else echo state absent; fi"
+            f"then echo state imported; echo readonly $(zpool get -H -o value readonly {pool}); "
+            f"zpool status -PL {pool}; else echo state absent; fi"
         )
 
     def process(self, output) -> dict:
         lines = list(output)
         devices = {}
-        state = "absent"
+        state, readonly = "absent", False
         for line in lines:
             parts = line.split()
             if line.startswith("device ") and len(parts) >= 2:
                 devices[parts[1]] = parts[2] if len(parts) > 2 else ""
             elif line.startswith("state "):
                 state = parts[1]
+            elif line.startswith("readonly "):
+                readonly = parts[1:] == ["on"]
         topology = parse_zpool_status(lines) if state == "imported" else {}
-        return {"state": state, "topology": topology, "devices": devices}
+        return {"state": state, "readonly": readonly, "topology": topology, "devices": devices}
 
 
 class ZfsImportablePools(FactBase):
@@ -269,20 +282,178 @@ def create_pool_command(pool: Pool, devices: dict[str, str]) -> StringCommand:
     return StringCommand(*bits)
 
 
+@dataclass(frozen=True)
+class PoolView:
+    """
+    What reading an exported pool without changing it needs (``tabula_export_pools``: the run
+    leaves the pool exported): the profile's mounts, in order, which the view mounts read-only
+    where they are missing; the encryption roots whose keys it loads; the key (stdin only).
+    """
+
+    mounts: tuple[Mount, ...] = ()
+    encryption_roots: tuple[str, ...] = ()
+    key: Secret | None = None
+
+    def stdin(self) -> dict:
+        return {"_stdin": [self.key.reveal()]} if self.key and self.encryption_roots else {}
+
+
+def _load_keys_script(roots: tuple[str, ...], only_unavailable: bool = True, report: bool = False) -> str:
+    """Shell lines loading each root's key from the first line of stdin (printf is the shell's
+    own: the key is in no process's argv)."""
+    if not roots:
+        return ""
+    lines = ['IFS= read -r key || key=""']
+    for root in roots:
+        r = shlex.quote(root)
+        load = f'printf "%s\\n" "$key" | zfs load-key {r}'
+        if report:
+            load = f'{{ {load} >/dev/null 2>&1 && echo "view key {root}" || echo "view nokey {root}"; }}'
+        if only_unavailable:
+            load = f'[ "$(zfs get -H -o value keystatus {r})" = available ] || {load}'
+        lines.append(load)
+    return "\n".join(lines) + "\n"
+
+
+def read_only_mount_command(mount: Mount) -> str | None:
+    """How the view mounts one of the profile's mounts read-only (None: a tmpfs, nothing to read)."""
+    from operations.disks import install_path
+
+    target = shlex.quote(install_path(mount.mountpoint))
+    options = [o for o in mount.options if o not in ("bind", "rw", "ro")]
+    if mount.fstype == "tmpfs":
+        return None
+    if mount.fstype == "none" and "bind" in mount.options:
+        source = shlex.quote(install_path(mount.device))
+        remount = shlex.quote(",".join(["remount", "bind", "ro", *options]))
+        return f"mount --bind {source} {target} && mount -o {remount} {target}"
+    return f"mount -t {mount.fstype} -o {shlex.quote(','.join(['ro', *options]))} {shlex.quote(mount.device)} {target}"
+
+
+class ZfsReadOnlyView(FactBase):
+    """
+    NOT a pure read: opens (or completes) a read-only view of an exported pool and says what it
+    did. ``zpool import -N -o readonly=on`` writes nothing to the pool (its uberblock, txg and
+    ``zpool history`` stay as they are); keys are loaded into kernel memory only; the missing
+    mounts of the profile are mounted read-only, in order, up to the first that cannot be (a
+    tmpfs has nothing to read). ``ZfsViewClosed`` puts everything back. Lines:
+    ``writable`` (imported read-write: no view), ``failed`` (no import), ``imported``,
+    ``key ROOT`` / ``nokey ROOT``, ``mounted TARGET``, ``stopped TARGET``, ``open``.
+
+    + pool_name: the pool
+    + search_dirs: where its members are, e.g. ``("/dev/disk/by-partlabel",)``
+    + encryption_roots: datasets whose key is loaded (read from stdin: pass ``_stdin=[key]``)
+    + mounts: ``[(target, read-only mount command or "")]`` in the profile's order
+
+    .. code:: python
+
+        host.get_fact(ZfsReadOnlyView, pool_name="rpool-2790ee34", search_dirs=("/dev/disk/by-partlabel",),
+                      encryption_roots=("rpool-2790ee34/remote",), mounts=(("/mnt", "mount -t zfs -o ro ..."),),
+                      _stdin=[key])
+    """
+
+    default = list
+
+    def command(self, pool_name: str, search_dirs: tuple[str, ...], encryption_roots: tuple[str, ...] = (),
+                mounts: tuple[tuple[str, str], ...] = ()) -> StringCommand:
+        p = shlex.quote(pool_name)
+        dirs = " ".join(f"-d {shlex.quote(d)}" for d in search_dirs)
+        script = (
+            f"if zpool list -H -o name {p} >/dev/null 2>&1; then\n"
+            f'  [ "$(zpool get -H -o value readonly {p})" = on ] || {{ echo "view writable"; exit 0; }}\n'
+            f"else\n"
+            f'  zpool import -N -o readonly=on -o cachefile=none {dirs} {p} >/dev/null 2>&1 || {{ echo "view failed"; exit 0; }}\n'
+            f'  echo "view imported"\n'
+            f"fi\n"
+            + _load_keys_script(encryption_roots, report=True)
+            + "while :; do\n"
+        )
+        for target, command in mounts:
+            t = shlex.quote(target)
+            if not command:
+                script += f'  mountpoint -q {t} || {{ echo "view stopped {target}"; break; }}\n'
+            else:
+                script += (f"  mountpoint -q {t} || {{ {command} >/dev/null 2>&1 || {{ echo \"view stopped {target}\"; "
+                           f'break; }}; echo "view mounted {target}"; }}\n')
+        script += '  break\ndone\necho "view open"\n'
+        return StringCommand("sh", "-c", QuoteString(script))
+
+    def process(self, output) -> list[str]:
+        return [line.split(" ", 1)[1] for line in output if line.startswith("view ")]
+
+
+def _unmount_pool_script(pool_name: str) -> str:
+    """Every mount of the pool unmounted (umount -R: and what is mounted below them, e.g. /mnt/boot
+    on /mnt), shortest mount point first."""
+    pool_q = shlex.quote(pool_name)
+    return (f"awk -v p={pool_q} '$3 == \"zfs\" && ($1 == p || index($1, p \"/\") == 1) {{print $2}}' /proc/mounts"
+            f" | awk '{{print length, $0}}' | sort -n | cut -d' ' -f2-"
+            f" | while read -r target; do if mountpoint -q \"$target\"; then umount -R \"$target\" || exit 1; fi; done")
+
+
+class ZfsViewClosed(FactBase):
+    """
+    NOT a pure read: closes the read-only view of a pool (``ZfsReadOnlyView``): unmounts it and
+    exports it, leaving it as the view found it. A pool imported read-write is left alone.
+    ``closed``, ``writable`` or ``failed``.
+
+    + pool_name: the pool
+    """
+
+    default = str
+
+    def command(self, pool_name: str) -> StringCommand:
+        p = shlex.quote(pool_name)
+        script = (f"zpool list -H -o name {p} >/dev/null 2>&1 || {{ echo closed; exit 0; }}\n"
+                  f'[ "$(zpool get -H -o value readonly {p})" = on ] || {{ echo writable; exit 0; }}\n'
+                  f"{{ {_unmount_pool_script(pool_name)}; }} && zpool export {p} && echo closed || echo failed\n")
+        return StringCommand("sh", "-c", QuoteString(script))
+
+    def process(self, output) -> str:
+        return next((line.strip() for line in output if line.strip()), "")
+
+
+def make_view_writable(pool_name: str, search_dirs: tuple[str, ...], view: PoolView) -> StringCommand:
+    """
+    The command that turns the read-only view into the real thing, ahead of a run's first change:
+    the read-only mounts of the profile unmounted (deepest first), the pool exported and imported
+    read-write, keys loaded, the same mounts mounted again as the profile says.
+    """
+    from operations.disks import install_path
+    from operations.mounts import Mounts, mount_command
+
+    current = read(Mounts)
+    viewed = [m for m in view.mounts if "ro" in current.get(install_path(m.mountpoint), {}).get("options", [])]
+    p = shlex.quote(pool_name)
+    dirs = " ".join(f"-d {shlex.quote(d)}" for d in search_dirs)
+    lines = ["set -e"]
+    lines += [f"umount {shlex.quote(install_path(m.mountpoint))}" for m in reversed(viewed)]
+    lines += [f"zpool export {p}", f"zpool import -N -o cachefile=none {dirs} {p}"]
+    script = "\n".join(lines) + "\n" + _load_keys_script(view.encryption_roots, only_unavailable=False)
+    for m in viewed:
+        script += " && ".join(c.get_raw_value() for c in mount_command(m, install_path(m.mountpoint))) + "\n"
+    record_created(f"writable pool {pool_name}")
+    return StringCommand("sh", "-c", QuoteString(script), **view.stdin())
+
+
 @operation()
-def pool(pool: Pool, devices: dict[str, str]):
+def pool(pool: Pool, devices: dict[str, str], view: PoolView | None = None):
     """
     Make a pool imported with exactly the profile's topology: import it if it exists (exported by
-    an earlier run), create it if absent, refuse if it is imported with another layout.
+    an earlier run), create it if absent, refuse if it is imported with another layout. With a
+    ``view`` (the run leaves the pool exported), an exported pool is imported read-only instead,
+    so the later stages can compare without writing; their first change makes it writable.
 
     + pool: the profile's ``Pool``
     + devices: partlabel -> block device of every member (``Profile.pool_members``)
+    + view: a ``PoolView`` when the run ends with the pool exported (``tabula_export_pools``)
 
     **Example:**
 
     .. code:: python
 
-        zfs.pool(profile.pools["rpool"], {"rpool-rz1-2790ee34": "/dev/disk/by-partlabel/rpool-rz1-2790ee34", ...})
+        zfs.pool(profile.pools["rpool"], {"rpool-rz1-2790ee34": "/dev/disk/by-partlabel/rpool-rz1-2790ee34", ...},
+                 view=zfs.PoolView(profile.all_mounts(), ("rpool-2790ee34/remote",), read_secret("ZFS_KEY")))
     """
     search_dirs = tuple(sorted({path.rsplit("/", 1)[0] for path in devices.values()}))
     if all(created_this_run(f"device {path}") for path in devices.values()):
@@ -296,20 +467,55 @@ def pool(pool: Pool, devices: dict[str, str]):
                                                     f"{{ echo {shlex.quote(hint)} >&2; exit 1; }}"))
         return
     state = read(ZfsPoolState, pool_name=pool.name, devices=tuple(devices.values()))
-    if state.get("state") == "imported":
-        problems = topology_differences(pool, devices, state)
-        if problems:
-            raise ZfsError(
-                f"pool {pool.name} is imported with another layout: {'; '.join(problems)}. "
-                f"Tabula never rebuilds a pool; export or destroy it yourself if it is the wrong one"
-            )
+    imported = state.get("state") == "imported"
+    if imported and state.get("readonly") and view is None:
+        # A read-only view left by an interrupted run, and this run keeps the pool imported.
+        _check_topology(pool, devices, state)
+        yield make_view_writable(pool.name, search_dirs, PoolView())
+        return
+    if imported and not state.get("readonly"):
+        _check_topology(pool, devices, state)
         host.noop(f"pool {pool.name} is imported with the profile's topology")
-    elif pool.name in read(ZfsImportablePools, search_dirs=search_dirs):
+        return
+    if view is not None and (imported or pool.name in read(ZfsImportablePools, search_dirs=search_dirs)):
+        opened = _open_view(pool, search_dirs, view)
+        if opened:
+            _check_topology(pool, devices, read(ZfsPoolState, pool_name=pool.name, devices=tuple(devices.values())))
+            before_first_change(f"pool {pool.name}", lambda: [make_view_writable(pool.name, search_dirs, view)])
+            host.noop(f"pool {pool.name} is exported, as this run leaves it: imported read-only to compare "
+                      f"({opened}), nothing written; exported again at the end")
+            return
+    if imported or pool.name in read(ZfsImportablePools, search_dirs=search_dirs):
         # -N: mount nothing (all datasets are legacy and mounted by operations.mounts)
         yield StringCommand("zpool", "import", "-N", "-o", "cachefile=none",
                             *[x for d in search_dirs for x in ("-d", QuoteString(d))], QuoteString(pool.name))
     else:
         yield create_pool_command(pool, devices)
+
+
+def _open_view(pool: Pool, search_dirs: tuple[str, ...], view: PoolView) -> str:
+    """Open the read-only view (a fact: nothing written); what it holds, or "" when it failed."""
+    from operations.disks import install_path
+
+    mounts = tuple((install_path(m.mountpoint), read_only_mount_command(m) or "") for m in view.mounts)
+    said = host.get_fact(ZfsReadOnlyView, pool_name=pool.name, search_dirs=search_dirs,
+                         encryption_roots=view.encryption_roots, mounts=mounts, **view.stdin())
+    forget()     # the view changed what is mounted and imported
+    if "open" not in said:
+        return ""
+    mounted = [s.split(" ", 1)[1] for s in said if s.startswith("mounted ")]
+    keys = [s.split(" ", 1)[1] for s in said if s.startswith("key ")]
+    return ", ".join(filter(None, [f"keys of {', '.join(keys)} loaded" if keys else "",
+                                   f"{', '.join(mounted)} mounted read-only" if mounted else "read-only"]))
+
+
+def _check_topology(pool: Pool, devices: dict[str, str], state: dict) -> None:
+    problems = topology_differences(pool, devices, state)
+    if problems:
+        raise ZfsError(
+            f"pool {pool.name} is imported with another layout: {'; '.join(problems)}. "
+            f"Tabula never rebuilds a pool; export or destroy it yourself if it is the wrong one"
+        )
 
 
 def dataset_properties(dataset: Dataset) -> dict[str, str]:
@@ -411,7 +617,9 @@ def dataset(dataset_name: str, properties: dict[str, str] | None = None, encrypt
 def export_pool(pool_name: str):
     """
     Unmount every mount of the pool (and what is mounted below them) and export it, so the
-    installed system imports it at its first boot as a pool it may take.
+    installed system imports it at its first boot as a pool it may take. A read-only view
+    (``pool(view=...)``) that nothing needed to write through is closed the same way, as a read:
+    the pool is left exactly as the run found it.
 
     + pool_name: the pool's name
 
@@ -422,17 +630,22 @@ def export_pool(pool_name: str):
         zfs.export_pool("rpool-2790ee34")
     """
     state = read(ZfsPoolState, pool_name=pool_name)
-    if state.get("state") != "imported":
+    if state.get("state") == "imported" and state.get("readonly"):
+        cancel_before_first_change(f"pool {pool_name}")
+        closed = host.get_fact(ZfsViewClosed, pool_name=pool_name)
+        forget()
+        if closed != "closed":
+            raise ZfsError(f"pool {pool_name}: its read-only view could not be closed ({closed}); see what holds "
+                           f"its mounts (fuser -vm /mnt), then zpool export {pool_name}")
+        if not created_this_run(f"writable pool {pool_name}"):
+            host.noop(f"pool {pool_name} is exported as the run found it: read through a read-only import, "
+                      "nothing written")
+            return
+        # (planning only: the change planned before would have made it writable, then exported)
+    elif state.get("state") != "imported":
         host.noop(f"pool {pool_name} is not imported")
         return
-    pool_q = shlex.quote(pool_name)
-    # Shortest mount point first: umount -R takes the mounts below it (e.g. /mnt/boot on /mnt).
-    yield (
-        f"awk -v p={pool_q} '$3 == \"zfs\" && ($1 == p || index($1, p \"/\") == 1) {{print $2}}' /proc/mounts"
-        f" | awk '{{print length, $0}}' | sort -n | cut -d' ' -f2-"
-        f" | while read -r target; do if mountpoint -q \"$target\"; then umount -R \"$target\" || exit 1; fi; done"
-        f" && zpool export {pool_q}"
-    )
+    yield f"{_unmount_pool_script(pool_name)} && zpool export {shlex.quote(pool_name)}"
 
 
 # --- stages ---------------------------------------------------------------------------------
@@ -452,8 +665,9 @@ def ordered_datasets(pool: Pool) -> list[Dataset]:
     return sorted(pool.datasets, key=lambda d: d.name.count("/"))
 
 
-def apply(profile: Profile) -> None:
-    """Pools imported or created, datasets with properties, @empty snapshots, keys loaded."""
+def apply(profile: Profile, settings=None) -> None:
+    """Pools imported or created, datasets with properties, @empty snapshots, keys loaded. A run
+    that exports the pools at the end (``settings.export_pools``) reads an exported pool read-only."""
     if not profile.pools:
         return
     from operations.secrets import read_secret
@@ -463,7 +677,11 @@ def apply(profile: Profile) -> None:
     kernel_module(name="ZFS: load the kernel module")
     for pool_key, pool_def in profile.pools.items():
         devices = member_devices(profile, pool_key)
-        pool(pool_def, devices, name=f"ZFS: pool {pool_def.name} imported with its topology")
+        view = None
+        if getattr(settings, "export_pools", False):
+            roots = tuple(f"{pool_def.name}/{ds.name}" for ds in pool_def.datasets if ds.encryption)
+            view = PoolView(mounts=tuple(profile.all_mounts()), encryption_roots=roots, key=key)
+        pool(pool_def, devices, view=view, name=f"ZFS: pool {pool_def.name} imported with its topology")
         dataset(pool_def.name, properties=dict(pool_def.root_properties), create=False,
                 name=f"ZFS: {pool_def.name} root properties")
         for ds in ordered_datasets(pool_def):

@@ -57,6 +57,7 @@ def use_fake_host(monkeypatch, module, facts) -> FakeHost:
     # What an earlier operation of the same run made: none, unless a test records it.
     monkeypatch.setattr(roundtrips, "_created", {})
     monkeypatch.setattr(roundtrips, "_fresh", {})
+    monkeypatch.setattr(roundtrips, "_before_change", {})
     # Batched reads answered one by one from the table (the batching itself: test_roundtrips).
     monkeypatch.setattr(roundtrips, "_read_together",
                         lambda missing: {key: fake.get_fact(fact, **kwargs) for key, fact, kwargs in missing})
