@@ -209,6 +209,44 @@ class ActiveSwaps(FactBase):
         return [decode_octal(line.split()[0]) for line in output[1:] if line.strip()]
 
 
+class ZfsPoolsFound(FactBase):
+    """
+    The ZFS pools this system sees, by pool id (the UUID blkid shows on a member): imported ones
+    (``zpool list``) and those ``zpool import`` would import, with their state. Empty without
+    the zfs module loaded (a fact does not load it).
+
+    .. code:: python
+
+        {"13117309625795050669": {"name": "rpool-2790ee34", "state": "ONLINE", "imported": False}}
+    """
+
+    default = dict
+
+    def command(self) -> str:
+        return ("if [ -e /sys/module/zfs ] && command -v zpool >/dev/null; then "
+                "zpool list -H -o name,guid,health 2>/dev/null | sed 's/^/imported /'; zpool import 2>/dev/null; fi; true")
+
+    def process(self, output) -> dict:
+        return parse_pools_found(output)
+
+
+def parse_pools_found(lines) -> dict:
+    pools: dict[str, dict] = {}
+    name = pool_id = None
+    for line in lines:
+        words = line.split()
+        if words[:1] == ["imported"] and len(words) >= 4:
+            pools[words[2]] = {"name": words[1], "state": words[3], "imported": True}
+        elif words[:1] == ["pool:"] and len(words) > 1:
+            name, pool_id = words[1], None
+        elif words[:1] == ["id:"] and len(words) > 1 and name:
+            pool_id = words[1]
+        elif words[:1] == ["state:"] and len(words) > 1 and name and pool_id:
+            pools.setdefault(pool_id, {"name": name, "state": words[1], "imported": False})
+            name = pool_id = None
+    return pools
+
+
 class ImportedPoolVdevs(FactBase):
     """{device: pool} of imported ZFS pools (empty without ZFS loaded)."""
 
@@ -315,13 +353,69 @@ def _is_own_swap(swap: str, check: DiskCheck, own_swaps: set[str]) -> bool:
     return any(own.endswith("/" + (dev.get("partlabel") or "\0")) or own == dev["name"] for own in own_swaps)
 
 
-def content_problems(check: DiskCheck, table: dict | None, signatures: dict[str, dict]) -> list[str]:
+def human_size(size: int | None) -> str:
+    if size is None:
+        return "size unknown"
+    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= factor:
+            return f"{size / factor:.1f} {unit}"
+    return f"{size} bytes"
+
+
+def describe_signature(signature: dict, size: int | None, pools: dict | None = None) -> str:
+    """
+    What a person recognises their data by, from ``blkid -p -o export``: type, label, UUID and
+    size; for LUKS the header's version, UUID and label; for a ZFS member its pool, the pool's id
+    and state (``ZfsPoolsFound``).
+
+        ext4 filesystem labelled 'family-photos', UUID 5c1f..., 16.0 GiB
+        LUKS2 header UUID 9a7e..., label 'vault', 1.0 GiB
+        member of ZFS pool 'tank' (pool id 1311..., ONLINE, exported: importable), 4.0 GiB
+    """
+    kind = signature.get("TYPE")
+    label = signature.get("LABEL")
+    uuid = signature.get("UUID")
+    if kind == "crypto_LUKS":
+        header = f"LUKS{signature.get('VERSION', '')} header UUID {uuid or '(none)'}"
+        return f"{header}, label {label!r}, {human_size(size)}" if label else f"{header}, no label, {human_size(size)}"
+    if kind == "zfs_member":
+        pool = (pools or {}).get(uuid or "")
+        if pool is None:
+            state = "state unknown: zpool import does not list it (damaged, or the zfs module is not loaded)"
+        elif pool["imported"]:
+            state = f"imported, {pool['state']}"
+        else:
+            state = f"{pool['state']}, exported: importable"
+        return f"member of ZFS pool {label!r} (pool id {uuid}, {state}), {human_size(size)}"
+    if kind:
+        what = "swap" if kind == "swap" else f"{kind} filesystem"
+        named = f" labelled {label!r}" if label else " without a label"
+        return f"{what}{named}, UUID {uuid or '(none)'}, {human_size(size)}"
+    if signature.get("PTTYPE"):
+        return f"{signature['PTTYPE']} partition table (UUID {signature.get('PTUUID', '(none)')}), {human_size(size)}"
+    return f"no signature blkid knows, {human_size(size)}"
+
+
+def found_on_disk(check: DiskCheck, signatures: dict[str, dict], pools: dict | None = None) -> list[str]:
+    """One line per device of the disk (the disk, then each partition) saying what is on it."""
+    lines = []
+    for dev in check.tree:
+        if dev["type"] not in ("disk", "part"):
+            continue
+        where = dev["name"] + (f" (partlabel {dev['partlabel']!r})" if dev.get("partlabel") else "")
+        lines.append(f"{where}: {describe_signature(signatures.get(dev['name'], {}), dev.get('size'), pools)}")
+    return lines
+
+
+def content_problems(check: DiskCheck, table: dict | None, signatures: dict[str, dict],
+                     pools: dict | None = None) -> list[str]:
     """Why the disk's content is foreign to the profile (empty: blank, or the profile's own)."""
     from operations import gpt
 
     whole = signatures.get(check.device, {})
+    size = next((d.get("size") for d in check.tree if d["name"] == check.device), None)
     if whole.get("TYPE"):
-        return [f"a whole-disk {whole['TYPE']} filesystem"]
+        return [f"a whole-disk {describe_signature(whole, size, pools)}"]
     if whole.get("PTTYPE") and whole["PTTYPE"] != "gpt":
         return [f"a {whole['PTTYPE']} partition table"]
     if not table:
@@ -330,10 +424,13 @@ def content_problems(check: DiskCheck, table: dict | None, signatures: dict[str,
     if mismatch.problems:
         return mismatch.problems
     problems = []
+    sizes = {d["name"]: d.get("size") for d in check.tree}
     for part, existing in zip(check.disk.partitions, table.get("partitions", [])):
-        found = signatures.get(existing["node"], {}).get("TYPE")
+        signature = signatures.get(existing["node"], {})
+        found = signature.get("TYPE")
         if found and found not in allowed_signatures(part.content):
-            problems.append(f"partition {existing['node']} ({part.label}) holds {found}, the profile puts "
+            problems.append(f"partition {existing['node']} ({part.label}) holds "
+                            f"{describe_signature(signature, sizes.get(existing['node']), pools)}; the profile puts "
                             f"{type(part.content).__name__.lower() if part.content else 'nothing'} there")
     return problems
 
@@ -446,27 +543,33 @@ def guard(profile: Profile, settings) -> list[DiskCheck]:
     # The partitions' signatures (known once lsblk has named them), in one more round trip.
     read_many([(WholeDiskSignature, {"device": d["name"]}) for check in checks for d in check.tree if d["type"] == "part"])
     for check in checks:
-        problems = usage_problems(profile, check, swaps, pool_vdevs)
-        if problems:
-            raise TabulaError(f"{_field(check.key)}: refusing {check.disk.device} ({check.device}): it is in use, "
-                              "and a disk in use is never touched, confirmed or not:\n    " + "\n    ".join(problems))
         table = read(gpt.PartitionTable, disk=check.disk.device)
         signatures = {d["name"]: read(WholeDiskSignature, device=check.disk.device if d["type"] == "disk" else d["name"])
                       for d in check.tree if d["type"] in ("disk", "part")}
-        check.foreign = content_problems(check, table, signatures)
+        # The pools' names and states, read only when a ZFS member is there to describe.
+        members = any(sig.get("TYPE") == "zfs_member" for sig in signatures.values())
+        pools = read(ZfsPoolsFound) if members else {}
+        problems = usage_problems(profile, check, swaps, pool_vdevs)
+        if problems:
+            raise TabulaError(f"{_field(check.key)}: refusing {check.disk.device} ({check.device}): it is in use, "
+                              "and a disk in use is never touched, confirmed or not:\n    " + "\n    ".join(problems) +
+                              "\n  What is on it:\n    " + "\n    ".join(found_on_disk(check, signatures, pools)))
+        check.foreign = content_problems(check, table, signatures, pools)
         if not check.foreign:
             continue
+        found = found_on_disk(check, signatures, pools)
         ids = {check.disk.device, check.serial} - {None}
         if not ids & set(settings.confirm_wipe):
             raise TabulaError(
                 f"{_field(check.key)}: refusing {check.disk.device} ({check.device}): it holds content the profile "
                 "does not describe:\n    " + "\n    ".join(check.foreign) +
+                "\n  What is on it:\n    " + "\n    ".join(found) +
                 f"\n  To wipe this disk, confirm it by its stable id: --data "
                 f"tabula_confirm_wipe='[\"{check.disk.device}\"]'")
         partitions = [d["name"] for d in check.tree if d["type"] == "part"]
         _PLANNED_WIPES.add(check.disk.device)
         wipe(disk_path=check.disk.device, partitions=partitions, reasons=check.foreign,
-             name=f"Wipe {check.disk.device} (confirmed): " + "; ".join(check.foreign))
+             name=f"Wipe {check.disk.device} (confirmed), which holds: " + "; ".join(found))
     return checks
 
 
