@@ -342,14 +342,15 @@ class ZfsReadOnlyView(FactBase):
 
     + pool_name: the pool
     + search_dirs: where its members are, e.g. ``("/dev/disk/by-partlabel",)``
-    + encryption_roots: datasets whose key is loaded (read from stdin: pass ``_stdin=[key]``)
+    + encryption_roots: datasets whose key is loaded, from the first line of stdin: read it inside an
+      operation given ``_stdin=[key]`` (arguments given to the fact itself are printed with it)
     + mounts: ``[(target, read-only mount command or "")]`` in the profile's order
 
     .. code:: python
 
+        # inside zfs.pool(..., _stdin=[key])
         host.get_fact(ZfsReadOnlyView, pool_name="rpool-2790ee34", search_dirs=("/dev/disk/by-partlabel",),
-                      encryption_roots=("rpool-2790ee34/remote",), mounts=(("/mnt", "mount -t zfs -o ro ..."),),
-                      _stdin=[key])
+                      encryption_roots=("rpool-2790ee34/remote",), mounts=(("/mnt", "mount -t zfs -o ro ..."),))
     """
 
     default = list
@@ -498,8 +499,10 @@ def _open_view(pool: Pool, search_dirs: tuple[str, ...], view: PoolView) -> str:
     from operations.disks import install_path
 
     mounts = tuple((install_path(m.mountpoint), read_only_mount_command(m) or "") for m in view.mounts)
+    # The key reaches the fact on stdin through the pool operation's own _stdin (a fact inherits
+    # its operation's arguments): given here, pyinfra would print it with the fact's arguments.
     said = host.get_fact(ZfsReadOnlyView, pool_name=pool.name, search_dirs=search_dirs,
-                         encryption_roots=view.encryption_roots, mounts=mounts, **view.stdin())
+                         encryption_roots=view.encryption_roots, mounts=mounts)
     forget()     # the view changed what is mounted and imported
     if "open" not in said:
         return ""
@@ -681,7 +684,8 @@ def apply(profile: Profile, settings=None) -> None:
         if getattr(settings, "export_pools", False):
             roots = tuple(f"{pool_def.name}/{ds.name}" for ds in pool_def.datasets if ds.encryption)
             view = PoolView(mounts=tuple(profile.all_mounts()), encryption_roots=roots, key=key)
-        pool(pool_def, devices, view=view, name=f"ZFS: pool {pool_def.name} imported with its topology")
+        pool(pool_def, devices, view=view, name=f"ZFS: pool {pool_def.name} imported with its topology",
+             **(view.stdin() if view else {}))
         dataset(pool_def.name, properties=dict(pool_def.root_properties), create=False,
                 name=f"ZFS: {pool_def.name} root properties")
         for ds in ordered_datasets(pool_def):
