@@ -2,10 +2,11 @@
 
     run = run_with_fault(livevm, args, Fault("kill", op=r"^Open cryptroot"))   # stop at a stage boundary
     run = run_with_fault(livevm, args, Fault("cut", cmd=r"luksFormat", delay=0.5))  # cut SSH mid-command
+    run = run_with_fault(livevm, args, Fault("kill", out=r"stand-in: copying"))      # on a line of output
 
 A fault fires when pyinfra (run with -vv, output streamed) prints ``--> Starting operation: NAME``
-for a matching operation, or echoes ``>>> COMMAND`` for a matching command, after ``delay``
-seconds. "kill" SIGKILLs the pyinfra process on the controller; "cut" kills, from a second SSH
+for a matching operation, echoes ``>>> COMMAND`` for a matching command, or prints a matching
+line of a command's streamed output (nixos-install's), after ``delay`` seconds. "kill" SIGKILLs the pyinfra process on the controller; "cut" kills, from a second SSH
 connection, the guest's sshd processes that serve pyinfra's connection (whatever runs in the
 guest at that moment loses its controller, like on a dropped link).
 """
@@ -55,9 +56,11 @@ class Fault:
     op: str | None = None     # regex on the operation name (fires at its "Starting operation")
     cmd: str | None = None    # regex on an executed command (fires when pyinfra echoes it)
     delay: float = 0.0        # seconds after the trigger
+    out: str | None = None    # regex on any line pyinfra prints (a streamed command's output)
 
     def describe(self) -> str:
-        where = f"operation /{self.op}/" if self.op else f"command /{self.cmd}/"
+        where = (f"operation /{self.op}/" if self.op else f"command /{self.cmd}/" if self.cmd
+                 else f"output /{self.out}/")
         return f"{self.kind} {self.delay:g}s after {where}"
 
 
@@ -122,6 +125,8 @@ def run_with_fault(livevm, args: list[str], fault: Fault | None, env: dict | Non
 
     def matches(line: str) -> bool:
         plain = strip_ansi(line)
+        if fault.out:
+            return bool(re.search(fault.out, plain)) and not EXEC_LINE.search(plain)
         if fault.op:
             found = OP_START.search(plain)
             return bool(found and re.search(fault.op, found.group(1)))
@@ -292,3 +297,42 @@ def changing_commands(output: str) -> list[str]:
     """Commands that operations executed (facts only read): none may run in a refused or converged run."""
     from tests.e2e.helpers import operation_commands
     return operation_commands(output)
+
+
+# --- dry plans ------------------------------------------------------------------------------------
+
+PLAN_ROW = re.compile(r"^\s*(.+?)\s{2,}(-|\d+ \([^)]*\))\s{2,}(-|\d+ \([^)]*\))\s*$")
+
+
+def plan_rows(output: str) -> dict[str, bool]:
+    """The plan pyinfra prints under "--> Detected changes:" (without -y): {operation: changes?}."""
+    text = strip_ansi(output)
+    assert "--> Detected changes:" in text, text[-4000:]
+    rows = {}
+    for line in text.split("--> Detected changes:", 1)[1].splitlines()[1:]:
+        if not line.strip():
+            if rows:
+                break
+            continue
+        match = PLAN_ROW.match(line)
+        if match and match.group(1).strip() != "Operation":
+            rows[match.group(1).strip()] = match.group(2) != "-"
+    return rows
+
+
+def dry_plan(livevm, args: list[str], serials, env: dict | None = None, timeout: float = 900) -> tuple[str, dict]:
+    """``pyinfra --dry`` (without -y, so the plan is printed): it must succeed, execute no
+    operation's command, and leave every disk byte-identical. (output, plan rows)"""
+    from tests.e2e.helpers import executed_commands
+
+    before = disk_checksums(livevm, serials)
+    environment = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+    result = subprocess.run([str(PYINFRA), *livevm.pyinfra_args(), *args, "--dry"], cwd=PROJECT_DIR, env=environment,
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout)
+    output = strip_ansi(result.stdout + result.stderr)
+    assert result.returncode == 0, output[-6000:]
+    assert "Beginning operation run" not in output
+    assert executed_commands(output), "no fact commands echoed: run with -vv"
+    assert operation_commands(output) == [], operation_commands(output)
+    assert disk_checksums(livevm, serials) == before, "a dry run changed a disk"
+    return output, plan_rows(output)
