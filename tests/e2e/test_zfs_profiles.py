@@ -2,8 +2,11 @@
 
 Each profile: deploy over SSH (pools kept imported so the result can be read back), check the
 real devices (partlabels, pool topology, dataset properties via ``zfs get -H``, @empty, mounts,
-encryption, F2FS compression, the generated hostId), deploy again (no changes), keep data across
-a third run, prove the rollback the initrd runs, and finally a run that exports the pool cleanly.
+encryption, F2FS compression, the generated hostId); deploy with the defaults (the pool exported
+cleanly), then again with the defaults: no changes, and the exported pool untouched on disk (same
+active uberblock and txg, same ``zpool history``, read with ``zdb -e`` without importing it) and
+still importable without -f; a run that keeps the pool imports it again with the data written
+before the export; prove the rollback the initrd runs.
 Refusals (a foreign disk carrying the host hash, a disk smaller than declared) change nothing.
 """
 
@@ -58,10 +61,12 @@ def light_vars(target, **extra) -> dict:
             "luks_pbkdf": "pbkdf2", "luks_pbkdf_iterations": 1000, **extra}
 
 
-def deploy(run_pyinfra, profile: str, variables: dict, export: bool = False):
+def deploy(run_pyinfra, profile: str, variables: dict, export: bool | None = False):
+    """export=None: tabula_export_pools not given, i.e. the default (pools exported at the end)."""
     args = ["--data", f"tabula_profile={profile}", "--data", f"tabula_vars={json.dumps(variables)}",
-            "--data", f"tabula_install={json.dumps(INSTALL)}",
-            "--data", f"tabula_export_pools={json.dumps(export)}", "deploy.py", "-vv"]
+            "--data", f"tabula_install={json.dumps(INSTALL)}", "deploy.py", "-vv"]
+    if export is not None:
+        args[-2:-2] = ["--data", f"tabula_export_pools={json.dumps(export)}"]
     result = run_pyinfra(args)
     output = result.stdout + result.stderr
     for secret in SECRETS:
@@ -170,13 +175,43 @@ def assert_marks(target, where: list[str], text: str) -> None:
         assert target.file(f"{path}/tabula-mark").content_string.strip() == text, path
 
 
-def assert_exported_cleanly(target, pool_name: str) -> None:
+def assert_exported_cleanly(target, pool_name: str, whole_mnt: bool = True) -> None:
+    """whole_mnt: nothing at all is left mounted under /mnt (else: nothing of the pool)."""
     assert target.run(f"zpool list {pool_name}").rc != 0
-    assert target.check_output("findmnt -rno TARGET | grep -c '^/mnt' || true") in ("0", "")
+    if whole_mnt:
+        assert target.check_output("findmnt -rno TARGET | grep -c '^/mnt' || true") in ("0", "")
+    assert target.check_output(f"findmnt -rno SOURCE | grep -c '^{pool_name}' || true") in ("0", "")
     importable = target.check_output("zpool import -d /dev/disk/by-partlabel")
     assert f"pool: {pool_name}" in importable and "state: ONLINE" in importable, importable
     # imported again without -f: nothing marks it as in use by another system
     target.check_output(f"zpool import -N -d /dev/disk/by-partlabel {pool_name} && zpool export {pool_name}")
+
+
+def on_disk_state(target, pool_name: str) -> tuple[str, str]:
+    """An exported pool as its disks hold it, read without importing it (zdb -e): the active
+    uberblock (txg, timestamp, guid sum) and the pool's history."""
+    uberblock = target.check_output(f"zdb -e -p /dev/disk/by-partlabel -u {pool_name}")
+    history = target.check_output(f"zdb -e -p /dev/disk/by-partlabel -h {pool_name}")
+    assert "txg = " in uberblock and "zpool export" in history, (uberblock, history)
+    return uberblock, history
+
+
+def assert_converged_with_export_untouched(target, run_pyinfra, profile_name: str, variables: dict,
+                                           pool_name: str) -> None:
+    """With the defaults (export on): a run exports the pool; the next one changes nothing, on
+    pyinfra's word and on the disks' (same uberblock and txg, same history), and the installed
+    system can still import the pool as it finds it (no -f)."""
+    whole_mnt = profile_name == "zfs-raidz1"      # (light: the tmpfs root and its binds stay)
+    result, output = deploy(run_pyinfra, profile_name, variables, export=None)
+    assert result.returncode == 0, output
+    assert_exported_cleanly(target, pool_name, whole_mnt)
+    before = on_disk_state(target, pool_name)
+    result, output = deploy(run_pyinfra, profile_name, variables, export=None)
+    assert result.returncode == 0, output
+    assert_no_changes(output)
+    assert "imported read-only to compare" in output
+    assert on_disk_state(target, pool_name) == before
+    assert_exported_cleanly(target, pool_name, whole_mnt)
 
 
 def test_zfs_raidz1_from_blank_disks(clean_disks, target, run_pyinfra):
@@ -188,12 +223,12 @@ def test_zfs_raidz1_from_blank_disks(clean_disks, target, run_pyinfra):
     check_pool_and_datasets(target, profile)
     check_mounts_and_config(target, profile)
 
-    result, output = deploy(run_pyinfra, "zfs-raidz1", variables)
-    assert result.returncode == 0, output
-    assert_no_changes(output)
-
     kept = ["/mnt/local", "/mnt/remote", "/mnt/nix", "/mnt/var/log"]
     write_marks(target, kept, "kept")
+    pool_name = profile.pools["rpool"].name
+    assert_converged_with_export_untouched(target, run_pyinfra, "zfs-raidz1", variables, pool_name)
+
+    # a run that keeps the pool imported brings back the data written before the export
     result, output = deploy(run_pyinfra, "zfs-raidz1", variables)
     assert result.returncode == 0, output
     assert_marks(target, kept, "kept")
@@ -204,11 +239,6 @@ def test_zfs_raidz1_from_blank_disks(clean_disks, target, run_pyinfra):
     for temp in ("/mnt", "/mnt/tmp"):
         assert not target.file(f"{temp}/tabula-mark").exists, temp
     assert_marks(target, kept, "kept")
-
-    pool_name = profile.pools["rpool"].name
-    result, output = deploy(run_pyinfra, "zfs-raidz1", variables, export=True)
-    assert result.returncode == 0, output
-    assert_exported_cleanly(target, pool_name)
 
 
 def test_light_tmpfs_f2fs_from_blank_disks(clean_disks, target, run_pyinfra):
@@ -224,24 +254,17 @@ def test_light_tmpfs_f2fs_from_blank_disks(clean_disks, target, run_pyinfra):
     assert {"compress_algorithm=lz4", "compress_chksum", "compress_mode=fs"} <= set(f2fs), f2fs
     assert target.check_output("findmnt -no FSTYPE --mountpoint /mnt/.local") == "f2fs"
 
-    result, output = deploy(run_pyinfra, "light-tmpfs-f2fs", variables)
-    assert result.returncode == 0, output
-    assert_no_changes(output)
-
     kept = ["/mnt/local", "/mnt/remote", "/mnt/nix", "/mnt/var/log"]
     write_marks(target, kept, "kept")
+    pool_name = profile.pools["rpool"].name
+    # (exported: only /mnt/remote goes; the tmpfs root and the F2FS binds stay mounted)
+    assert_converged_with_export_untouched(target, run_pyinfra, "light-tmpfs-f2fs", variables, pool_name)
+
     result, output = deploy(run_pyinfra, "light-tmpfs-f2fs", variables)
     assert result.returncode == 0, output
     assert_marks(target, kept, "kept")
     # the binds show the F2FS's directories
     assert target.file("/mnt/.local/nix/tabula-mark").exists and target.file("/mnt/.local/system/tabula-mark").exists
-
-    pool_name = profile.pools["rpool"].name
-    result, output = deploy(run_pyinfra, "light-tmpfs-f2fs", variables, export=True)
-    assert result.returncode == 0, output
-    assert target.run(f"zpool list {pool_name}").rc != 0
-    assert "/mnt/remote" not in target.check_output("findmnt -rno TARGET")
-    target.check_output(f"zpool import -N -d /dev/disk/by-partlabel {pool_name} && zpool export {pool_name}")
 
 
 def test_partlabel_clash_is_refused_before_any_change(clean_disks, target, run_pyinfra):
