@@ -115,7 +115,21 @@ def nvme_ext4_mounted(livevm):
 
 
 def nvme_whole_disk_ext4(livevm):
-    livevm.run(f"mkfs.ext4 -q -F {livevm.disk_by_serial('TABULA-NVME0')}")
+    livevm.run(f"mkfs.ext4 -q -F -L family-photos {livevm.disk_by_serial('TABULA-NVME0')}")
+
+
+def nvme_luks_vault(livevm):
+    """A LUKS2 container labelled 'vault' in a partition of the NVMe (somebody's encrypted data)."""
+    livevm.run(f"sgdisk -n 1:0:+64M -c 1:vault {livevm.disk_by_serial('TABULA-NVME0')} >/dev/null && udevadm settle && "
+               "cryptsetup luksFormat -q --type luks2 --label vault --pbkdf pbkdf2 --pbkdf-force-iterations 1000 "
+               "/dev/disk/by-partlabel/vault - && udevadm settle", input="vault passphrase")
+
+
+def nvme_exported_pool_member(livevm):
+    """A partition of the NVMe that is the only member of an exported pool 'tank'."""
+    livevm.run(f"sgdisk -n 1:0:+128M -c 1:tank-member {livevm.disk_by_serial('TABULA-NVME0')} >/dev/null && "
+               "udevadm settle && modprobe zfs && zpool create -o cachefile=none tank /dev/disk/by-partlabel/tank-member && "
+               "zpool export tank && udevadm settle")
 
 
 def ssd_has_cryptroot_label(livevm):
@@ -186,8 +200,15 @@ CASES = [
          prepare=nvme_ext4_mounted),
     Case("target-holds-running-system", r"disks\.main\.device: refusing .*holds the running system",
          variables=vars_with(disk=root_disk_by_path)),
-    Case("foreign-content-unconfirmed", r"disks\.main\.device: refusing .*ext4.*tabula_confirm_wipe",
-         prepare=nvme_whole_disk_ext4),
+    # what was found is named as a person knows it: type, label, UUID, size; a LUKS header's UUID
+    # and label; a pool member's pool, id and state
+    Case("foreign-content-unconfirmed", r"disks\.main\.device: refusing .*a whole-disk ext4 filesystem labelled "
+         r"'family-photos', UUID [0-9a-f-]{36}, 16\.0 GiB.*tabula_confirm_wipe", prepare=nvme_whole_disk_ext4),
+    Case("foreign-luks-unconfirmed", r"disks\.main\.device: refusing .*What is on it:.*\(partlabel 'vault'\): "
+         r"LUKS2 header UUID [0-9a-f-]{36}, label 'vault', 64\.0 MiB.*tabula_confirm_wipe", prepare=nvme_luks_vault),
+    Case("foreign-pool-member-unconfirmed", r"disks\.main\.device: refusing .*\(partlabel 'tank-member'\): member "
+         r"of ZFS pool 'tank' \(pool id \d+, ONLINE, exported: importable\), 128\.0 MiB.*tabula_confirm_wipe",
+         prepare=nvme_exported_pool_member),
     Case("target-lacks-installer-tools", r"lacks what this profile's stages need, so nothing was touched:\s+"
          r"cryptsetup \(for LUKS container cryptroot\)\s+nixos-install \(for the install \(tabula_install\)\).*NixOS installer",
          data={"tabula_install": "true"}, prepare=installer_tools_aside, cleanup=installer_tools_back),

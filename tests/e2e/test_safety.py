@@ -26,11 +26,14 @@ def assert_refused(result, output, *phrases):
 
 def test_foreign_filesystem_refused_then_wiped_when_confirmed(clean_disks, livevm, target, passphrase_env, run_pyinfra):
     nvme = livevm.disk_by_serial(NVME_SERIAL)
-    livevm.run(f"mkfs.ext4 -q -F {nvme} && udevadm settle")
+    livevm.run(f"mkfs.ext4 -q -F -L family-photos {nvme} && udevadm settle")
+    uuid = livevm.run(f"blkid -p -o value -s UUID {nvme}").stdout.strip()
     before = checksum(livevm, nvme)
 
     result, output = run_over_ssh(run_pyinfra, deploy_args(livevm), "-vv")
-    assert_refused(result, output, "disks.main.device", "refusing", "whole-disk ext4 filesystem",
+    # named as a person recognises it: type, label, UUID, size
+    assert_refused(result, output, "disks.main.device", "refusing",
+                   f"a whole-disk ext4 filesystem labelled 'family-photos', UUID {uuid}, 16.0 GiB",
                    "tabula_confirm_wipe")
     assert checksum(livevm, nvme) == before
 
@@ -62,7 +65,9 @@ def test_mounted_partition_refused_even_when_confirmed(clean_disks, livevm, pass
         for confirm in (None, [nvme_by_id(livevm)]):
             result, output = run_over_ssh(run_pyinfra, deploy_args(livevm, confirm=confirm), "-vv")
             assert_refused(result, output, "disks.main.device", "in use", "mounted at /media/data",
-                           "never touched, confirmed or not")
+                           "never touched, confirmed or not",
+                           f"{nvme}p1 (partlabel 'data'): ext4 filesystem without a label, UUID {before[1].strip()}, "
+                           "64.0 MiB")
         livevm.run("sync")
         assert (checksum(livevm, nvme, mib=1), livevm.run(f"blkid -p -o value -s UUID {nvme}p1").stdout) == before
     finally:
