@@ -487,10 +487,12 @@ def pool(pool: Pool, devices: dict[str, str], view: PoolView | None = None):
                       f"({opened}), nothing written; exported again at the end")
             return
     if imported or pool.name in read(ZfsImportablePools, search_dirs=search_dirs):
+        record_created(f"imported pool {pool.name}")
         # -N: mount nothing (all datasets are legacy and mounted by operations.mounts)
         yield StringCommand("zpool", "import", "-N", "-o", "cachefile=none",
                             *[x for d in search_dirs for x in ("-d", QuoteString(d))], QuoteString(pool.name))
     else:
+        record_created(f"pool {pool.name}")
         yield create_pool_command(pool, devices)
 
 
@@ -645,9 +647,11 @@ def export_pool(pool_name: str):
                       "nothing written")
             return
         # (planning only: the change planned before would have made it writable, then exported)
-    elif state.get("state") != "imported":
+    elif state.get("state") != "imported" and not (created_this_run(f"pool {pool_name}")
+                                                   or created_this_run(f"imported pool {pool_name}")):
         host.noop(f"pool {pool_name} is not imported")
         return
+    # (not imported yet while planning a run that creates or imports it: the plan shows the export)
     yield f"{_unmount_pool_script(pool_name)} && zpool export {shlex.quote(pool_name)}"
 
 

@@ -131,3 +131,15 @@ def _answer(get_fact, fact_class, value):
             return value()
         return get_fact(fact, **kwargs)
     return answer
+
+
+def test_the_plan_exports_a_pool_the_run_creates_or_imports(monkeypatch):
+    _profile, pool, _view = profile_and_view()
+    for made in (f"pool {pool.name}", f"imported pool {pool.name}"):
+        fake = use_fake_host(monkeypatch, zfs, {zfs.ZfsPoolState: {"state": "absent"}})
+        roundtrips.record_created(made)
+        commands = list(zfs.export_pool._inner(pool_name=pool.name))
+        assert len(commands) == 1 and f"zpool export {pool.name}" in str(commands[0]), made
+    fake = use_fake_host(monkeypatch, zfs, {zfs.ZfsPoolState: {"state": "absent"}})
+    assert list(zfs.export_pool._inner(pool_name=pool.name)) == []
+    assert "is not imported" in fake.noops[0]
