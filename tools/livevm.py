@@ -39,7 +39,7 @@ COMPONENTS = ("main", "contrib")              # zfs-dkms lives in contrib
 PACKAGES = (
     "systemd-sysv udev kmod iproute2 openssh-server btrfs-progs gdisk cryptsetup cryptsetup-bin "
     "dosfstools f2fs-tools e2fsprogs util-linux python3 python3-venv linux-image-amd64 "
-    "linux-headers-amd64 procps psmisc attr"
+    "linux-headers-amd64 procps psmisc attr libfile-slurp-perl"
 ).split()
 ZFS_PACKAGES = ("zfs-dkms", "zfsutils-linux")   # installed after the kernel headers exist
 IMAGE_SIZE = "6G"
@@ -527,13 +527,28 @@ class LiveVM:
         log(f"pushed {len(files)} project files to {GUEST_SRC}")
 
     def install_standins(self) -> None:
+        """The NixOS installer's tools deploy.py calls, in the guest's /usr/local/bin: the REAL
+        nixos-generate-config of the offline Nix kit (tools/nixkit.py: nixpkgs 24.05's Perl script,
+        placeholders substituted for Debian), and the stand-ins of tools/guest/standins/ for what
+        cannot run here (nixos-install would build NixOS)."""
+        try:
+            from tools import nixkit
+        except ImportError:     # run as tools/livevm.py: tools/ itself is on sys.path
+            import nixkit
         standins = sorted(p.name for p in STANDINS_DIR.glob("*")
                           if p.is_file() and os.access(p, os.X_OK)) if STANDINS_DIR.is_dir() else []
-        if not standins:
-            log(f"no executable stand-ins in {STANDINS_DIR}")
-            return
-        self.push_tar(STANDINS_DIR, standins, "/usr/local/bin", replace=False)
-        log(f"installed stand-ins in /usr/local/bin: {' '.join(standins)}")
+        if standins:
+            self.push_tar(STANDINS_DIR, standins, "/usr/local/bin", replace=False)
+        # after the stand-ins, so nothing there can shadow the real tool
+        self.run("install -m 0755 /dev/stdin /usr/local/bin/nixos-generate-config",
+                 input=nixkit.generate_config_script())
+        # perl -c loads its modules: an image without libfile-slurp-perl fails here, not mid-deploy
+        check = self.run("perl -c /usr/local/bin/nixos-generate-config", check=False)
+        if check.returncode != 0:
+            raise LiveVMError(f"nixos-generate-config does not compile in the guest (an image older than "
+                              f"PACKAGES? rebuild with tools/livevm.py build):\n{check.stderr}")
+        log(f"installed in /usr/local/bin: nixos-generate-config (real, nixpkgs 24.05); "
+            f"stand-ins: {' '.join(standins) or 'none'}")
 
 
 # ---------------------------------------------------------------- project push helpers
@@ -583,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("ssh-config", help="write the ssh_config for host install-target")
     sub.add_parser("reset-disks", help="wipe the five target disks in the guest")
     sub.add_parser("push-project", help="copy the project and a venv into the guest")
-    sub.add_parser("install-standins", help="copy tools/guest/standins/* to /usr/local/bin")
+    sub.add_parser("install-standins", help="the real nixos-generate-config and tools/guest/standins/* "
+                                            "to /usr/local/bin")
     ssh = sub.add_parser("ssh", help="command (or shell) in the guest as root")
     ssh.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)

@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(items):
 def livevm():
     vm = LiveVM()
     vm.ensure_up()
-    vm.install_standins()   # nixos-generate-config / nixos-install stand-ins: deploy.py calls them
+    vm.install_standins()   # the real nixos-generate-config, the nixos-install stand-in: deploy.py calls them
     yield vm
     if vm.started_here and os.environ.get("TABULA_KEEP_VM") != "1":
         vm.down()

@@ -1,10 +1,11 @@
 """The zephyrus-btrfs profile end to end in the live VM, up to nixos-install.
 
-nixos-generate-config and nixos-install are TEST STAND-INS here (tools/guest/standins/, copied
-to the guest's /usr/local/bin by the livevm fixture): the Debian live VM has no Nix. They record
-their argv to /var/log/tabula-standins/<cmd>.log, check what the real tools need, and the
-generate-config stand-in writes hardware-configuration.nix in the real tool's format from what is
-mounted under /mnt. Everything else (UUIDs, files, modes, keys) is real.
+nixos-generate-config is the REAL one (nixpkgs 24.05's script from the offline Nix kit, installed in
+the guest's /usr/local/bin by the livevm fixture): it detects the VM's hardware and the mounts under
+/mnt, and Tabula patches its storage. nixos-install is a TEST STAND-IN (tools/guest/standins/): the
+Debian live VM has no Nix to build with. It records its argv to /var/log/tabula-standins/
+nixos-install.log and checks what the real tool needs. Everything else (UUIDs, files, modes, keys)
+is real.
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import subprocess
 import pytest
 
 from operations.nixos import INSTALL_STAMP
-from tests.e2e.helpers import assert_no_changes, executed_commands, grand_total
+from operations.profile import load_profile
+from tests.e2e.helpers import (SHOW_HARDWARE_CONFIG, assert_generated_by_real_tool_and_patched, assert_no_changes,
+                               executed_commands, grand_total, operation_commands)
 
 HOST = "tabula-g16"
 USER = "sean"
@@ -24,15 +27,20 @@ PASSPHRASE = "tabula nixos e2e passphrase 3a9d"
 ROOT_HASH = "$6$Qm1ZcW0d2v3ZkA$" + "r" * 86
 USER_HASH = "$6$Xk2bL9pT4sQ1nB$" + "u" * 86
 STANDIN_LOG = "/var/log/tabula-standins"
+GENERATE = "nixos-generate-config --root /mnt"
 
 
 def nvme_by_id(livevm) -> str:
     return livevm.stable_path("TABULA-NVME0")
 
 
-def deploy_args(livevm, install=True, **extra_vars) -> list[str]:
-    data = {"disk": nvme_by_id(livevm), "hostname": HOST, "swap_size": "256M",
+def profile_vars(livevm, **extra_vars) -> dict:
+    return {"disk": nvme_by_id(livevm), "hostname": HOST, "swap_size": "256M",
             "luks_pbkdf": "pbkdf2", "luks_pbkdf_iterations": 1000, **extra_vars}
+
+
+def deploy_args(livevm, install=True, **extra_vars) -> list[str]:
+    data = profile_vars(livevm, **extra_vars)
     return ["deploy.py", "--data", "tabula_profile=zephyrus-btrfs", "--data", f"tabula_vars={json.dumps(data)}",
             "--data", f"tabula_install={json.dumps(install)}"]
 
@@ -77,8 +85,8 @@ def test_full_deploy_installs_once_and_converges(clean_disks, livevm, target, se
     # nixos-install's output was streamed to the user (the stand-in prints these lines)
     assert "stand-in: building the flake..." in output and "installation finished!" in output
 
-    # --- the stand-ins got the right arguments, once each
-    assert guest(livevm, f"cat {STANDIN_LOG}/nixos-generate-config.log") == "nixos-generate-config --root /mnt\n"
+    # --- nixos-generate-config ran once; the nixos-install stand-in got the right arguments, once
+    assert sum(command.count(GENERATE) for command in operation_commands(output)) == 1
     assert guest(livevm, f"cat {STANDIN_LOG}/nixos-install.log") == \
         f"nixos-install --root /mnt --flake /mnt/etc/nixos#{HOST} --no-root-passwd\n"
     assert target.file("/mnt/nix/var/nix/profiles/system").is_symlink
@@ -94,9 +102,16 @@ def test_full_deploy_installs_once_and_converges(clean_disks, livevm, target, se
            '    options = [ "fmask=0022" "dmask=0022" ];\n  };' in hardware
     assert '    options = [ "subvol=@persist" "compress=zstd" "noatime" "discard=async" ];\n    neededForBoot = true;' in hardware
     assert 'swapDevices = [\n    { device = "/swap/swapfile"; size = 256; }\n  ];' in hardware
-    assert "by-partlabel" not in hardware
-    # what the generator detected about the hardware is kept
-    assert '(modulesPath + "/profiles/qemu-guest.nix")' in hardware and "virtio_blk" in hardware
+    # the real tool's file: its header and hardware detection kept, its storage replaced by Tabula's
+    profile = load_profile("zephyrus-btrfs", profile_vars(livevm))
+    assert_generated_by_real_tool_and_patched(hardware, profile, efi_uuid, guest(livevm, SHOW_HARDWARE_CONFIG))
+    for interface in set(guest(livevm, "ls /sys/class/net").split()) - {"lo"}:
+        assert f"  # networking.interfaces.{interface}.useDHCP = lib.mkDefault true;\n" in hardware
+    # the real tool named the btrfs by its filesystem UUID; Tabula by the LUKS mapping
+    btrfs_uuid = guest(livevm, "blkid -o value -s UUID /dev/mapper/cryptroot").strip()
+    assert re.fullmatch(r"[0-9a-f-]{36}", btrfs_uuid) and btrfs_uuid not in hardware
+    # the real tool's configuration.nix (it writes one) was replaced by the profile's
+    assert "Did you read the comment?" not in target.file("/mnt/etc/nixos/configuration.nix").content_string
     flake = target.file("/mnt/etc/nixos/flake.nix").content_string
     assert f"nixosConfigurations.{HOST} = nixpkgs.lib.nixosSystem" in flake
     assert "nixos-hardware.nixosModules.asus-zephyrus-gu605my" in flake  # the VM's DMI names no known model
@@ -140,7 +155,7 @@ def test_full_deploy_installs_once_and_converges(clean_disks, livevm, target, se
     assert_no_changes(output)
     assert "is already installed from the current /mnt/etc/nixos" in output or "already installed" in output
     assert guest(livevm, f"cat {STANDIN_LOG}/nixos-install.log").count("\n") == 1
-    assert guest(livevm, f"cat {STANDIN_LOG}/nixos-generate-config.log").count("\n") == 1
+    assert not any(GENERATE in command for command in operation_commands(output))  # not generated again
     assert seeded_state(livevm) == before
 
     # --- a local edit is put back (the profile is the source): nothing to install again

@@ -20,7 +20,8 @@ import pytest
 
 from operations import zfs
 from operations.profile import host_hash, load_profile
-from tests.e2e.helpers import assert_no_changes, executed_commands
+from tests.e2e.helpers import (SHOW_HARDWARE_CONFIG, assert_generated_by_real_tool_and_patched, assert_no_changes,
+                               executed_commands)
 from tests.verify.checks import verify_target
 
 LUKS_PASSPHRASE = "tabula-e2e-luks-passphrase"
@@ -32,7 +33,7 @@ SECRETS = (LUKS_PASSPHRASE, ZFS_KEY, ROOT_HASH, USER_HASH)
 SERIALS = ("TABULA-NVME0", "TABULA-RZ1", "TABULA-RZ2", "TABULA-RZ3", "TABULA-SSD")
 ZFS_HOST = "tabula-zfs"
 LIGHT_HOST = "tabula-light"
-# nixos-generate-config and nixos-install are the test bed's stand-ins (tools/guest/standins).
+# nixos-install is the test bed's stand-in (tools/guest/standins); nixos-generate-config is the real one.
 INSTALL = True
 
 
@@ -163,6 +164,12 @@ def check_mounts_and_config(target, profile) -> None:
         generated = target.check_output("cat /mnt/etc/nixos/configuration.nix")
         assert f'networking.hostId = "{profile.host_id}";' in generated
         assert profile.host_id == host_hash(profile.nixos.hostname)
+        # the real nixos-generate-config's file, its storage (ZFS datasets, tmpfs, binds) Tabula's
+        boot = next(m for m in profile.all_mounts() if m.mountpoint == "/boot")
+        boot_uuid = target.check_output(f"blkid -o value -s UUID {boot.device}")
+        hardware = target.file("/mnt/etc/nixos/hardware-configuration.nix").content_string
+        shown = target.check_output(SHOW_HARDWARE_CONFIG)
+        assert_generated_by_real_tool_and_patched(hardware, profile, boot_uuid, shown)
 
 
 def write_marks(target, where: list[str], text: str) -> None:

@@ -174,7 +174,7 @@ def nix_apply_json(path: Path, function: str):
 
 
 def test_real_fixtures_are_the_real_tools_output():
-    # what makes them worth testing against: the forms the stand-in never wrote
+    # the forms the patcher must handle, as the real tool wrote them in the VM
     for stem in REAL_CAPTURES:
         text = (FIXTURES / f"{stem}.nix").read_text()
         assert text.startswith(REAL_HEADER), stem
@@ -211,8 +211,8 @@ def test_real_output_patched_has_exactly_tabulas_storage(stem, tmp_path):
     wanted = tmp_path / "storage.nix"
     wanted.write_text("{ config, lib, pkgs, modulesPath, ... }:\n{\n" + storage + "}\n")
     assert nix_apply_json(path, STORAGE_ONLY) == nix_apply_json(wanted, STORAGE_ONLY)
-    for path_, text in top_level_bindings(generated):
-        if is_storage(path_) and text != "swapDevices = [ ];":
+    for binding_path, text in top_level_bindings(generated):
+        if is_storage(binding_path) and text != "swapDevices = [ ];":
             assert text not in patched, text
     mountpoints = {m.mountpoint for m in profile.all_mounts()}
     assert set(nix_apply_json(path, " (m: m.fileSystems)")) == mountpoints
