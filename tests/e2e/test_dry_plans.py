@@ -1,0 +1,81 @@
+"""Dry plans (``pyinfra --dry``) for every profile, in the live VM: on blank disks and with a
+confirmed wipe of a disk holding foreign data. Each plan must show the steps that would run
+(the wipe as a step of its own, naming what it destroys), run no operation's command, and leave
+every disk byte-identical (checksums of the first 4 MiB and the last MiB). The plan of an
+installed and converged target is checked at the end of each fault chain (tests/e2e/test_faults.py),
+where every profile is installed and converged anyway: every step there shows no change.
+
+zephyrus-btrfs on blank disks: tests/e2e/test_btrfs_profile.py::test_dry_plan_executes_nothing.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from operations.profile import load_profile
+from tests.e2e.faults import dry_plan
+from tests.e2e.test_faults import SECRETS, SERIALS, profile_vars
+
+
+@pytest.fixture
+def secrets_env(monkeypatch):
+    for key, value in SECRETS.items():
+        monkeypatch.setenv(key, value)
+        monkeypatch.delenv(f"{key}_FILE", raising=False)
+
+
+def args(profile: str, variables: dict, confirm: list[str] | None = None) -> list[str]:
+    extra = ["--data", f"tabula_confirm_wipe={json.dumps(confirm)}"] if confirm else []
+    return ["-vv", "--data", f"tabula_profile={profile}", "--data", f"tabula_vars={json.dumps(variables)}",
+            *extra, "deploy.py"]
+
+
+def expected_steps(profile) -> list[str]:
+    """Steps every plan from blank (or wiped) disks shows as changes, from the profile itself."""
+    steps = [f"GPT partitions on disks.{key}" for key in profile.disks]
+    steps += ["Mount / at /mnt", "nixos-generate-config", "Host identity in", f"nixos-install {profile.nixos.hostname}"]
+    for pool in profile.pools.values():
+        steps += [f"ZFS: pool {pool.name} imported with its topology", f"ZFS: export pool {pool.name}"]
+        steps += [f"ZFS: dataset {pool.name}/{ds.name}" for ds in pool.datasets]
+    for _part, luks in profile.luks_devices():
+        steps.append(f"Open {luks.mapper}")
+    return steps
+
+
+def assert_shows(rows: dict[str, bool], steps: list[str]) -> None:
+    # (the NixOS files are rendered once the target's UUIDs exist: planned, with no change yet)
+    assert any(name.startswith("NixOS configuration in /mnt/etc/nixos") for name in rows), list(rows)
+    for step in steps:
+        found = [name for name in rows if name.startswith(step)]
+        assert found, f"the plan lacks {step!r}: {list(rows)}"
+        assert any(rows[name] for name in found), f"the plan shows {step!r} without change"
+
+
+FOREIGN_DISK = {"zephyrus-btrfs": "TABULA-NVME0", "zfs-raidz1": "TABULA-RZ2", "light-tmpfs-f2fs": "TABULA-SSD"}
+
+
+@pytest.mark.parametrize("profile_name", ["zephyrus-btrfs", "zfs-raidz1", "light-tmpfs-f2fs"])
+def test_dry_plans_on_blank_disks_and_with_a_confirmed_wipe(profile_name, clean_disks, livevm, secrets_env):
+    variables = profile_vars(livevm, profile_name)
+    profile = load_profile(profile_name, variables)
+    steps = expected_steps(profile)
+
+    if profile_name != "zephyrus-btrfs":          # (its blank plan: test_btrfs_profile.py)
+        _output, rows = dry_plan(livevm, args(profile_name, variables), SERIALS)
+        assert_shows(rows, steps)
+        assert not any(name.startswith("Wipe ") for name in rows)
+    assert livevm.run("zpool list -H").stdout.strip() == ""
+
+    # foreign data on one of the profile's disks, confirmed by its serial
+    serial = FOREIGN_DISK[profile_name]
+    disk = livevm.disk_by_serial(serial)
+    livevm.run(f"mkfs.ext4 -q -F -L family-photos {disk} && udevadm settle")
+    output, rows = dry_plan(livevm, args(profile_name, variables, confirm=[serial]), SERIALS)
+    wipes = [name for name in rows if name.startswith("Wipe ")]
+    assert len(wipes) == 1 and rows[wipes[0]], rows
+    assert livevm.stable_path(serial) in wipes[0] and "ext4 filesystem labelled 'family-photos'" in wipes[0], wipes
+    # the wipe comes first, then the plan from blank disks
+    assert list(rows).index(wipes[0]) < min(i for i, name in enumerate(rows) if name.startswith("GPT partitions"))
+    assert_shows(rows, steps)
+    assert livevm.run(f"blkid -p -o value -s LABEL {disk}").stdout.strip() == "family-photos"
