@@ -293,6 +293,7 @@ class PoolView:
     mounts: tuple[Mount, ...] = ()
     encryption_roots: tuple[str, ...] = ()
     key: Secret | None = None
+    exported_at_end: bool = True      # False: the run keeps the pool imported, so no view is opened
 
     def stdin(self) -> dict:
         return {"_stdin": [self.key.reveal()]} if self.key and self.encryption_roots else {}
@@ -447,7 +448,8 @@ def pool(pool: Pool, devices: dict[str, str], view: PoolView | None = None):
 
     + pool: the profile's ``Pool``
     + devices: partlabel -> block device of every member (``Profile.pool_members``)
-    + view: a ``PoolView`` when the run ends with the pool exported (``tabula_export_pools``)
+    + view: a ``PoolView``: how to read the pool when the run ends with it exported
+      (``tabula_export_pools``), and how to make a read-only view writable
 
     **Example:**
 
@@ -469,16 +471,17 @@ def pool(pool: Pool, devices: dict[str, str], view: PoolView | None = None):
         return
     state = read(ZfsPoolState, pool_name=pool.name, devices=tuple(devices.values()))
     imported = state.get("state") == "imported"
-    if imported and state.get("readonly") and view is None:
+    if imported and state.get("readonly") and (view is None or not view.exported_at_end):
         # A read-only view left by an interrupted run, and this run keeps the pool imported.
         _check_topology(pool, devices, state)
-        yield make_view_writable(pool.name, search_dirs, PoolView())
+        yield make_view_writable(pool.name, search_dirs, view or PoolView())
         return
     if imported and not state.get("readonly"):
         _check_topology(pool, devices, state)
         host.noop(f"pool {pool.name} is imported with the profile's topology")
         return
-    if view is not None and (imported or pool.name in read(ZfsImportablePools, search_dirs=search_dirs)):
+    if view is not None and view.exported_at_end and (
+            imported or pool.name in read(ZfsImportablePools, search_dirs=search_dirs)):
         opened = _open_view(pool, search_dirs, view)
         if opened:
             _check_topology(pool, devices, read(ZfsPoolState, pool_name=pool.name, devices=tuple(devices.values())))
@@ -684,12 +687,11 @@ def apply(profile: Profile, settings=None) -> None:
     kernel_module(name="ZFS: load the kernel module")
     for pool_key, pool_def in profile.pools.items():
         devices = member_devices(profile, pool_key)
-        view = None
-        if getattr(settings, "export_pools", False):
-            roots = tuple(f"{pool_def.name}/{ds.name}" for ds in pool_def.datasets if ds.encryption)
-            view = PoolView(mounts=tuple(profile.all_mounts()), encryption_roots=roots, key=key)
+        roots = tuple(f"{pool_def.name}/{ds.name}" for ds in pool_def.datasets if ds.encryption)
+        view = PoolView(mounts=tuple(profile.all_mounts()), encryption_roots=roots, key=key,
+                        exported_at_end=bool(getattr(settings, "export_pools", False)))
         pool(pool_def, devices, view=view, name=f"ZFS: pool {pool_def.name} imported with its topology",
-             **(view.stdin() if view else {}))
+             **view.stdin())
         dataset(pool_def.name, properties=dict(pool_def.root_properties), create=False,
                 name=f"ZFS: {pool_def.name} root properties")
         for ds in ordered_datasets(pool_def):

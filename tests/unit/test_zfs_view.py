@@ -52,12 +52,18 @@ def test_without_a_view_an_exported_pool_is_imported(monkeypatch):
 
 
 def test_a_view_left_by_an_interrupted_run_is_made_writable_when_the_run_keeps_the_pool(monkeypatch):
-    profile, pool, _view = profile_and_view()
-    texts, _, _ = run_op(monkeypatch, (zfs, mounts), zfs.pool,
-                         {zfs.ZfsPoolState: {**raidz1_state(), "readonly": True}, mounts.Mounts: {}},
-                         pool=pool, devices=zfs.member_devices(profile, "rpool"))
+    profile, pool, view = profile_and_view()
+    keep = zfs.PoolView(view.mounts, view.encryption_roots, view.key, exported_at_end=False)
+    ro = {"device": "x", "fstype": "zfs", "options": ["ro", "nosuid"]}
+    texts, stdins, fake = run_op(monkeypatch, (zfs, mounts), zfs.pool,
+                                 {zfs.ZfsPoolState: {**raidz1_state(), "readonly": True},
+                                  mounts.Mounts: {"/mnt": ro, "/mnt/remote": ro}},
+                                 pool=pool, devices=zfs.member_devices(profile, "rpool"), view=keep)
     script = shlex.split(texts[0])[2]
-    assert f"zpool export {pool.name}" in script and f"zpool import -N -o cachefile=none" in script
+    # its read-only mounts go first (else the export fails: busy), then they come back writable
+    assert script.index("umount /mnt/remote") < script.index(f"zpool export {pool.name}") < \
+        script.index("zpool import -N -o cachefile=none") < script.index(f"rpool-{profile.hash}/remote/system /mnt/remote")
+    assert stdins == [[KEY]] and "ZfsReadOnlyView" not in fake.reads
 
 
 def test_the_view_is_made_writable_before_the_first_change_with_its_mounts_again(monkeypatch):
