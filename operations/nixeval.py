@@ -20,11 +20,9 @@ first, with the files the run is going to write (rendered with placeholder devic
 from __future__ import annotations
 
 import base64
-import io
 import json
 import shlex
 import subprocess
-import tarfile
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase, QuoteString, StringCommand
 
 from operations.errors import TabulaError
+from operations.nixos import files_tar
 from operations.roundtrips import operation, read
 
 NIX_FLAGS = ("--extra-experimental-features", "nix-command flakes")
@@ -131,15 +130,8 @@ def evaluate(files: dict[str, str] | Path, hostname: str, inputs: dict[str, str]
 
 
 def files_archive(files: dict[str, str]) -> str:
-    """The files as one base64 tar (fixed mtimes, so the same files give the same text)."""
-    archive = io.BytesIO()
-    with tarfile.open(fileobj=archive, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for name, text in sorted(files.items()):
-            data = text.encode()
-            member = tarfile.TarInfo(name)
-            member.size, member.mode = len(data), 0o644
-            tar.addfile(member, io.BytesIO(data))
-    return base64.b64encode(archive.getvalue()).decode()
+    """The files as one base64 tar (a fixed mtime: the same files give the same text)."""
+    return base64.b64encode(files_tar(dict(sorted(files.items())))).decode()
 
 
 class TargetEvaluation(FactBase):

@@ -229,6 +229,18 @@ def is_file_with(state: dict | None, text: str, mode: str) -> bool:
         state["sha256"] == hashlib.sha256(text.encode()).hexdigest()
 
 
+def files_tar(files: dict[str, str], mode: str = "644", mtime: int = 0) -> bytes:
+    """``{relative name: text}`` as one tar, each file with this mode and mtime."""
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, text in files.items():
+            data = text.encode()
+            member = tarfile.TarInfo(name)
+            member.size, member.mode, member.mtime = len(data), int(mode, 8), mtime
+            tar.addfile(member, io.BytesIO(data))
+    return archive.getvalue()
+
+
 def write_files_command(directory: str, files: dict[str, str], mode: str = "644") -> StringCommand:
     """One command writing ``{relative name: text}`` below ``directory``, contents on stdin.
 
@@ -236,13 +248,7 @@ def write_files_command(directory: str, files: dict[str, str], mode: str = "644"
     and renamed into it, one ``mv`` per folder: an interrupted write never leaves a half file
     under a name, and a handful of processes write them all (each costs ~30 ms on a slow target).
     """
-    archive = io.BytesIO()
-    with tarfile.open(fileobj=archive, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for name, text in files.items():
-            data = text.encode()
-            member = tarfile.TarInfo(name)
-            member.size, member.mode, member.mtime = len(data), int(mode, 8), int(time.time())
-            tar.addfile(member, io.BytesIO(data))
+    archive = files_tar(files, mode, mtime=int(time.time()))
     folders: dict[str, list[str]] = {}
     for name in files:
         folders.setdefault(posixpath.dirname(name), []).append(name)
@@ -254,7 +260,7 @@ def write_files_command(directory: str, files: dict[str, str], mode: str = "644"
     script = (f'set -e; d={shlex.quote(directory)}; s="$d/.tabula-new"; rm -rf "$s"; mkdir -p "$s"; '
               'base64 -d | tar -x -C "$s"; ' + "".join(moves) + 'rm -rf "$s"')
     return StringCommand("sh", "-c", QuoteString(script),
-                         _stdin=base64.encodebytes(archive.getvalue()).decode().splitlines())
+                         _stdin=base64.encodebytes(archive).decode().splitlines())
 
 
 # --- storage rendering ------------------------------------------------------------------------
