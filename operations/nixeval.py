@@ -12,7 +12,7 @@ first, with the files the run is going to write (rendered with placeholder devic
 - not at all when ``tabula_nix_check`` is false (offline installs), and the plan says so.
 
     from operations import nixeval
-    nixeval.check(profile, settings)      # a step of its own, before the first disk change
+    nixeval.precheck(profile, settings)   # a step of its own, before the first disk change
 
 ``evaluate`` is also what the tests use to evaluate every profile against real nixpkgs.
 """
@@ -31,6 +31,7 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase, QuoteString, StringCommand
 
 from operations.errors import TabulaError
+from operations import disks, nixos
 from operations.nixos import files_tar
 from operations.roundtrips import operation, read
 
@@ -53,6 +54,7 @@ class Evaluation:
     traces: tuple[str, ...] = field(default=())
 
     def json(self):
+        """The value of an evaluation asked with ``json_output``."""
         return json.loads(self.value)
 
 
@@ -166,21 +168,6 @@ class TargetEvaluation(FactBase):
         return None
 
 
-class CommandsPresent(FactBase):
-    """Which of these commands the target has on its PATH (``command -v``)."""
-
-    def command(self, commands) -> StringCommand:
-        script = 'for c in "$@"; do command -v "$c" >/dev/null 2>&1 && echo "$c"; done; true'
-        return StringCommand("sh", "-c", QuoteString(script), "commands", *[QuoteString(c) for c in commands])
-
-    def process(self, output):
-        return sorted(set(line.strip() for line in output if line.strip()))
-
-    @staticmethod
-    def default():
-        return []
-
-
 # --- the step ----------------------------------------------------------------------------------
 
 
@@ -208,31 +195,24 @@ def evaluate_on_target(files: dict[str, str], hostname: str) -> Evaluation:
 
 
 def precheck(profile, settings) -> None:
-    """The stage: render the files this run will write (placeholder devices: the partitions do
-    not exist yet) for the hardware module the target's DMI selects, and evaluate them."""
-    from operations import disks, nixos
-
+    """The stage, while the run is prepared (before any operation runs): render the files this
+    run will write (placeholder devices: the partitions do not exist yet) for the hardware module
+    the target's DMI selects, and evaluate them; a configuration Nix refuses stops the run with
+    Nix's error. The result is a step of the plan."""
     target_has_nix = False
     if settings.nix_check is not False:
         fact, arguments = disks.tools_request(profile, settings.install)   # the guard's read, kept
         target_has_nix = "nix" in read(fact, **arguments)["commands"]
-    where, _ = where_to_evaluate(settings.nix_check, settings.nix_inputs, target_has_nix)
-    files = {}
-    if where is not None:
-        module, _ = nixos.choose_hardware_module(profile, read(nixos.DmiProductName))
-        files = nixos.render_files(profile, None, None, hardware_module=module, placeholder=True)
-    check(files, profile.nixos.hostname, settings.nix_check, settings.nix_inputs, target_has_nix)
-
-
-def check(files: dict[str, str], hostname: str, mode, inputs: dict | None, target_has_nix: bool) -> None:
-    """Evaluate (once, while the run is prepared, before any operation runs) and show the result
-    as a step of the plan; a configuration Nix refuses stops the run with Nix's error."""
-    where, why = where_to_evaluate(mode, inputs, target_has_nix)
+    where, why = where_to_evaluate(settings.nix_check, settings.nix_inputs, target_has_nix)
     if where is None:
         evaluated(summary=f"not evaluated before the install: {why}", name="NixOS evaluation")
         return
+    module, _ = nixos.choose_hardware_module(profile, read(nixos.DmiProductName))
+    files = nixos.render_files(profile, None, None, hardware_module=module, placeholder=True)
     logger.info(f"{host.print_prefix}evaluating the NixOS configuration {why}")
-    result = evaluate(files, hostname, inputs) if where == "controller" else evaluate_on_target(files, hostname)
+    hostname = profile.nixos.hostname
+    result = evaluate(files, hostname, settings.nix_inputs) if where == "controller" else \
+        evaluate_on_target(files, hostname)
     if not result.ok:
         raise EvaluationFailed(
             f"the NixOS configuration does not evaluate ({why}); nothing was changed on the disks.\n"
@@ -246,7 +226,7 @@ def check(files: dict[str, str], hostname: str, mode, inputs: dict | None, targe
 @operation()
 def evaluated(summary: str):
     """
-    The plan's line for the evaluation ``check`` did before any operation: it changes nothing.
+    The plan's line for the evaluation ``precheck`` did before any operation: it changes nothing.
 
     + summary: what was evaluated where, and the result (or why it was skipped)
 

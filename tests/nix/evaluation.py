@@ -7,7 +7,7 @@ config, not the text, is what they check.
 """
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
 
 from operations.nixeval import Evaluation, evaluate
@@ -59,17 +59,32 @@ def kit_evaluate(files: dict[str, str] | Path, hostname: str, hardware_module: s
     warnings = setup.unexpected_traces(result.traces)
     if warnings:
         raise EvaluationError("the evaluation printed warnings:\n" + "\n".join(warnings))
-    return json.loads(result.value)
+    return result.json()
 
 
-def installed_config(livevm, dest: Path, config_dir: str = "/mnt/etc/nixos") -> Path:
+def installed_config(read_on_target, dest: Path, config_dir: str = "/mnt/etc/nixos") -> Path:
     """The configuration a deploy wrote on the target (real UUIDs, the real generator's output,
-    patched), copied back into ``dest`` to be evaluated here."""
+    patched), copied back into ``dest`` to be evaluated here.
+
+    + read_on_target: runs a shell command on the target, returns its output (text)
+
+    A flake.lock is left behind: the nixos-install stand-in's pins nothing real, and the kit
+    overrides every input anyway.
+    """
+    import base64
     import io
     import tarfile
 
-    archive = livevm.run(f"tar -C {config_dir} -cf - .", binary=True).stdout
+    archive = base64.b64decode(read_on_target(f"tar -C {config_dir} --exclude=./flake.lock -cf - . | base64 -w0"))
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(dest, filter="data")
     return dest
+
+
+def evaluate_installed(read_on_target, dest: Path, profile) -> dict:
+    """Evaluate what the deploy wrote, for the nixos-hardware module its flake names."""
+    folder = installed_config(read_on_target, dest)
+    flake = (folder / "flake.nix").read_text()
+    module = re.search(r"nixos-hardware\.nixosModules\.([\w-]+)", flake)
+    return kit_evaluate(folder, profile.nixos.hostname, module.group(1) if module else None)
