@@ -17,6 +17,7 @@ import pytest
 
 from operations.nixos import INSTALL_STAMP
 from operations.profile import load_profile
+from tests.nix.evaluation import evaluate_installed
 from tests.e2e.helpers import (SHOW_HARDWARE_CONFIG, assert_generated_by_real_tool_and_patched, assert_no_changes,
                                executed_commands, grand_total, operation_commands)
 
@@ -125,6 +126,15 @@ def test_full_deploy_installs_once_and_converges(clean_disks, livevm, target, se
         path.write_text(target.file(f"/mnt/etc/nixos/{name}").content_string)
         parsed = subprocess.run(["nix-instantiate", "--parse", str(path)], capture_output=True, text=True)
         assert parsed.returncode == 0, f"{name}: {parsed.stderr}"
+    # ... and the whole configuration evaluates against real nixpkgs, as nixos-install will
+    # evaluate it, with the target's real UUIDs in the evaluated options
+    evaluated = evaluate_installed(lambda command: guest(livevm, command), tmp_path / "evaluated", profile)
+    assert f"-nixos-system-{HOST}-" in evaluated["drvPath"]
+    assert evaluated["luks"]["cryptroot"]["device"] == f"/dev/disk/by-uuid/{luks_uuid}"
+    assert evaluated["fileSystems"]["/boot"]["device"] == f"/dev/disk/by-uuid/{efi_uuid}"
+    assert evaluated["fileSystems"]["/persist"]["neededForBoot"] is True
+    assert set(evaluated["initrdServices"]["rollback"]["after"]) == {"systemd-cryptsetup@cryptroot.service",
+                                                                   "dev-mapper-cryptroot.device"}
 
     # --- /persist seeded: secrets, host keys, machine-id, config copy
     secrets = target.file("/mnt/persist/secrets")

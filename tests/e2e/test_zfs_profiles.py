@@ -20,6 +20,7 @@ import pytest
 
 from operations import zfs
 from operations.profile import host_hash, load_profile
+from tests.nix.evaluation import evaluate_installed
 from tests.e2e.helpers import (SHOW_HARDWARE_CONFIG, assert_generated_by_real_tool_and_patched, assert_no_changes,
                                executed_commands)
 from tests.verify.checks import verify_target
@@ -151,7 +152,7 @@ def check_pool_and_datasets(target, profile) -> None:
             assert zfs_props(target, f"{pool.name}/{ds.name}", "encryptionroot")["encryptionroot"] == f"{pool.name}/remote"
 
 
-def check_mounts_and_config(target, profile) -> None:
+def check_mounts_and_config(target, profile, evaluation_dir) -> None:
     failures = verify_target(target, profile)
     assert failures == [], failures
     for m in profile.all_mounts():
@@ -170,6 +171,14 @@ def check_mounts_and_config(target, profile) -> None:
         hardware = target.file("/mnt/etc/nixos/hardware-configuration.nix").content_string
         shown = target.check_output(SHOW_HARDWARE_CONFIG)
         assert_generated_by_real_tool_and_patched(hardware, profile, boot_uuid, shown)
+        # the whole configuration the deploy wrote evaluates against real nixpkgs (nixos-install's
+        # first step), its ZFS datasets and /boot's real UUID in the evaluated options
+        evaluated = evaluate_installed(target.check_output, evaluation_dir, profile)
+        assert f"-nixos-system-{profile.nixos.hostname}-" in evaluated["drvPath"]
+        assert evaluated["fileSystems"]["/boot"]["device"] == f"/dev/disk/by-uuid/{boot_uuid}"
+        assert evaluated["hostId"] == profile.host_id
+        for m in profile.all_mounts():
+            assert evaluated["fileSystems"][m.mountpoint]["device"] in (m.device, f"/dev/disk/by-uuid/{boot_uuid}")
 
 
 def write_marks(target, where: list[str], text: str) -> None:
@@ -221,14 +230,14 @@ def assert_converged_with_export_untouched(target, run_pyinfra, profile_name: st
     assert_exported_cleanly(target, pool_name, whole_mnt)
 
 
-def test_zfs_raidz1_from_blank_disks(clean_disks, target, run_pyinfra):
+def test_zfs_raidz1_from_blank_disks(clean_disks, target, run_pyinfra, tmp_path):
     variables = zfs_vars(target)
     profile = load_profile("zfs-raidz1", variables)
 
     result, output = deploy(run_pyinfra, "zfs-raidz1", variables)
     assert result.returncode == 0, output
     check_pool_and_datasets(target, profile)
-    check_mounts_and_config(target, profile)
+    check_mounts_and_config(target, profile, tmp_path)
 
     kept = ["/mnt/local", "/mnt/remote", "/mnt/nix", "/mnt/var/log"]
     write_marks(target, kept, "kept")
@@ -248,14 +257,14 @@ def test_zfs_raidz1_from_blank_disks(clean_disks, target, run_pyinfra):
     assert_marks(target, kept, "kept")
 
 
-def test_light_tmpfs_f2fs_from_blank_disks(clean_disks, target, run_pyinfra):
+def test_light_tmpfs_f2fs_from_blank_disks(clean_disks, target, run_pyinfra, tmp_path):
     variables = light_vars(target)
     profile = load_profile("light-tmpfs-f2fs", variables)
 
     result, output = deploy(run_pyinfra, "light-tmpfs-f2fs", variables)
     assert result.returncode == 0, output
     check_pool_and_datasets(target, profile)
-    check_mounts_and_config(target, profile)
+    check_mounts_and_config(target, profile, tmp_path)
     assert target.check_output("findmnt -no FSTYPE --mountpoint /mnt") == "tmpfs"
     f2fs = mount_options(target, "/mnt/.local")
     assert {"compress_algorithm=lz4", "compress_chksum", "compress_mode=fs"} <= set(f2fs), f2fs
