@@ -4,10 +4,22 @@ connection in the guest, and re-run. Each profile is one chain: every re-run res
 the previous fault left the disks and is itself stopped at the next fault point, so one chain
 costs about one full install plus a fact pass per fault.
 
-After the last fault a run without fault must complete; then a further run must change nothing,
-the target must verify against the profile, no creating command (partition, luksFormat, mkfs,
-subvolume, pool, dataset, snapshot) may have run twice over the whole chain, and what was written
-to the persistent volumes before a fault must still be there.
+The chains run with the user's defaults: nixos-install at the end, ZFS pools exported after it.
+The last stages are interrupted where their code is shared, once each, by the cheapest profile
+that reaches them: nixos-install mid-way and after it finished but before its stamp (btrfs; the
+light profile cuts SSH mid-install), the NixOS and persist stages on a ZFS root (zfs-raidz1; the
+light profile keeps its persist on the same kind of encrypted dataset), and the pool export
+(zfs-raidz1 by SIGKILL, light by an SSH cut). A run interrupted during or after nixos-install
+runs it again (the stamp is written only after success), counted in the stand-in's log.
+
+After the last fault a run without fault must complete; then a further run must change nothing
+(ZFS: through a read-only view of the exported pool), the target must verify against the profile
+(ZFS: after a run that keeps the pools imported), no creating command (partition, luksFormat,
+mkfs, subvolume, pool, dataset, snapshot) may have run twice over the whole chain, and what was
+written to the persistent volumes before a fault must still be there.
+
+A confirmed wipe interrupted half-way is finished only under the same confirmation while the disk
+still holds foreign data, and needs none once the disk is blank.
 
 A half-written LUKS header cannot be resumed safely: the run must stop before any change, naming
 the partition and saying what to do.
@@ -22,7 +34,7 @@ import pytest
 from operations.profile import load_profile
 from tests.e2e.faults import Fault, created, creations_of_faulted_run, disk_checksums, duplicated_creations
 from tests.e2e.faults import duplicates, run_with_fault, strip_ansi
-from tests.e2e.faults import changing_commands
+from tests.e2e.faults import changing_commands, dry_plan
 from tests.e2e.helpers import assert_no_changes, executed_commands
 from tests.verify.checks import verify_target
 
@@ -50,9 +62,11 @@ def profile_vars(livevm, profile: str) -> dict:
             "luks_pbkdf": "pbkdf2", "luks_pbkdf_iterations": 1000}
 
 
-def deploy_args(profile: str, variables: dict) -> list[str]:
+def deploy_args(profile: str, variables: dict, **data) -> list[str]:
+    """The user's defaults (install, pools exported at the end) unless ``data`` says otherwise."""
+    extra = [x for key, value in data.items() for x in ("--data", f"{key}={json.dumps(value)}")]
     return ["-vv", "--data", f"tabula_profile={profile}", "--data", f"tabula_vars={json.dumps(variables)}",
-            "--data", "tabula_install=false", "--data", "tabula_export_pools=false", "deploy.py"]
+            *extra, "deploy.py"]
 
 
 # Fault points per profile: (fault, what it interrupts). Operation names are the stages' own.
@@ -69,6 +83,8 @@ CHAINS = {
         (Fault("cut", cmd=r"fallocate", delay=0.2), "mid swapfile (SSH cut)"),
         (Fault("kill", op=r"^nixos-generate-config"), "after swapfile"),
         (Fault("cut", op=r"^Host identity", delay=0.5), "mid NixOS/persist stage (SSH cut)"),
+        (Fault("kill", out=r"stand-in: copying the system closure"), "mid nixos-install"),
+        (Fault("kill", out=r"installation finished!"), "after nixos-install, before its stamp"),
     ],
     "zfs-raidz1": [
         (Fault("kill", op=r"^ZFS: pool .* imported"), "after partitioning"),
@@ -76,13 +92,22 @@ CHAINS = {
         (Fault("kill", op=r"^ZFS: dataset .*/temp/root"), "after pool create"),
         (Fault("kill", cmd=r"zfs snapshot", delay=0.0), "mid datasets (at an @empty snapshot)"),
         (Fault("kill", cmd=r"mount -t zfs", delay=0.2), "after datasets, mid mounts"),
+        (Fault("cut", cmd=r"^sh -c 'nixos-generate-config --root", delay=0.5), "mid nixos-generate-config on a ZFS root (SSH cut)"),
+        (Fault("kill", op=r"^Host identity", delay=1.0), "mid persist on the encrypted dataset"),
+        (Fault("kill", cmd=r"&& zpool export", delay=0.1), "mid pool export"),
     ],
     "light-tmpfs-f2fs": [
         (Fault("kill", op=r"^Open local-"), "after luksFormat"),
         (Fault("cut", cmd=r"mkfs\.f2fs", delay=0.2), "mid mkfs.f2fs (SSH cut)"),
         (Fault("kill", op=r"^ZFS: dataset .*/remote/system"), "after pool create and encrypted dataset"),
+        (Fault("cut", out=r"stand-in: building the flake"), "mid nixos-install (SSH cut)"),
+        (Fault("cut", cmd=r"&& zpool export", delay=0.1), "mid pool export (SSH cut)"),
     ],
 }
+# Faults that stop nixos-install before its stamp: each means one more run of it.
+INSTALL_FAULTS = ("mid nixos-install", "after nixos-install")
+PAUSE_KNOB = "/run/tabula-standins/nixos-install.pause"     # tools/guest/standins/nixos-install
+INSTALL_LOG = "/var/log/tabula-standins/nixos-install.log"
 
 # Where each profile keeps data that must survive (mount points under /mnt).
 PERSISTENT = {"zephyrus-btrfs": ["/mnt/persist", "/mnt/home"], "zfs-raidz1": ["/mnt/remote", "/mnt/local"],
@@ -113,14 +138,30 @@ def write_markers(livevm, profile: str, written: dict) -> None:
             written[mountpoint] = text + "\n"
 
 
+def installs_so_far(livevm) -> int:
+    return int(livevm.run(f"cat {INSTALL_LOG} 2>/dev/null | wc -l").stdout.strip() or 0)
+
+
 @pytest.mark.parametrize("profile", list(CHAINS))
 def test_faults_converge(profile, clean_disks, livevm, target, secrets_env):
     livevm.install_standins()
+    if any(what.startswith("after nixos-install") for _, what in CHAINS[profile]):
+        # the first install that finishes waits a little after its work: time for the fault
+        # "after nixos-install, before its stamp"
+        livevm.run(f"mkdir -p $(dirname {PAUSE_KNOB}) && echo 5 > {PAUSE_KNOB}")
+    installs_before = installs_so_far(livevm)
     variables = profile_vars(livevm, profile)
     args = deploy_args(profile, variables)
     creations: list[str] = []
     markers: dict[str, str] = {}
     log = []
+    try:
+        converge_through_faults(profile, livevm, target, variables, args, creations, markers, log, installs_before)
+    finally:
+        livevm.run(f"rm -f {PAUSE_KNOB}")
+
+
+def converge_through_faults(profile, livevm, target, variables, args, creations, markers, log, installs_before):
     for fault, what in CHAINS[profile]:
         run = run_with_fault(livevm, args, fault)
         creations += creations_of_faulted_run(livevm, run.commands)
@@ -143,13 +184,33 @@ def test_faults_converge(profile, clean_disks, livevm, target, secrets_env):
     output = strip_ansi(again.output)
     assert_no_changes(output)
 
+    # the dry plan of the installed, converged target: every step, none with a change, no command
+    # run, the disks byte-identical (ZFS: read through the read-only view, left exported)
+    _plan, rows = dry_plan(livevm, args, SERIALS)
+    assert len(rows) > 10 and not any(rows.values()), rows
+    if load_profile(profile, variables).pools:
+        assert livevm.run("zpool list -H").stdout.strip() == "", "the dry run left a pool imported"
+
+    # every install a fault cut short (or whose stamp it prevented) ran again: one per such fault + the last
+    install_faults = sum(1 for _, what in CHAINS[profile] if what.startswith(INSTALL_FAULTS))
+    assert installs_so_far(livevm) - installs_before == install_faults + 1, "\n".join(log)
+    pools = [pool.name for pool in load_profile(profile, variables).pools.values()]
+    if pools:
+        # exported at the end: a run that keeps them imported mounts everything again to verify
+        kept = run_with_fault(livevm, deploy_args(profile, variables, tabula_export_pools=False), None)
+        assert kept.returncode == 0, strip_ansi(kept.output)[-8000:]
+        creations += created(kept.commands)
+    stamp = livevm.run("cat /mnt/nix/var/lib/tabula/installed-config.sha256").stdout.strip()
+    digest = livevm.run('cd /mnt/etc/nixos && find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum '
+                        '| sha256sum | cut -d" " -f1').stdout.strip()
+    assert stamp == digest, "the stamp does not name the installed configuration"
+
     failures = verify_target(target, load_profile(profile, variables))
     assert failures == [], "\n".join(failures)
     # ZFS keeps its own record of what really ran (zpool history): a command pyinfra echoed just
     # before a kill may never have reached the target, so pools, datasets and snapshots are
     # counted from the pool's history, everything else from the commands pyinfra executed (the
     # last command of a faulted run only as far as the target shows it).
-    pools = [pool.name for pool in load_profile(profile, variables).pools.values()]
     zfs_kinds = r"^(pool|dataset|snapshot) "
     dupes = duplicates(creations, allowed=(zfs_kinds,) if pools else ())
     for pool in pools:
@@ -187,3 +248,53 @@ def test_half_written_luks_header_stops_with_advice(clean_disks, livevm, secrets
     assert changing_commands(output) == [], changing_commands(output)
     assert executed_commands(output)
     assert disk_checksums(livevm, SERIALS) == before
+
+
+def test_confirmed_wipe_interrupted_is_finished_only_while_the_disk_holds_foreign_data(clean_disks, livevm,
+                                                                                      secrets_env):
+    """A confirmed wipe cut short: while the disk still holds foreign data, a run without the
+    confirmation is refused (naming what is left) and the confirmed run finishes the wipe; once
+    the wipe has made the disk blank, no confirmation is asked for any more. One profile: the
+    wipe is the guard's, the same for every profile (zephyrus-btrfs, without the install)."""
+    nvme = livevm.disk_by_serial("TABULA-NVME0")
+    livevm.run(f"sgdisk -n 1:0:+64M -c 1:photos -n 2:0:+64M -c 2:music {nvme} >/dev/null && udevadm settle && "
+               "mkfs.ext4 -q -L family-photos /dev/disk/by-partlabel/photos && "
+               "mkfs.ext4 -q -L music /dev/disk/by-partlabel/music && udevadm settle")
+    variables = profile_vars(livevm, "zephyrus-btrfs")
+    unconfirmed = deploy_args("zephyrus-btrfs", variables, tabula_install=False)
+    confirmed = deploy_args("zephyrus-btrfs", variables, tabula_install=False, tabula_confirm_wipe=["TABULA-NVME0"])
+
+    # 1. killed as the wipe reaches the second partition: the table and (at least) its data remain
+    run = run_with_fault(livevm, confirmed, Fault("kill", cmd=r"wipefs -a \S+p2'$"))
+    assert run.fired and run.returncode != 0, strip_ansi(run.output)[-4000:]
+    assert "Wipe " in strip_ansi(run.output)
+    assert livevm.run(f"blkid -p -o value -s PTTYPE {nvme}", check=False).stdout.strip() == "gpt"
+    music_left = livevm.run(f"blkid -p -o value -s TYPE {nvme}p2", check=False).stdout.strip() == "ext4"
+
+    # 2. without the confirmation: refused, naming what is left, nothing run, disk unchanged
+    before = disk_checksums(livevm, ["TABULA-NVME0"])
+    refused = run_with_fault(livevm, unconfirmed, None)
+    output = strip_ansi(refused.output)
+    assert refused.returncode != 0 and "refusing" in output and "tabula_confirm_wipe" in output, output[-4000:]
+    assert "(partlabel 'music')" in output, output[-4000:]
+    if music_left:
+        assert "ext4 filesystem labelled 'music'" in output, output[-4000:]
+    assert changing_commands(output) == []
+    assert disk_checksums(livevm, ["TABULA-NVME0"]) == before
+
+    # 3. confirmed again, cut as the partition table is zapped: the signatures are gone by then
+    run = run_with_fault(livevm, confirmed, Fault("cut", cmd=r"sgdisk --zap-all", delay=0.1))
+    assert run.fired and run.returncode != 0, strip_ansi(run.output)[-4000:]
+    assert livevm.run(f"blkid -p -o export {nvme}; blkid -p -o export {nvme}p1 {nvme}p2",
+                      check=False).stdout.strip() == "", "the wipe should have cleared every signature"
+
+    # 4. blank now: no confirmation needed, the run installs; the next one changes nothing
+    final = run_with_fault(livevm, unconfirmed, None)
+    output = strip_ansi(final.output)
+    assert final.returncode == 0, output[-6000:]
+    assert "Wipe " not in output
+    again = run_with_fault(livevm, unconfirmed, None)
+    assert again.returncode == 0, strip_ansi(again.output)[-6000:]
+    assert_no_changes(strip_ansi(again.output))
+    failures = verify_target(livevm.testinfra_host(), load_profile("zephyrus-btrfs", variables))
+    assert failures == [], "\n".join(failures)
