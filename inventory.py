@@ -20,6 +20,8 @@ laptops = [
             "hostname": "zephyrus",
             "user": "sean",
             "swap_size": "32GiB",
+            # SSH public keys that may log in as the user (optional on a laptop: its console works)
+            "authorized_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleExampleExampleExampleExampleExam sean@desk"],
         },
     }),
 ]
@@ -37,6 +39,10 @@ servers = [
             "rz3": "/dev/disk/by-id/ata-WDC_WD40EFPX-68C6CN0_WD-WX12D1234563",
             "ssd_size": "1T",
             "data_disk_size": "4T",
+            # A server has no console: without a key (or ssh_password_login) nobody could log in,
+            # and the profile refuses. The same keys unlock /remote over SSH in the initrd.
+            "authorized_keys": ["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIExampleExampleExampleExampleExampleExam admin@desk"],
+            "remote_unlock_modules": ["igb"],     # the NIC's driver (lspci -k), for the initrd's network
         },
     }),
 ]

@@ -118,12 +118,36 @@ MACHINE_ID_SCRIPT = ('mkdir -p "$(dirname "$1")" && umask 022 && '
 # last: an interrupted run (a cut SSH link leaves ssh-keygen running) never leaves a half-written
 # key under the real name, and a key that appeared meanwhile is kept, never overwritten.
 KEYGEN_SCRIPT = (
-    'set -e; install -d -m 0755 "$1"; rm -rf "$1"/.keygen.*; '
+    'set -e; install -d -m "${6:-0755}" "$1"; rm -rf "$1"/.keygen.*; '
     'tmp=$(mktemp -d "$1/.keygen.XXXXXX"); '
     'ssh-keygen -q -t "$3" ${4:+-b "$4"} -N "" -C "$5" -f "$tmp/key"; '
     'if [ ! -e "$2" ]; then mv "$tmp/key.pub" "$2.pub"; mv "$tmp/key" "$2"; fi; '
     'rm -rf "$tmp"'
 )
+
+
+@operation()
+def initrd_host_key(path: str, comment: str = ""):
+    """
+    The host key of the initrd's SSH server (remote unlock): an ed25519 pair made once, in a
+    folder of mode 0700. Never the system's host key: the initrd carrying it lies unencrypted on
+    /boot, so whoever reads /boot could pose as the initrd, not as the booted system.
+
+    + path: the private key, e.g. /mnt/remote/etc/secrets/initrd/ssh_host_ed25519_key
+    + comment: the key's comment
+
+    .. code:: python
+
+        persist.initrd_host_key("/mnt/remote/etc/secrets/initrd/ssh_host_ed25519_key", comment="initrd@nas")
+    """
+    folder = posixpath.dirname(path)
+    state = {} if is_fresh(path) else read(PathsState, paths=[folder, path])
+    if path in state and state.get(folder, {}).get("mode") == "700":
+        host.noop(f"{path} already exists in a 0700 folder (kept as it is)")
+        return
+    record_fresh(folder, False)
+    yield StringCommand("sh", "-c", QuoteString(KEYGEN_SCRIPT), "keygen", QuoteString(folder), QuoteString(path),
+                        "ed25519", QuoteString(""), QuoteString(comment), "0700")
 
 
 @operation()
@@ -175,4 +199,14 @@ def apply(profile: Profile, settings=None) -> None:
             name=f"{persist}/secrets (0700)" + (f": {', '.join(hashes)} (0600)" if hashes else ""))
     host_identity(f"{persist}/etc", [("ed25519", None), ("rsa", 4096)], comment=f"root@{profile.nixos.hostname}",
                   name=f"Host identity in {persist}/etc: SSH host keys (ed25519, rsa 4096), machine-id")
+    if profile.nixos.remote_unlock:
+        # Before nixos-install: it copies the key into the initrd it builds.
+        initrd_host_key(f"{ROOT}{profile.initrd_host_key}", comment=f"initrd@{profile.nixos.hostname}",
+                        name=f"Initrd SSH host key {ROOT}{profile.initrd_host_key} (remote unlock)")
+
+
+def copy_configuration(profile: Profile) -> None:
+    """After nixos-install: the copy then holds the flake.lock the system was installed from, so
+    the first rebuild after boot uses the same inputs, not newer ones."""
+    persist = f"{ROOT}{profile.persistence.root}"
     config_copy(CONFIG_DIR, f"{persist}/etc/nixos", name=f"{persist}/etc/nixos (copy of {CONFIG_DIR})")

@@ -32,6 +32,8 @@ PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 _SIZE_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:iB|B)?\s*$", re.IGNORECASE)
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_AUTHORIZED_KEY_RE = re.compile(r"(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp(256|384|521)|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com)"
+                                r" [A-Za-z0-9+/]{20,}={0,3}( [^\n]*)?")
 _HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _PARTLABEL_RE = re.compile(r"^[A-Za-z0-9._+-]{1,36}$")  # GPT names hold 36 UTF-16 units
 _SUBVOL_RE = re.compile(r"^[^/\0]+$")
@@ -339,6 +341,38 @@ class NixosSettings(_Node):
     # evaluate any other unfree package, so nothing unfree comes in unnoticed.
     unfree_packages: list[str] = []
 
+    # Who may log in over SSH: public keys (one "type base64 [comment]" line each) for the user
+    # and, only if given, for root (by key only).
+    authorized_keys: list[str] = []
+    root_authorized_keys: list[str] = []
+    ssh_password_login: bool = False       # PasswordAuthentication of sshd
+    # A machine without a console (a server): SSH is the only way in once it is installed.
+    headless: bool = False
+    # Unlock the encrypted storage over SSH in the initrd (systemd stage 1), with a host key of
+    # its own and the authorized keys above; port of that initrd sshd.
+    remote_unlock: bool = False
+    remote_unlock_port: int = 2222
+    remote_unlock_modules: list[str] = []  # the network card's driver (lspci -k), for the initrd
+
+    @field_validator("authorized_keys", "root_authorized_keys")
+    @classmethod
+    def _keys(cls, v: list[str]) -> list[str]:
+        for key in v:
+            if not isinstance(key, str) or not _AUTHORIZED_KEY_RE.fullmatch(key.strip()):
+                raise ValueError(f"not an SSH public key line: {str(key)[:40]!r} (want e.g. 'ssh-ed25519 AAAA... user@host')")
+        return [key.strip() for key in v]
+
+    @model_validator(mode="after")
+    def _someone_can_log_in(self) -> "NixosSettings":
+        keys = self.authorized_keys or self.root_authorized_keys
+        if self.headless and not keys and not self.ssh_password_login:
+            raise ValueError("nobody could log in to this headless machine after the install: no SSH key and SSH "
+                             "password login is off. Give the user's public keys in tabula_vars['authorized_keys'] "
+                             "(or tabula_vars['ssh_password_login']=true)")
+        if self.remote_unlock and not keys:
+            raise ValueError("remote_unlock needs an SSH key to unlock with: set tabula_vars['authorized_keys']")
+        return self
+
     @field_validator("hostname")
     @classmethod
     def _hostname(cls, v: str) -> str:
@@ -450,6 +484,11 @@ class Profile(_Node):
     @property
     def hash(self) -> str:
         return host_hash(self.nixos.hostname)
+
+    @property
+    def initrd_host_key(self) -> str:
+        """The initrd sshd's host key (remote unlock), on the persistent root, in a 0700 folder."""
+        return f"{self.persistence.root}/etc/secrets/initrd/ssh_host_ed25519_key"
 
     @property
     def secrets_dir(self) -> str:

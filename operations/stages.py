@@ -23,8 +23,9 @@ def deploy(settings: Settings) -> None:
     btrfs.apply_swapfiles(profile)          # swapfiles after their subvolume is mounted
     from operations import nixos, persist
     nixos.apply(profile, settings)          # nixos-generate-config, patched storage, flake + modules
-    persist.apply(profile, settings)        # secrets, SSH host keys, machine-id, config copy
+    persist.apply(profile, settings)        # secrets, SSH host keys, machine-id, initrd SSH key
     if settings.install:
         nixos.install(profile, settings)    # nixos-install --flake, skipped when already installed
+    persist.copy_configuration(profile)     # with the flake.lock the install wrote: pinned inputs
     if settings.export_pools:
         zfs.export(profile)                 # at the very end: unmounted and exported for first boot

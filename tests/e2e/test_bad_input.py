@@ -24,6 +24,7 @@ from operations.profile import PROFILE_DIR
 from tests.e2e.faults import disk_checksums, run_with_fault, strip_ansi
 from tests.e2e.faults import changing_commands
 from tests.e2e.helpers import executed_commands
+from tests.unit.vm_vars import TEST_AUTHORIZED_KEY
 
 SERIALS = ("TABULA-NVME0", "TABULA-RZ1", "TABULA-RZ2", "TABULA-RZ3", "TABULA-SSD")
 PASSPHRASE = "tabula bad-input passphrase 3d9a"
@@ -48,7 +49,8 @@ def btrfs_vars(livevm) -> dict:
 
 def zfs_vars(livevm) -> dict:
     return {"hostname": "tabula-bad", "ssd": by_id(livevm, "TABULA-SSD"), "rz1": by_id(livevm, "TABULA-RZ1"),
-            "rz2": by_id(livevm, "TABULA-RZ2"), "rz3": by_id(livevm, "TABULA-RZ3")}
+            "rz2": by_id(livevm, "TABULA-RZ2"), "rz3": by_id(livevm, "TABULA-RZ3"),
+            "authorized_keys": [TEST_AUTHORIZED_KEY]}
 
 
 def edited_profile(tmp_path: Path, name: str, edit: Callable[[dict], None]) -> str:
@@ -174,6 +176,9 @@ CASES = [
     Case("bad-size-string", r"swap.*bad size '32 gigs'.*512M", variables=vars_with(swap_size="32 gigs")),
     Case("raidz1-two-disks", r"raidz1 needs at least 3 members, got 2", profile="zfs-raidz1",
          edit=lambda d: d["pools"]["rpool"]["vdevs"][0]["members"].pop()),
+    Case("headless-without-ssh-key", r"nixos: nobody could log in to this headless machine after the install: "
+         r"no SSH key and SSH password login is off.*tabula_vars\['authorized_keys'\]", profile="zfs-raidz1",
+         variables=lambda vm: {k: v for k, v in zfs_vars(vm).items() if k != "authorized_keys"}),
     Case("invalid-hostname", r"hostname.*invalid host name 'Bad_Host!'", profile="zfs-raidz1",
          variables=zvars_with(hostname="Bad_Host!")),
     Case("invalid-subvolume-name", r"subvolumes\.1\.path.*invalid subvolume name '@nix/store'",

@@ -37,6 +37,7 @@ from tests.e2e.faults import duplicates, run_with_fault, strip_ansi
 from tests.e2e.faults import changing_commands, dry_plan
 from tests.e2e.helpers import assert_no_changes, executed_commands
 from tests.verify.checks import verify_target
+from tests.unit.vm_vars import TEST_AUTHORIZED_KEY
 
 SERIALS = ("TABULA-NVME0", "TABULA-RZ1", "TABULA-RZ2", "TABULA-RZ3", "TABULA-SSD")
 SECRETS = {
@@ -57,7 +58,8 @@ def profile_vars(livevm, profile: str) -> dict:
                 "luks_pbkdf": "pbkdf2", "luks_pbkdf_iterations": 1000}
     if profile == "zfs-raidz1":
         return {"hostname": "tabula-faults", "ssd": by_id(livevm, "TABULA-SSD"), "rz1": by_id(livevm, "TABULA-RZ1"),
-                "rz2": by_id(livevm, "TABULA-RZ2"), "rz3": by_id(livevm, "TABULA-RZ3")}
+                "rz2": by_id(livevm, "TABULA-RZ2"), "rz3": by_id(livevm, "TABULA-RZ3"),
+                "authorized_keys": [TEST_AUTHORIZED_KEY]}
     return {"hostname": "tabula-faults-light", "disk": by_id(livevm, "TABULA-SSD"),
             "luks_pbkdf": "pbkdf2", "luks_pbkdf_iterations": 1000}
 

@@ -24,6 +24,7 @@ from tests.nix.evaluation import evaluate_installed
 from tests.e2e.helpers import (SHOW_HARDWARE_CONFIG, assert_generated_by_real_tool_and_patched, assert_no_changes,
                                executed_commands)
 from tests.verify.checks import verify_target
+from tests.unit.vm_vars import TEST_AUTHORIZED_KEY
 
 LUKS_PASSPHRASE = "tabula-e2e-luks-passphrase"
 ZFS_KEY = "tabula-e2e-zfs-passphrase"
@@ -55,7 +56,8 @@ def by_id(target, serial: str) -> str:
 
 def zfs_vars(target, **extra) -> dict:
     return {"hostname": ZFS_HOST, "ssd": by_id(target, "TABULA-SSD"), "rz1": by_id(target, "TABULA-RZ1"),
-            "rz2": by_id(target, "TABULA-RZ2"), "rz3": by_id(target, "TABULA-RZ3"), **extra}
+            "rz2": by_id(target, "TABULA-RZ2"), "rz3": by_id(target, "TABULA-RZ3"),
+            "authorized_keys": [TEST_AUTHORIZED_KEY], **extra}
 
 
 def light_vars(target, **extra) -> dict:
@@ -105,7 +107,8 @@ def rollback_like_the_initrd(target, profile) -> None:
             target.check_output(f"mkdir -p {where} && mount --bind {source} {where}")
         else:
             opts = ",".join(m.options) or "defaults"
-            target.check_output(f"mkdir -p {where} && mount -t {m.fstype} -o {opts} {shlex.quote(m.device)} {where}")
+            target.check_output(f"mkdir -p {where} && mount -t {m.fstype} -o {shlex.quote(opts)} "
+                                f"{shlex.quote(m.device)} {where}")
 
 
 def check_pool_and_datasets(target, profile) -> None:
@@ -230,6 +233,42 @@ def assert_converged_with_export_untouched(target, run_pyinfra, profile_name: st
     assert_exported_cleanly(target, pool_name, whole_mnt)
 
 
+def check_f2fs_compresses(target) -> None:
+    """Compressible data written through a bind mount of the F2FS is compressed: its inode on the
+    F2FS carries the compression flag (lsattr 'c'), which compress_mode=fs needs to compress a
+    file at all and which nothing set but compress_extension=* (Debian's f2fs-tools have no
+    f2fs_io to count compressed blocks)."""
+    sample = "/mnt/local/tabula-compress-test"
+    target.check_output(f"yes tabula-compressible-line | head -c 4M > {sample} && sync")
+    flags = target.check_output("lsattr /mnt/.local/system/tabula-compress-test").split()[0]
+    assert "c" in flags, flags
+    target.check_output(f"rm {sample}")
+
+
+def home_of(profile) -> str:
+    return f"/mnt/home/{profile.nixos.user}"
+
+
+def check_access_and_pins(target, profile) -> None:
+    """What makes the installed machine usable (issue #13): the initrd's own SSH host key seeded
+    where its configuration reads it, private, and not the system's; the persisted configuration
+    holding the flake.lock it was installed from."""
+    persist = f"/mnt{profile.persistence.root}"
+    if profile.nixos.remote_unlock:
+        key = f"/mnt{profile.initrd_host_key}"
+        assert target.check_output(f"stat -c %a {os.path.dirname(key)}") == "700"
+        assert target.check_output(f"stat -c '%a %U' {key}") == "600 root"
+        initrd_fp = target.check_output(f"ssh-keygen -lf {key}.pub").split()[1]
+        system_fps = {target.check_output(f"ssh-keygen -lf {k}").split()[1]
+                      for k in target.check_output(f"ls {persist}/etc/ssh/*.pub").split()}
+        assert initrd_fp not in system_fps, "the initrd carries the system's host key"
+    if INSTALL:
+        lock = target.check_output(f"sha256sum < {persist}/etc/nixos/flake.lock")
+        assert lock == target.check_output("sha256sum < /mnt/etc/nixos/flake.lock")
+        nodes = json.loads(target.check_output(f"cat {persist}/etc/nixos/flake.lock"))["nodes"]
+        assert {"nixpkgs", "impermanence", "nixos-hardware", "disko"} <= set(nodes)
+
+
 def test_zfs_raidz1_from_blank_disks(clean_disks, target, run_pyinfra, tmp_path):
     variables = zfs_vars(target)
     profile = load_profile("zfs-raidz1", variables)
@@ -238,6 +277,7 @@ def test_zfs_raidz1_from_blank_disks(clean_disks, target, run_pyinfra, tmp_path)
     assert result.returncode == 0, output
     check_pool_and_datasets(target, profile)
     check_mounts_and_config(target, profile, tmp_path)
+    check_access_and_pins(target, profile)
 
     kept = ["/mnt/local", "/mnt/remote", "/mnt/nix", "/mnt/var/log"]
     write_marks(target, kept, "kept")
@@ -249,12 +289,16 @@ def test_zfs_raidz1_from_blank_disks(clean_disks, target, run_pyinfra, tmp_path)
     assert result.returncode == 0, output
     assert_marks(target, kept, "kept")
 
-    # the rollback the initrd runs: temp is empty again, local and remote keep their files
+    # the rollback the initrd runs: temp is empty again, local and remote keep their files, and
+    # so does the user's home
+    home = home_of(profile)
+    target.check_output(f"mkdir -p {home}")
     write_marks(target, ["/mnt", "/mnt/tmp"], "gone")
+    write_marks(target, [home], "kept")
     rollback_like_the_initrd(target, profile)
     for temp in ("/mnt", "/mnt/tmp"):
         assert not target.file(f"{temp}/tabula-mark").exists, temp
-    assert_marks(target, kept, "kept")
+    assert_marks(target, kept + [home], "kept")
 
 
 def test_light_tmpfs_f2fs_from_blank_disks(clean_disks, target, run_pyinfra, tmp_path):
@@ -265,10 +309,15 @@ def test_light_tmpfs_f2fs_from_blank_disks(clean_disks, target, run_pyinfra, tmp
     assert result.returncode == 0, output
     check_pool_and_datasets(target, profile)
     check_mounts_and_config(target, profile, tmp_path)
+    check_access_and_pins(target, profile)
     assert target.check_output("findmnt -no FSTYPE --mountpoint /mnt") == "tmpfs"
+    # one bounded tmpfs: / with the profile's size (the kernel shows it in KiB), /tmp a folder on it
+    assert "size=2097152k" in mount_options(target, "/mnt")
+    assert target.run("findmnt --mountpoint /mnt/tmp").rc != 0
     f2fs = mount_options(target, "/mnt/.local")
-    assert {"compress_algorithm=lz4", "compress_chksum", "compress_mode=fs"} <= set(f2fs), f2fs
+    assert {"compress_algorithm=lz4", "compress_chksum", "compress_mode=fs", "compress_extension=*"} <= set(f2fs), f2fs
     assert target.check_output("findmnt -no FSTYPE --mountpoint /mnt/.local") == "f2fs"
+    check_f2fs_compresses(target)
 
     kept = ["/mnt/local", "/mnt/remote", "/mnt/nix", "/mnt/var/log"]
     write_marks(target, kept, "kept")
@@ -281,6 +330,15 @@ def test_light_tmpfs_f2fs_from_blank_disks(clean_disks, target, run_pyinfra, tmp
     assert_marks(target, kept, "kept")
     # the binds show the F2FS's directories
     assert target.file("/mnt/.local/nix/tabula-mark").exists and target.file("/mnt/.local/system/tabula-mark").exists
+
+    # a reboot, as the initrd sees it: a new, empty tmpfs root; home and the rest are kept
+    home = home_of(profile)
+    target.check_output(f"mkdir -p {home}")
+    write_marks(target, ["/mnt"], "gone")
+    write_marks(target, [home], "kept")
+    rollback_like_the_initrd(target, profile)
+    assert not target.file("/mnt/tabula-mark").exists
+    assert_marks(target, kept + [home], "kept")
 
 
 def test_partlabel_clash_is_refused_before_any_change(clean_disks, target, run_pyinfra):

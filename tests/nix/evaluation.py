@@ -40,6 +40,13 @@ in {
   powerProfilesDaemon = c.services.power-profiles-daemon.enable;
   tuned = c.services.tuned.enable or null;
   sshKeys = map (k: k.path) c.services.openssh.hostKeys;
+  sshd = pick [ "PermitRootLogin" "PasswordAuthentication" ] c.services.openssh.settings;
+  authorizedKeys = lib.mapAttrs (_: u: u.openssh.authorizedKeys.keys)
+    (lib.filterAttrs (_: u: u.openssh.authorizedKeys.keys != [ ]) c.users.users);
+  initrdSsh = if c.boot.initrd.network.ssh.enable then {
+    inherit (c.boot.initrd.network.ssh) port hostKeys authorizedKeys;
+    network = c.boot.initrd.systemd.network.enable;
+  } else null;
 }"""
 
 

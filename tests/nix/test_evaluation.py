@@ -19,12 +19,14 @@ from operations.nixos import render_files, stable_device, systemd_escape
 from operations.profile import available_profiles, load_profile
 from operations import zfs
 from tests.nix.evaluation import kit_evaluate
+from tests.unit.vm_vars import TEST_AUTHORIZED_KEY
 
 VARS = {
     "zephyrus-btrfs": {"disk": "/dev/disk/by-id/nvme-TEST", "hostname": "g16", "user": "ana"},
     "light-tmpfs-f2fs": {"disk": "/dev/disk/by-id/virtio-TEST", "hostname": "light"},
     "zfs-raidz1": {"ssd": "/dev/disk/by-id/virtio-S", "rz1": "/dev/disk/by-id/virtio-1",
-                   "rz2": "/dev/disk/by-id/virtio-2", "rz3": "/dev/disk/by-id/virtio-3", "hostname": "nas"},
+                   "rz2": "/dev/disk/by-id/virtio-2", "rz3": "/dev/disk/by-id/virtio-3", "hostname": "nas",
+                   "authorized_keys": [TEST_AUTHORIZED_KEY]},
 }
 DEFAULT = "profile's own"
 # (profile, nixos-hardware module): the guide's 2024 G16, the 2025 G16 (what DMI GU605CW
@@ -217,3 +219,45 @@ def test_power_management_gives_way_to_the_hardware_module(case):
         assert case.value["powerProfilesDaemon"] is False
     else:
         assert case.value["powerProfilesDaemon"] is True
+
+
+def test_ssh_access_comes_from_data(case):
+    n = case.profile.nixos
+    expected = {user: keys for user, keys in ((n.user, n.authorized_keys), ("root", n.root_authorized_keys)) if keys}
+    assert case.value["authorizedKeys"] == expected
+    assert case.value["sshd"] == {"PermitRootLogin": "prohibit-password" if n.root_authorized_keys else "no",
+                                  "PasswordAuthentication": n.ssh_password_login}
+    if n.headless:
+        assert expected or n.ssh_password_login, "a headless machine nobody can log in to"
+
+
+def test_remote_unlock_has_its_own_host_key_and_the_users_keys(case):
+    n = case.profile.nixos
+    initrd = case.value["initrdSsh"]
+    if not n.remote_unlock:
+        assert initrd is None
+        return
+    assert initrd == {"port": n.remote_unlock_port, "hostKeys": [case.profile.initrd_host_key],
+                      "authorizedKeys": n.authorized_keys + n.root_authorized_keys, "network": True}
+    assert case.profile.initrd_host_key not in case.value["sshKeys"], "the system's host key in the initrd"
+    assert case.profile.initrd_host_key.startswith(case.profile.persistence.root + "/")
+
+
+def test_home_is_persistent(case):
+    """/home is a mount of its own on persistent storage: never a tmpfs, a temp dataset or the
+    subvolume that is rolled back."""
+    home = case.value["fileSystems"]["/home"]
+    assert home["fsType"] in ("btrfs", "zfs"), home
+    temp = set(zfs.temp_datasets(case.profile))
+    assert home["device"] not in temp
+    rolled_back = {f"subvol={s.path}" for _, fs in case.profile.filesystems() for s in fs.subvolumes if s.blank_snapshot}
+    assert not rolled_back & set(home["options"])
+
+
+def test_temp_on_tmpfs_is_bounded(case):
+    """Every tmpfs holding temp data has a size= bound, and / and /tmp share one of them."""
+    tmpfs = {mp: fs for mp, fs in case.value["fileSystems"].items() if fs["fsType"] == "tmpfs"}
+    for mountpoint, fs in tmpfs.items():
+        assert any(o.startswith("size=") for o in fs["options"]), mountpoint
+    if "/" in tmpfs:
+        assert "/tmp" not in tmpfs, "/tmp a tmpfs of its own beside a tmpfs root: two unbounded halves of the RAM"

@@ -7,6 +7,7 @@ from operations.errors import TabulaError
 from operations.profile import load_profile
 from operations.settings import Settings
 from tests.unit.pyinfra_fake import fixture_lines, use_fake_host
+from tests.unit.vm_vars import TEST_AUTHORIZED_KEY
 
 BY_ID = "/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_TABULA-NVME0"
 NVME = "/dev/nvme0n1"
@@ -147,7 +148,8 @@ def test_serial_mismatch(monkeypatch, wipes):
 
 def test_same_disk_twice(monkeypatch, wipes):
     two = load_profile("zfs-raidz1", {"hostname": "nas", "ssd": BY_ID, "rz1": BY_ID + "-x", "rz2": BY_ID + "-y",
-                                      "rz3": BY_ID + "-z", "ssd_size": "8G", "data_disk_size": "4G"})
+                                      "rz3": BY_ID + "-z", "ssd_size": "8G", "data_disk_size": "4G",
+                                      "authorized_keys": [TEST_AUTHORIZED_KEY]})
     with pytest.raises(TabulaError, match="are the same disk"):
         run_guard(monkeypatch, two, facts("btrfs_lsblk_blank.json"))
 

@@ -1,5 +1,6 @@
 """Mount layer: /proc/mounts parsing (captured in the VM, octal escapes), option comparison and
 the mount commands of every kind: btrfs subvolume, vfat, f2fs, zfs legacy, tmpfs, bind."""
+import shlex
 import pytest
 
 from operations import mounts
@@ -88,7 +89,7 @@ def test_absent_tmpfs_f2fs_zfs_bind_mounts(monkeypatch, light_mounts):
                                 f"mount -o remount,bind,{opts} {target}"]
         else:
             source = "tmpfs" if kind == "tmpfs" else mount.device
-            assert commands == [f"mkdir -p {target}", f"mount -t {kind} -o {opts} {source} {target}"]
+            assert commands == [f"mkdir -p {target}", f"mount -t {kind} -o {shlex.quote(opts)} {source} {target}"]
 
 
 def test_present_mounts_are_noops(monkeypatch, btrfs_mounts, installed):
@@ -119,3 +120,11 @@ def test_mounted_differently_is_drift_and_nothing_is_mounted(monkeypatch, btrfs_
     with pytest.raises(TabulaError, match="/mnt/home is already mounted, but differently.*lack subvol=@home"):
         run_op(monkeypatch, mounts, mounts.mounted, {mounts.Mounts: installed, CanonicalPath: "/dev/dm-0"},
                mounts=list(btrfs_mounts.values()))
+
+
+def test_verification_reads_the_kernels_spelling_of_options():
+    from tests.verify.checks import option_present
+    assert option_present("size=2G", ["rw", "size=2097152k", "mode=755"])
+    assert not option_present("size=1G", ["rw", "size=2097152k"])        # a wrong bound is a mismatch
+    assert option_present("subvol=@home", ["subvol=/@home"])
+    assert option_present("compress=zstd", ["compress=zstd:3"])

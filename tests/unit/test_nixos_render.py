@@ -12,6 +12,7 @@ from operations.nixos import (btrfs_rollback_script, choose_hardware_module, mod
 from operations.persist import check_password_hash
 from operations.profile import available_profiles, load_profile
 from operations.secrets import Secret
+from tests.unit.vm_vars import TEST_AUTHORIZED_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,7 +21,8 @@ VARS = {
                        "timezone": "Europe/Berlin", "state_version": "25.05"},
     "light-tmpfs-f2fs": {"disk": "/dev/disk/by-id/virtio-TEST", "hostname": "light"},
     "zfs-raidz1": {"ssd": "/dev/disk/by-id/virtio-S", "rz1": "/dev/disk/by-id/virtio-1",
-                   "rz2": "/dev/disk/by-id/virtio-2", "rz3": "/dev/disk/by-id/virtio-3", "hostname": "nas"},
+                   "rz2": "/dev/disk/by-id/virtio-2", "rz3": "/dev/disk/by-id/virtio-3", "hostname": "nas",
+                   "authorized_keys": [TEST_AUTHORIZED_KEY]},
 }
 
 

@@ -236,3 +236,42 @@ def test_secret_file_must_be_private_and_readable(monkeypatch, tmp_path):
     monkeypatch.setenv("TABULA_LUKS_PASSPHRASE_FILE", str(tmp_path / "absent"))
     with pytest.raises(SecretError, match="cannot read the file"):
         read_secret("LUKS_PASSPHRASE")
+
+
+def test_headless_profile_without_a_way_in_is_refused_naming_the_var():
+    from tests.unit.vm_vars import TEST_AUTHORIZED_KEY, ZFS_VARS
+    no_key = {k: v for k, v in ZFS_VARS.items() if k != "authorized_keys"}
+    with pytest.raises(ProfileError, match=r"nobody could log in to this headless machine.*tabula_vars\['authorized_keys'\]"):
+        load_profile("zfs-raidz1", no_key)
+    # a key for root is a way in; so is SSH password login (the install then needs the hash)
+    assert load_profile("zfs-raidz1", {**no_key, "root_authorized_keys": [TEST_AUTHORIZED_KEY],
+                                       "remote_unlock": False}).nixos.root_authorized_keys
+    assert load_profile("zfs-raidz1", {**no_key, "ssh_password_login": True, "remote_unlock": False}).nixos.ssh_password_login
+    # a machine with a console (the G16) logs in there with its password hash
+    assert load_profile("zephyrus-btrfs", {"disk": "/dev/disk/by-id/nvme-X"}).nixos.authorized_keys == []
+
+
+def test_authorized_keys_are_checked_and_remote_unlock_needs_one():
+    from tests.unit.vm_vars import TEST_AUTHORIZED_KEY, LIGHT_VARS
+    with pytest.raises(ProfileError, match=r"nixos\.authorized_keys: not an SSH public key line: 'ssh-ed25519 nope'"):
+        load_profile("light-tmpfs-f2fs", {**LIGHT_VARS, "authorized_keys": ["ssh-ed25519 nope"]})
+    with pytest.raises(ProfileError, match=r"remote_unlock needs an SSH key.*tabula_vars\['authorized_keys'\]"):
+        load_profile("light-tmpfs-f2fs", {**LIGHT_VARS, "remote_unlock": True})
+    light = load_profile("light-tmpfs-f2fs", {**LIGHT_VARS, "remote_unlock": True,
+                                              "authorized_keys": [f"  {TEST_AUTHORIZED_KEY}\n"]})
+    assert light.nixos.authorized_keys == [TEST_AUTHORIZED_KEY]
+    assert light.initrd_host_key == "/remote/etc/secrets/initrd/ssh_host_ed25519_key"
+
+
+def test_inventory_examples_load():
+    """The named hosts of inventory.py are what users copy: each loads with its own data, and
+    the headless server can be logged in to and unlocked over SSH."""
+    import runpy
+    from pathlib import Path
+
+    inventory = runpy.run_path(str(Path(__file__).resolve().parents[2] / "inventory.py"))
+    hosts = dict(inventory["laptops"] + inventory["servers"])
+    for data in hosts.values():
+        load_profile(data["tabula_profile"], data["tabula_vars"])
+    nas = load_profile(hosts["nas-live"]["tabula_profile"], hosts["nas-live"]["tabula_vars"])
+    assert nas.nixos.headless and nas.nixos.authorized_keys and nas.nixos.remote_unlock

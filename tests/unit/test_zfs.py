@@ -118,7 +118,7 @@ def test_layout_categories_and_properties():
     by_mount = {d.mountpoint: d for d in pool.datasets if d.mountpoint}
     assert {mp: d.name for mp, d in by_mount.items()} == {
         "/": "temp/root", "/tmp": "temp/tmp", "/local": "local/system", "/nix": "local/nix",
-        "/var/log": "local/logs", "/remote": "remote/system",
+        "/var/log": "local/logs", "/remote": "remote/system", "/home": "remote/home",
     }
     for mp in ("/", "/tmp", "/nix"):
         assert by_mount[mp].properties["sync"] == "disabled" and by_mount[mp].properties["logbias"] == "throughput"

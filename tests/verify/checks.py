@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shlex
 
-from operations.profile import Profile
+from operations.profile import Profile, parse_size
 
 ROOT = "/mnt"
 
@@ -39,7 +39,8 @@ def _mount_table(host) -> dict[str, tuple[str, str, list[str]]]:
 
 
 def option_present(wanted: str, actual: list[str]) -> bool:
-    """An option as the kernel reports it: subvol=@x shows as subvol=/@x, compress=zstd as compress=zstd:3."""
+    """An option as the kernel reports it: subvol=@x shows as subvol=/@x, compress=zstd as compress=zstd:3,
+    a tmpfs size=2G as size=2097152k."""
     if wanted in actual:
         return True
     key, _, value = wanted.partition("=")
@@ -49,6 +50,14 @@ def option_present(wanted: str, actual: list[str]) -> bool:
             continue
         if key == "subvol" and have_value.lstrip("/") == value.lstrip("/"):
             return True
+        if key == "size" and have_value.endswith("k"):
+            # tmpfs shows its bound in KiB (size=2G as size=2097152k); a percentage of RAM only as that
+            if value.endswith("%"):
+                return True
+            try:
+                return parse_size(value) == int(have_value[:-1]) * 1024
+            except ValueError:
+                return False
         if have_value.split(":")[0] == value:
             return True
     return False
