@@ -2,7 +2,8 @@
 """Review without disks: render a profile's NixOS files for a host name into a folder.
 
     .venv/bin/python tools/render.py zephyrus-btrfs --host g16 --var disk=/dev/disk/by-id/nvme-X --out /tmp/g16
-    .venv/bin/python tools/render.py zfs-raidz1 --host nas --var ssd=... --var rz1=... --out /tmp/nas
+    .venv/bin/python tools/render.py zfs-raidz1 --host nas --var ssd=... --var rz1=... --out /tmp/nas \
+        --var 'authorized_keys=["ssh-ed25519 AAAA... me@desk"]'      # a headless profile needs a way in
 
 Touches no disk and runs no command: partitions whose UUIDs only exist after partitioning keep
 their /dev/disk/by-partlabel/ path here (the deploy writes /dev/disk/by-uuid/<real UUID>), and
