@@ -32,7 +32,7 @@ from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand
 
 from operations.errors import TabulaError
-from operations.nixpatch import patch_hardware_configuration
+from operations.nixpatch import is_valid, patch_hardware_configuration
 from operations.profile import Filesystem, Luks, Profile, Subvolume, Swap
 from operations.roundtrips import created_this_run, is_fresh, operation, read, read_many, record_created, record_fresh
 
@@ -615,8 +615,11 @@ def generate_config(profile: Profile, root: str = ROOT):
     """
     config_dir = f"{root}/etc/nixos"
     hardware = f"{config_dir}/hardware-configuration.nix"
-    # On a root this run just made and mounted empty there is nothing to read.
-    if not is_fresh(config_dir) and read_many(configuration_reads(profile, config_dir))[0] is not None:
+    # On a root this run just made and mounted empty there is nothing to read. A file that does
+    # not parse was cut short by an interrupted run: the tool writes it again (it always
+    # overwrites hardware-configuration.nix, never a configuration.nix in place).
+    generated = None if is_fresh(config_dir) else read_many(configuration_reads(profile, config_dir))[0]
+    if generated is not None and is_valid(generated):
         host.noop(f"{hardware} is already generated")
         return
     record_fresh(config_dir, False)

@@ -52,6 +52,11 @@ def parse(text: str) -> tree_sitter.Tree:
     return tree
 
 
+def is_valid(text: str) -> bool:
+    """Whether the text parses as Nix (a file cut short by an interrupted write does not)."""
+    return not _PARSER.parse(text.encode()).root_node.has_error
+
+
 def _first_error(node: tree_sitter.Node) -> tree_sitter.Node | None:
     if node.type == "ERROR" or node.is_missing:
         return node

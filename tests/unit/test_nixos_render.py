@@ -178,3 +178,19 @@ def test_review_command_writes_files_and_touches_no_disk(tmp_path):
                                                    "impermanence.nix", "zephyrus-extra.nix"]
     assert "nixosConfigurations.g16 " in (out / "flake.nix").read_text()
     assert 'networking.hostName = "g16";' in (out / "configuration.nix").read_text()
+
+
+@pytest.mark.parametrize("present, generates", [
+    (None, True),                                                         # never generated
+    ("{ config, lib, ... }:\n{\n  fileSystems.\"/\" =\n    { device = \"/dev/disk/by-uu", True),   # cut short
+    ((ROOT / "tests/unit/fixtures/nixos/real-zephyrus-btrfs.nix").read_text(), False),    # the real tool's
+])
+def test_hardware_configuration_is_generated_unless_a_whole_one_is_there(monkeypatch, present, generates):
+    from tests.unit.pyinfra_fake import run_op
+
+    profile = load_profile("zephyrus-btrfs", VARS["zephyrus-btrfs"])
+    commands, _, fake = run_op(monkeypatch, nixos, nixos.generate_config, {nixos.FileText: present},
+                               profile=profile, root="/mnt")
+    assert commands == (["nixos-generate-config --root /mnt"] if generates else [])
+    if not generates:
+        assert fake.noops == ["/mnt/etc/nixos/hardware-configuration.nix is already generated"]
