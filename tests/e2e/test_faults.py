@@ -9,8 +9,10 @@ The last stages are interrupted where their code is shared, once each, by the ch
 that reaches them: nixos-install mid-way and after it finished but before its stamp (btrfs; the
 light profile cuts SSH mid-install), the NixOS and persist stages on a ZFS root (zfs-raidz1; the
 light profile keeps its persist on the same kind of encrypted dataset), and the pool export
-(zfs-raidz1 by SIGKILL, light by an SSH cut). A run interrupted during or after nixos-install
-runs it again (the stamp is written only after success), counted in the stand-in's log.
+(zfs-raidz1 killed during it, light killed just before it). A run interrupted during or after
+nixos-install runs it again (the stamp is written only after success), counted in the stand-in's
+log. The confirmed wipe is stopped by SIGKILL only: an SSH cut needs a new connection, which comes
+after the whole wipe (a few quick commands) has run.
 
 After the last fault a run without fault must complete; then a further run must change nothing
 (ZFS: through a read-only view of the exported pool), the target must verify against the profile
@@ -103,12 +105,18 @@ CHAINS = {
         (Fault("cut", cmd=r"mkfs\.f2fs", delay=0.2), "mid mkfs.f2fs (SSH cut)"),
         (Fault("kill", op=r"^ZFS: dataset .*/remote/system"), "after pool create and encrypted dataset"),
         (Fault("cut", out=r"stand-in: building the flake"), "mid nixos-install (SSH cut)"),
-        (Fault("cut", cmd=r"&& zpool export", delay=0.1), "mid pool export (SSH cut)"),
+        # (an SSH cut needs a new connection, slower than the export itself: it cannot be aimed inside it)
+        (Fault("kill", op=r"^ZFS: export pool"), "after the install and its stamp, before the pool export"),
     ],
 }
 # Faults that stop nixos-install before its stamp: each means one more run of it.
 INSTALL_FAULTS = ("mid nixos-install", "after nixos-install")
-PAUSE_KNOB = "/run/tabula-standins/nixos-install.pause"     # tools/guest/standins/nixos-install
+# Test-only knobs of the nixos-install stand-in (tools/guest/standins/nixos-install), one-shot:
+# the next install that finishes waits this long after its work (time to kill pyinfra "after the
+# install, before the stamp"); the next install takes this long per step (an SSH cut needs a new
+# connection, seconds under TCG: time to land it in the middle).
+PAUSE_KNOB = "/run/tabula-standins/nixos-install.pause"
+SLOW_KNOB = "/run/tabula-standins/nixos-install.slow"
 INSTALL_LOG = "/var/log/tabula-standins/nixos-install.log"
 
 # Where each profile keeps data that must survive (mount points under /mnt).
@@ -147,10 +155,11 @@ def installs_so_far(livevm) -> int:
 @pytest.mark.parametrize("profile", list(CHAINS))
 def test_faults_converge(profile, clean_disks, livevm, target, secrets_env):
     livevm.install_standins()
+    livevm.run(f"mkdir -p $(dirname {PAUSE_KNOB}) && rm -f {PAUSE_KNOB} {SLOW_KNOB}")
     if any(what.startswith("after nixos-install") for _, what in CHAINS[profile]):
-        # the first install that finishes waits a little after its work: time for the fault
-        # "after nixos-install, before its stamp"
-        livevm.run(f"mkdir -p $(dirname {PAUSE_KNOB}) && echo 5 > {PAUSE_KNOB}")
+        livevm.run(f"echo 5 > {PAUSE_KNOB}")
+    if any(fault.kind == "cut" and what.startswith("mid nixos-install") for fault, what in CHAINS[profile]):
+        livevm.run(f"echo 15 > {SLOW_KNOB}")
     installs_before = installs_so_far(livevm)
     variables = profile_vars(livevm, profile)
     args = deploy_args(profile, variables)
@@ -160,7 +169,7 @@ def test_faults_converge(profile, clean_disks, livevm, target, secrets_env):
     try:
         converge_through_faults(profile, livevm, target, variables, args, creations, markers, log, installs_before)
     finally:
-        livevm.run(f"rm -f {PAUSE_KNOB}")
+        livevm.run(f"rm -f {PAUSE_KNOB} {SLOW_KNOB}")
 
 
 def converge_through_faults(profile, livevm, target, variables, args, creations, markers, log, installs_before):
@@ -284,8 +293,9 @@ def test_confirmed_wipe_interrupted_is_finished_only_while_the_disk_holds_foreig
     assert changing_commands(output) == []
     assert disk_checksums(livevm, ["TABULA-NVME0"]) == before
 
-    # 3. confirmed again, cut as the partition table is zapped: the signatures are gone by then
-    run = run_with_fault(livevm, confirmed, Fault("cut", cmd=r"sgdisk --zap-all", delay=0.1))
+    # 3. confirmed again, killed as the partition table is zapped: the signatures are gone by then
+    # (SIGKILL of pyinfra: an SSH cut needs a new connection and lands after the whole wipe)
+    run = run_with_fault(livevm, confirmed, Fault("kill", cmd=r"sgdisk --zap-all"))
     assert run.fired and run.returncode != 0, strip_ansi(run.output)[-4000:]
     assert livevm.run(f"blkid -p -o export {nvme}; blkid -p -o export {nvme}p1 {nvme}p2",
                       check=False).stdout.strip() == "", "the wipe should have cleared every signature"
