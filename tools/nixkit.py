@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tarfile
 from dataclasses import dataclass
@@ -169,10 +168,6 @@ def generate_config_script() -> str:
     if left:
         raise KitError(f"{GENERATE_CONFIG}: placeholders left unsubstituted: {' '.join(left)}")
     return text
-
-
-def nix_available() -> bool:
-    return subprocess.run(["sh", "-c", "command -v nix"], capture_output=True).returncode == 0
 
 
 def main(argv: list[str]) -> int:
