@@ -17,14 +17,14 @@ import shlex
 
 from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import (created_this_run, is_fresh, one_command, operation, read, record_created,
+from operations.roundtrips import (Made, created_this_run, is_fresh, one_command, operation, read, record_created,
                                    record_fresh)
 
-from operations.disks import PRIVATE_MOUNT_ROOT, install_path
 from operations.errors import TabulaError
-from operations.luks import CanonicalPath
 from operations.mounts import Mounts
+from operations.nixlit import NixFragments, device_units, nix_attr, nix_indented_string, nix_list, nix_string, stable_device
 from operations.profile import Filesystem, Profile, Subvolume, Swapfile
+from operations.target import PRIVATE_MOUNT_ROOT, CanonicalPath, install_path
 
 
 def top_level_path(device: str, fs: Filesystem) -> str:
@@ -152,7 +152,7 @@ def top_level(device: str, path: str, options: tuple[str, ...] = ()):
         btrfs.top_level(device="/dev/mapper/cryptroot", path="/run/tabula/btrfs/nixos")
     """
     # A filesystem this run just made cannot be mounted yet: the mount command checks the path.
-    new = created_this_run(f"filesystem {device}")
+    new = created_this_run(Made.filesystem(device))
     current = None if new else read(Mounts).get(path)
     if current:
         want = read(CanonicalPath, path=device)
@@ -189,7 +189,7 @@ def subvolumes(top: str, wanted: list[Subvolume], device: str = ""):
         btrfs.subvolumes(top="/run/tabula/btrfs/nixos", wanted=[Subvolume(path="@root", blank_snapshot="@root-blank")],
                          device="/dev/mapper/cryptroot")
     """
-    existing = {} if device and created_this_run(f"filesystem {device}") else read(BtrfsSubvolumes, path=top)
+    existing = {} if device and created_this_run(Made.filesystem(device)) else read(BtrfsSubvolumes, path=top)
     commands, created = [], []
     for sub in wanted:
         target = f"{top}/{sub.path}"
@@ -205,7 +205,7 @@ def subvolumes(top: str, wanted: list[Subvolume], device: str = ""):
                 if sub.blank_snapshot:
                     commands.append(_snapshot_command(top, sub))
             if device:
-                created.append(f"subvolume {device} {sub.path}")     # empty: a new one, or a blank copy
+                created.append(Made.subvolume(device, sub.path))     # empty: a new one, or a blank copy
             continue
         if sub.blank_snapshot:
             if blank is None:
@@ -314,3 +314,94 @@ def apply_swapfiles(profile: Profile) -> None:
             if sub.swapfile and sub.mountpoint:
                 path = f"{install_path(sub.mountpoint)}/swapfile"
                 swapfile(path=path, swapfile=sub.swapfile, name=f"Swapfile {path} ({sub.swapfile.size})")
+
+
+# --- NixOS -------------------------------------------------------------------------------------
+
+# Where the initrd mounts the top level to restore the root.
+ROLLBACK_MOUNTDIR = "/run/tabula-rollback"
+
+
+def rollback_targets(profile: Profile) -> list[tuple[str, Filesystem, Subvolume]]:
+    return [(device, fs, sub) for device, fs in profile.filesystems()
+            for sub in fs.subvolumes if sub.blank_snapshot]
+
+
+def rollback_script(device: str, subvolume: str, blank: str, mountdir: str = ROLLBACK_MOUNTDIR) -> str:
+    """The bash the initrd runs to put ``subvolume`` back to ``blank``; the e2e test runs it too.
+
+    Nested subvolumes go first (systemd creates some, e.g. /var/lib/machines): a subvolume that
+    still holds one cannot be deleted. ``btrfs subvolume list`` prints subvolumes by ID, and a
+    nested subvolume is always newer than the one it sits in, so deleting in reverse order takes
+    the deepest first. Without the blank snapshot nothing is deleted: a root that cannot be
+    restored is better left as it is.
+    """
+    return f"""\
+mnt={mountdir}
+mkdir -p "$mnt"
+mount -t btrfs -o subvol=/ {device} "$mnt"
+if [ -d "$mnt/{blank}" ]; then
+  nested=()
+  while read -r line; do
+    path="${{line#* path }}"
+    case "$path" in
+      {subvolume}/*) nested+=("$path") ;;
+    esac
+  done < <(btrfs subvolume list "$mnt")
+  for ((i = ${{#nested[@]}} - 1; i >= 0; i--)); do
+    echo "deleting nested subvolume ${{nested[i]}}"
+    btrfs subvolume delete "$mnt/${{nested[i]}}"
+  done
+  if [ -d "$mnt/{subvolume}" ]; then
+    echo "deleting {subvolume}"
+    btrfs subvolume delete "$mnt/{subvolume}"
+  fi
+  echo "restoring {subvolume} from {blank}"
+  btrfs subvolume snapshot "$mnt/{blank}" "$mnt/{subvolume}"
+else
+  echo "{blank} is missing: {subvolume} is left as it is" >&2
+fi
+umount "$mnt"
+"""
+
+
+def nix_fragments(profile: Profile, ids: dict | None = None, placeholder: bool = False) -> NixFragments:
+    """configuration.nix: monthly scrub of each btrfs; impermanence.nix: the initrd service that
+    restores each subvolume with a blank snapshot (the guide's @root from @root-blank)."""
+    impermanence, scrub = [], []
+    targets = rollback_targets(profile)
+    for index, (device, fs, sub) in enumerate(targets):
+        path = stable_device(device, ids, "UUID", placeholder)
+        units = device_units(path)
+        service = "rollback" if len(targets) == 1 else f"rollback-{index + 1}"
+        script = rollback_script(path, sub.path, sub.blank_snapshot)
+        impermanence.append(f"""\
+  # Rollback service: {sub.path} is restored from {sub.blank_snapshot} at every boot, after the
+  # device is opened and before the root is mounted (systemd stage 1).
+  boot.initrd.systemd.services.{nix_attr(service)} = {{
+    description = {nix_string(f"Rollback btrfs subvolume {sub.path} to {sub.blank_snapshot}")};
+    wantedBy = [ "initrd.target" ];
+    requires = {nix_list(units[-1:])};
+    after = {nix_list(units)};
+    before = [ "sysroot.mount" ];
+    unitConfig.DefaultDependencies = "no";
+    serviceConfig.Type = "oneshot";
+    script = {nix_indented_string(script)};
+  }};
+""")
+    for device, fs in profile.filesystems():
+        if fs.format == "btrfs":
+            mountpoints = [s.mountpoint for s in fs.subvolumes if s.mountpoint] + ([fs.mountpoint] if fs.mountpoint else [])
+            if mountpoints:
+                scrub.append(sorted(mountpoints, key=len)[0])
+    configuration = ""
+    if scrub:
+        configuration = f"""\
+  # Btrfs maintenance
+  services.btrfs.autoScrub = {{
+    enable = true;
+    interval = "monthly";
+    fileSystems = {nix_list(scrub)};
+  }};
+"""
+    return NixFragments(configuration=configuration, impermanence="\n".join(impermanence))

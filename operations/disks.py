@@ -22,14 +22,13 @@ from dataclasses import dataclass, field
 
 from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import operation, read, read_many
+from operations import gpt
+from operations.filesystems import MKFS
+from operations.roundtrips import operation, plan_wipe, read, read_many
 
 from operations.errors import TabulaError
 from operations.profile import Disk, Filesystem, Luks, Profile, Swap, ZfsMember
-
-# Where layers keep private mounts of their own (e.g. a btrfs top level for subvolume facts).
-PRIVATE_MOUNT_ROOT = "/run/tabula"
-INSTALL_ROOT = "/mnt"
+from operations.target import PRIVATE_MOUNT_ROOT, WholeDiskSignature, decode_octal, install_path
 
 # The filesystem types (blkid TYPE) a partition may already carry, by the content it will hold.
 CONTENT_SIGNATURES = {
@@ -37,23 +36,6 @@ CONTENT_SIGNATURES = {
     Swap: {"swap"},
     ZfsMember: {"zfs_member"},
 }
-
-
-# What a formatting command says when it finds a signature on its device (the checks inside
-# luksFormat, mkfs and mkswap), after "<device> ... not formatting it".
-SIGNATURE_FOUND_ADVICE = ("(left by an earlier install on this disk?). Run again to have it checked and kept, "
-                          "or clear it with wipefs -a if it holds nothing you need")
-
-# Stable paths of the disks this run wipes first (confirmed foreign content).
-_PLANNED_WIPES: set[str] = set()
-
-
-def before_wipe() -> bool:
-    """
-    True while preparing a run that wipes a disk first: facts still show the old content, so the
-    later stages plan as if on blank disks (at execution they see the wiped disk).
-    """
-    return bool(_PLANNED_WIPES) and not host.state.is_executing
 
 
 # --- facts ------------------------------------------------------------------------------------
@@ -171,32 +153,6 @@ def parse_stable_path(lines) -> dict:
     return found
 
 
-class WholeDiskSignature(FactBase):
-    """
-    ``blkid -p -o export`` of a device: what its first sectors say it is (PTTYPE for a partition
-    table, TYPE for a filesystem on the whole device). Empty when blank or absent.
-    """
-
-    default = dict
-
-    def command(self, device: str) -> str:
-        quoted = shlex.quote(device)
-        # settle first: udev may be re-reading a partition table (its links briefly gone)
-        return f"udevadm settle 2>/dev/null; if [ -b {quoted} ]; then blkid -p -o export {quoted} 2>/dev/null || true; fi"
-
-    def process(self, output):
-        return parse_blkid_export(output)
-
-
-def parse_blkid_export(lines) -> dict:
-    found = {}
-    for line in lines:
-        key, sep, value = line.partition("=")
-        if sep:
-            found[key.strip()] = value.strip()
-    return found
-
-
 class ActiveSwaps(FactBase):
     """Active swap devices and files (``/proc/swaps``), as the kernel names them."""
 
@@ -260,19 +216,6 @@ class ImportedPoolVdevs(FactBase):
         return {parts[1]: parts[0] for parts in (line.split() for line in output) if len(parts) == 2}
 
 
-def decode_octal(text: str) -> str:
-    r"""/proc/mounts and /proc/swaps escape space, tab, newline and backslash as \040 etc."""
-    out, i = [], 0
-    while i < len(text):
-        if text[i] == "\\" and i + 3 < len(text) + 0 and text[i + 1:i + 4].isdigit():
-            out.append(chr(int(text[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(text[i])
-            i += 1
-    return "".join(out)
-
-
 # --- the guard --------------------------------------------------------------------------------
 
 
@@ -308,11 +251,6 @@ def _tree_of(device: str, devices: list[dict]) -> list[dict]:
 
 def expected_mountpoints(profile: Profile) -> set[str]:
     return {install_path(m.mountpoint) for m in profile.all_mounts()}
-
-
-def install_path(mountpoint: str) -> str:
-    """/ -> /mnt, /home -> /mnt/home: where a mount of the installed system lives during install."""
-    return INSTALL_ROOT if mountpoint == "/" else f"{INSTALL_ROOT}{mountpoint}"
 
 
 def usage_problems(profile: Profile, check: DiskCheck, swaps: list[str], pool_vdevs: dict[str, str]) -> list[str]:
@@ -410,8 +348,6 @@ def found_on_disk(check: DiskCheck, signatures: dict[str, dict], pools: dict | N
 def content_problems(check: DiskCheck, table: dict | None, signatures: dict[str, dict],
                      pools: dict | None = None) -> list[str]:
     """Why the disk's content is foreign to the profile (empty: blank, or the profile's own)."""
-    from operations import gpt
-
     whole = signatures.get(check.device, {})
     size = next((d.get("size") for d in check.tree if d["name"] == check.device), None)
     if whole.get("TYPE"):
@@ -447,7 +383,6 @@ def allowed_signatures(content) -> set[str]:
 # base64 tar), host keys, and the NixOS installer's own generator.
 BASE_COMMANDS = ("sgdisk", "wipefs", "blkid", "lsblk", "udevadm", "blockdev", "mount", "umount", "mountpoint",
                  "base64", "tar", "sha256sum", "ssh-keygen", "nixos-generate-config")
-MKFS_COMMANDS = {"vfat": "mkfs.vfat", "btrfs": "mkfs.btrfs", "f2fs": "mkfs.f2fs", "ext4": "mkfs.ext4"}
 # Looked for too, but not required: with nix the target can evaluate the configuration first.
 OPTIONAL_COMMANDS = ("nix",)
 
@@ -461,7 +396,7 @@ def required_tools(profile: Profile, install: bool) -> dict[str, str]:
             needed["cryptsetup"] = f"LUKS container {part.label}"
             content = content.content
         if isinstance(content, Filesystem):
-            needed[MKFS_COMMANDS[content.format]] = f"{content.format} on {part.label}"
+            needed[MKFS[content.format][0]] = f"{content.format} on {part.label}"
             if content.format == "btrfs":
                 needed["btrfs"] = f"btrfs subvolumes on {part.label}"
                 if any(sub.swapfile for sub in content.subvolumes):
@@ -496,9 +431,6 @@ def guard(profile: Profile, settings) -> list[DiskCheck]:
     Refuse the run (TabulaError) unless every profile disk is the right, free disk. Confirmed
     foreign disks get a wipe operation. Returns what it found, for the plan.
     """
-    from operations import gpt
-
-    _PLANNED_WIPES.clear()
     # Everything the checks read about the disks, in one round trip (the partition tables are
     # kept for the partitioning stage, which reads them next).
     disks = list(profile.disks.values())
@@ -567,7 +499,7 @@ def guard(profile: Profile, settings) -> list[DiskCheck]:
                 f"\n  To wipe this disk, confirm it by its stable id: --data "
                 f"tabula_confirm_wipe='[\"{check.disk.device}\"]'")
         partitions = [d["name"] for d in check.tree if d["type"] == "part"]
-        _PLANNED_WIPES.add(check.disk.device)
+        plan_wipe(check.disk.device)
         wipe(disk_path=check.disk.device, partitions=partitions, reasons=check.foreign,
              name=f"Wipe {check.disk.device} (confirmed), which holds: " + "; ".join(found))
     return checks

@@ -11,10 +11,11 @@ import shlex
 from pyinfra import host
 from pyinfra.api import QuoteString, StringCommand
 
-from operations.disks import SIGNATURE_FOUND_ADVICE, WholeDiskSignature, before_wipe
 from operations.errors import TabulaError
+from operations.nixlit import NixFragments
 from operations.profile import Filesystem, Profile, Swap
-from operations.roundtrips import created_this_run, one_command, operation, read_many, record_created
+from operations.roundtrips import Made, before_wipe, created_this_run, one_command, operation, read_many, record_created
+from operations.target import SIGNATURE_FOUND_ADVICE, WholeDiskSignature
 
 # mkfs program and its "label" flag, by format.
 MKFS = {
@@ -94,14 +95,14 @@ def formatted(filesystems: list[tuple[str, Filesystem]], swaps: list[tuple[str, 
     """
     devices = [device for device, _ in filesystems] + [device for device, _ in swaps]
     # Devices this run just made are not read: each mkfs command checks its device is blank itself.
-    to_read = [] if before_wipe() else [device for device in devices if not created_this_run(f"device {device}")]
+    to_read = [] if before_wipe() else [device for device in devices if not created_this_run(Made.device(device))]
     found = {device: {} for device in devices}
     found.update(zip(to_read, read_many([(WholeDiskSignature, {"device": device}) for device in to_read])))
     checks = [filesystem_check(device, fs, found[device]) for device, fs in filesystems]
     checks += [swap_check(device, swap, found[device]) for device, swap in swaps]
     commands = [command for command, _ in checks if command is not None]
     if commands:
-        record_created(*(f"filesystem {device}" for (device, _), (command, _) in zip(filesystems, checks) if command))
+        record_created(*(Made.filesystem(device) for (device, _), (command, _) in zip(filesystems, checks) if command))
         yield one_command(*commands)
     else:
         host.noop("; ".join(kept for _, kept in checks))
@@ -112,3 +113,14 @@ def apply(profile: Profile) -> None:
     if wanted or swaps:
         described = [f"{fs.format} on {device}" for device, fs in wanted] + [f"swap on {device}" for device, _ in swaps]
         formatted(filesystems=wanted, swaps=swaps, name="Filesystems: " + ", ".join(described))
+
+
+# --- NixOS ------------------------------------------------------------------------------------
+
+
+def nix_fragments(profile: Profile, ids: dict | None = None, placeholder: bool = False) -> NixFragments:
+    """configuration.nix: the f2fs module in the initrd when an f2fs is needed for boot (the
+    temproot notes: it must sometimes be there explicitly to mount /.local)."""
+    if any(fs.format == "f2fs" and fs.needed_for_boot for _, fs in profile.filesystems()):
+        return NixFragments(configuration='  boot.initrd.kernelModules = [ "f2fs" ];\n')
+    return NixFragments()

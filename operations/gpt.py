@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 
 from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import one_command, operation, read, record_created
+from operations.roundtrips import Made, before_wipe, one_command, operation, read, record_created
 
-from operations.disks import before_wipe
 from operations.errors import TabulaError
 from operations.profile import Disk, Partition, Profile
 
@@ -212,7 +211,7 @@ def partitions(disk_key: str, disk: Disk):
             end = f"+{part.size_bytes // 1024}K"
         args += ["-n", f"{number}:0:{end}", "-t", f"{number}:{part.type}", "-c", QuoteString(f"{number}:{part.label}")]
     args.append(QuoteString(disk.device))
-    record_created(*(f"device {part.device}" for part in disk.partitions[comparison.present:]))
+    record_created(*(Made.device(part.device) for part in disk.partitions[comparison.present:]))
     yield one_command(StringCommand(*args), settle_command([p.device for p in disk.partitions], disk.device))
 
 

@@ -18,12 +18,13 @@ from functools import lru_cache
 
 from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import created_this_run, operation, read, read_many, record_created
+from operations.roundtrips import Made, before_wipe, created_this_run, operation, read, read_many, record_created
 
-from operations.disks import SIGNATURE_FOUND_ADVICE, WholeDiskSignature, before_wipe
 from operations.errors import TabulaError
 from operations.profile import Luks, Partition, Profile
+from operations.nixlit import NixFragments, nix_string, stable_device
 from operations.secrets import Secret, read_secret
+from operations.target import SIGNATURE_FOUND_ADVICE, CanonicalPath, WholeDiskSignature
 
 
 # --- facts ------------------------------------------------------------------------------------
@@ -133,17 +134,6 @@ def parse_cryptsetup_status(lines) -> dict | None:
     return status
 
 
-class CanonicalPath(FactBase):
-    """``readlink -f`` of a path on the target (None when it does not exist)."""
-
-    def command(self, path: str) -> str:
-        quoted = shlex.quote(path)
-        return f"if [ -e {quoted} ]; then readlink -f {quoted}; fi"
-
-    def process(self, output):
-        return output[0] if output else None
-
-
 # --- secret -----------------------------------------------------------------------------------
 
 
@@ -224,7 +214,7 @@ def container(device: str, luks: Luks):
         luks.container(device="/dev/disk/by-partlabel/cryptroot", luks=profile_luks)
     """
     # A partition this run just made is not read: the format command itself checks it is blank.
-    header, signature = (None, {}) if before_wipe() or created_this_run(f"device {device}") else read_many(
+    header, signature = (None, {}) if before_wipe() or created_this_run(Made.device(device)) else read_many(
         [(LuksHeader, {"device": device}), (WholeDiskSignature, {"device": device})])
     if header:
         want = int(luks.luks_type.removeprefix("luks"))
@@ -243,7 +233,7 @@ def container(device: str, luks: Luks):
                               f"the partition holds nothing you need, clear it with `wipefs -a {device}` on the target "
                               "and re-run; otherwise restore the header from a backup (cryptsetup luksHeaderRestore)")
         raise TabulaError(f"refusing to luksFormat {device}: it holds a {found} signature")
-    record_created(f"luks {device}")
+    record_created(Made.luks(device))
     yield format_command(device, luks, passphrase())
 
 
@@ -264,7 +254,7 @@ def mapping(device: str, luks: Luks):
     """
     # Nothing can be open on a container this run just formatted; the open command itself stops
     # when a mapping of that name is open on another device.
-    new = created_this_run(f"luks {device}")
+    new = created_this_run(Made.luks(device))
     status = None if new else read(LuksMapping, mapper=luks.mapper)
     if status:
         backing = read(CanonicalPath, path=device)
@@ -274,7 +264,7 @@ def mapping(device: str, luks: Luks):
         host.noop(f"/dev/mapper/{luks.mapper} is already open on {status.get('device', device)}")
         return
     if new:
-        record_created(f"device /dev/mapper/{luks.mapper}")
+        record_created(Made.device(f"/dev/mapper/{luks.mapper}"))
     yield open_command(device, luks, passphrase())
 
 
@@ -291,3 +281,22 @@ def apply(profile: Profile) -> None:
 
 def luks_partition(profile: Profile, mapper: str) -> Partition | None:
     return next((part for part, luks in profile.luks_devices() if luks.mapper == mapper), None)
+
+
+# --- NixOS ------------------------------------------------------------------------------------
+
+
+def nix_fragments(profile: Profile, ids: dict | None = None, placeholder: bool = False) -> NixFragments:
+    """hardware-configuration.nix: the initrd opens each container (by its UUID) before the
+    filesystems inside it are mounted, asking for the passphrase at boot."""
+    parts: list[str] = []
+    for part, luks in profile.luks_devices():
+        lines = [f"  boot.initrd.luks.devices.{nix_string(luks.mapper)} = {{",
+                 f"    device = {nix_string(stable_device(part.device, ids, 'UUID', placeholder))};"]
+        if luks.allow_discards:
+            lines.append("    allowDiscards = true;")
+        if luks.bypass_workqueues:
+            lines.append("    bypassWorkqueues = true;")
+        lines.append("  };")
+        parts.append("\n".join(lines))
+    return NixFragments(hardware="\n\n".join(parts))

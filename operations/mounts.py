@@ -13,12 +13,12 @@ import shlex
 
 from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import created_this_run, one_command, operation, read, read_many, record_fresh
+from operations.roundtrips import Made, created_this_run, one_command, operation, read, read_many, record_fresh
 
-from operations.disks import decode_octal, install_path
 from operations.errors import TabulaError
-from operations.luks import CanonicalPath
+from operations.nixlit import NixFragments, nix_list, nix_string, stable_device
 from operations.profile import Mount, Profile
+from operations.target import CanonicalPath, decode_octal, install_path
 
 # Options mount(8) consumes itself: never shown in /proc/mounts.
 USERSPACE_OPTIONS = {"bind", "rbind", "defaults", "nofail", "noauto", "auto", "user", "users", "_netdev", "zfsutil"}
@@ -158,10 +158,10 @@ def is_empty_when_mounted(mount: Mount) -> bool:
         return True
     if mount.fstype == "btrfs":
         subvol = next((o.split("=", 1)[1] for o in mount.options if o.startswith("subvol=")), None)
-        return subvol is not None and created_this_run(f"subvolume {mount.device} {subvol.lstrip('/')}")
+        return subvol is not None and created_this_run(Made.subvolume(mount.device, subvol))
     if mount.fstype == "zfs":
-        return created_this_run(f"dataset {mount.device}")
-    return mount.fstype != "none" and created_this_run(f"filesystem {mount.device}")
+        return created_this_run(Made.dataset(mount.device))
+    return mount.fstype != "none" and created_this_run(Made.filesystem(mount.device))
 
 
 def check_mounted(mount: Mount, target: str, current: dict) -> None:
@@ -192,3 +192,41 @@ def apply(profile: Profile) -> None:
     wanted = profile.all_mounts()
     if wanted:
         mounted(mounts=wanted, name="Mount " + "; ".join(describe(m) for m in wanted))
+
+
+# --- NixOS ------------------------------------------------------------------------------------
+
+
+def nix_fragments(profile: Profile, ids: dict | None = None, placeholder: bool = False) -> NixFragments:
+    """hardware-configuration.nix: every mount as ``fileSystems`` (devices by UUID, options,
+    neededForBoot) and every swap partition and swapfile as ``swapDevices``."""
+    parts: list[str] = []
+    for mount in profile.all_mounts():
+        lines = [f"  fileSystems.{nix_string(mount.mountpoint)} = {{",
+                 f"    device = {nix_string(stable_device(mount.device, ids, 'UUID', placeholder))};",
+                 f"    fsType = {nix_string(mount.fstype)};"]
+        if mount.options:
+            lines.append(f"    options = {nix_list(mount.options)};")
+        if mount.needed_for_boot:
+            lines.append("    neededForBoot = true;")
+        lines.append("  };")
+        parts.append("\n".join(lines))
+
+    swaps = []
+    for _, fs in profile.filesystems():
+        for sub in fs.subvolumes:
+            if sub.swapfile and sub.mountpoint:
+                size_mib = sub.swapfile.size_bytes // (1024 * 1024)
+                swaps.append(f"{{ device = {nix_string(sub.swapfile_path)}; size = {size_mib}; }}")
+    for device, swap in profile.swaps():
+        if swap.random_encryption:
+            # A fresh key at every boot leaves no signature to find by UUID: name the partition.
+            path = stable_device(device, ids, "PARTUUID", placeholder)
+            swaps.append(f"{{ device = {nix_string(path)}; randomEncryption.enable = true; }}")
+        else:
+            swaps.append(f"{{ device = {nix_string(stable_device(device, ids, 'UUID', placeholder))}; }}")
+    if swaps:
+        parts.append("  swapDevices = [\n" + "".join(f"    {s}\n" for s in swaps) + "  ];")
+    else:
+        parts.append("  swapDevices = [ ];")
+    return NixFragments(hardware="\n\n".join(parts))

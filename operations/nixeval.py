@@ -32,7 +32,7 @@ from pyinfra.api import FactBase, QuoteString, StringCommand
 
 from operations.errors import TabulaError
 from operations import disks, nixos
-from operations.nixos import files_tar
+from operations.target import files_tar
 from operations.roundtrips import operation, read
 
 NIX_FLAGS = ("--extra-experimental-features", "nix-command flakes")

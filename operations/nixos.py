@@ -8,116 +8,42 @@ from the target), and run nixos-install once per configuration.
     nixos.install(profile, settings)    # nixos-install --flake, skipped when already installed
 
 Rendering is pure (``render_files``) so ``tools/render.py`` shows the files without a disk.
-Storage layers add their Nix through ``LAYER_RENDERERS``: each returns ``NixFragments`` for
-configuration.nix and impermanence.nix (btrfs: the rollback service; a ZFS layer appends its
-``boot.supportedFilesystems``, ``networking.hostId`` and dataset rollback the same way).
+This module only assembles: each layer of ``LAYERS`` renders its own ``NixFragments`` (luks: the
+initrd's devices; mounts: fileSystems and swapDevices; btrfs and zfs: the rollback service,
+pool import, maintenance; filesystems: initrd modules), and they are put into the templates and
+into nixos-generate-config's hardware-configuration.nix here.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
-import posixpath
 import re
-import shlex
-import tarfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import jinja2
 from pyinfra import host, logger
 from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand
 
+from operations import btrfs, filesystems, luks, mounts, zfs
 from operations.errors import TabulaError
+from operations.nixlit import MissingDeviceIds, nix_attr, nix_string
 from operations.nixpatch import is_valid, patch_hardware_configuration
-from operations.profile import Filesystem, Luks, Profile, Subvolume, Swap
-from operations.roundtrips import created_this_run, is_fresh, operation, read, read_many, record_created, record_fresh
+from operations.profile import Filesystem, Luks, Profile, Swap
+from operations.roundtrips import Made, created_this_run, is_fresh, operation, read, read_many, record_created, record_fresh
+from operations.target import (CONFIG_DIR, INSTALL_ROOT, BlockDeviceIds, DirectoryDigest, FileText, PathExists,
+                               PathsState, is_file_with, write_files_command)
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
-ROOT = "/mnt"
-CONFIG_DIR = f"{ROOT}/etc/nixos"
+ROOT = INSTALL_ROOT
 # Where a successful nixos-install leaves the digest of the configuration it installed: on the
 # target's /nix, so it lives exactly as long as the installed system does.
 INSTALL_STAMP = f"{ROOT}/nix/var/lib/tabula/installed-config.sha256"
-ROLLBACK_MOUNTDIR = "/run/tabula-rollback"
 
-
-# --- Nix text ----------------------------------------------------------------------------------
-
-
-def nix_string(value: object) -> str:
-    """A Nix double-quoted string literal."""
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${")
-    return f'"{text}"'
-
-
-def nix_attr(value: str) -> str:
-    """An attribute name: bare when it is an identifier, quoted otherwise."""
-    return value if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_'-]*", value) else nix_string(value)
-
-
-def nix_indented_string(text: str, indent: str = "      ") -> str:
-    """A Nix ''-string holding ``text`` verbatim (``''`` and ``${`` escaped)."""
-    escaped = text.replace("''", "'''").replace("${", "''${")
-    body = "".join(f"{indent}{line}\n" if line else "\n" for line in escaped.splitlines())
-    return f"''\n{body}{indent[:-2]}''"
-
-
-def nix_list(items) -> str:
-    return "[ " + "".join(f"{nix_string(i)} " for i in items) + "]"
-
-
-def systemd_escape(value: str, path: bool = False) -> str:
-    """systemd-escape [--path]: the unit name part for an instance or a path."""
-    if path:
-        value = value.strip("/") or "-"
-        if value == "-":
-            return value
-    out = []
-    for i, ch in enumerate(value):
-        if ch == "/" and path:
-            out.append("-")
-        elif ch.isascii() and (ch.isalnum() or ch in ":_" or (ch == "." and i > 0)):
-            out.append(ch)
-        else:
-            out.append("".join(f"\\x{b:02x}" for b in ch.encode()))
-    return "".join(out)
+# The layers that add Nix, in stage order: each has nix_fragments(profile, ids, placeholder).
+LAYERS = (luks, filesystems, btrfs, zfs, mounts)
 
 
 # --- device identities (facts) -------------------------------------------------------------------
-
-
-class BlockDeviceIds(FactBase):
-    """
-    blkid's view of block devices: ``{device: {"UUID": ..., "PARTUUID": ..., "TYPE": ...}}``.
-    Devices that do not exist yet are absent from the result (not an error).
-
-    .. code:: python
-
-        ids = read(BlockDeviceIds, devices=["/dev/disk/by-partlabel/EFI"])
-    """
-
-    def command(self, devices) -> StringCommand:
-        script = 'for d in "$@"; do [ -b "$d" ] || continue; echo "DEVICE=$d"; blkid -o export "$d" || true; done'
-        return StringCommand("sh", "-c", QuoteString(script), "ids", *[QuoteString(d) for d in devices])
-
-    def process(self, output):
-        found: dict[str, dict[str, str]] = {}
-        current = None
-        for line in output:
-            key, _, value = line.partition("=")
-            if key == "DEVICE":
-                current = found.setdefault(value, {})
-            elif current is not None and key:
-                current[key] = value
-        return found
-
-    @staticmethod
-    def default():
-        return {}
 
 
 class DmiProductName(FactBase):
@@ -134,140 +60,7 @@ class DmiProductName(FactBase):
         return ""
 
 
-class FileText(FactBase):
-    """A text file's exact content, or None when it does not exist (base64 keeps bytes intact)."""
-
-    def command(self, path) -> StringCommand:
-        return StringCommand("sh", "-c", QuoteString('[ -f "$1" ] && { echo present; base64 -w0 "$1"; echo; } || true'),
-                             "filetext", QuoteString(path))
-
-    def process(self, output):
-        if not output or output[0] != "present":
-            return None
-        return base64.b64decode("".join(output[1:])).decode()
-
-    @staticmethod
-    def default():
-        return None
-
-
-class DirectoryDigest(FactBase):
-    """sha256 over the names and contents of every file below a directory, "" if it is absent."""
-
-    def command(self, path) -> StringCommand:
-        script = ('[ -d "$1" ] || exit 0; cd "$1" && find . -type f -print0 | LC_ALL=C sort -z '
-                  '| xargs -0r sha256sum | sha256sum | cut -d" " -f1')
-        return StringCommand("sh", "-c", QuoteString(script), "digest", QuoteString(path))
-
-    def process(self, output):
-        return "\n".join(output).strip()
-
-    @staticmethod
-    def default():
-        return ""
-
-
-class PathExists(FactBase):
-    """Whether a path exists (any type; symlinks count even when dangling)."""
-
-    def command(self, path) -> StringCommand:
-        return StringCommand("sh", "-c", QuoteString('{ [ -e "$1" ] || [ -L "$1" ]; } && echo yes || echo no'),
-                             "exists", QuoteString(path))
-
-    def process(self, output):
-        return output[-1:] == ["yes"]
-
-    @staticmethod
-    def default():
-        return False
-
-
-class PathsState(FactBase):
-    """
-    What is at each of several paths, in one round trip; absent paths are left out.
-
-    .. code:: python
-
-        read(PathsState, paths=["/mnt/etc/nixos", "/mnt/etc/nixos/flake.nix"])
-        {"/mnt/etc/nixos": {"type": "directory", "mode": "755", "user": "root", "sha256": ""},
-         "/mnt/etc/nixos/flake.nix": {"type": "file", "mode": "644", "user": "root", "sha256": "9f…"}}
-    """
-
-    def command(self, paths) -> StringCommand:
-        script = (
-            'for p in "$@"; do '
-            'if [ -L "$p" ]; then t=link; elif [ -d "$p" ]; then t=directory; elif [ -f "$p" ]; then t=file; '
-            'elif [ -e "$p" ]; then t=other; else continue; fi; '
-            's=; [ $t = file ] && s=$(sha256sum < "$p" | cut -c1-64); '
-            'printf "%s\t%s\t%s\t%s\n" "$t" "$(stat -c "%a %U" "$p")" "$s" "$p"; done'
-        )
-        return StringCommand("sh", "-c", QuoteString(script), "paths", *[QuoteString(p) for p in paths])
-
-    def process(self, output):
-        return parse_paths_state(output)
-
-    @staticmethod
-    def default():
-        return {}
-
-
-def parse_paths_state(lines) -> dict:
-    found = {}
-    for line in lines:
-        parts = line.split("\t", 3)
-        if len(parts) != 4:
-            continue
-        kind, mode_user, digest, path = parts
-        mode, _, user = mode_user.partition(" ")
-        found[path] = {"type": kind, "mode": mode, "user": user, "sha256": digest}
-    return found
-
-
-def is_file_with(state: dict | None, text: str, mode: str) -> bool:
-    """Whether PathsState shows a regular file with exactly this text and mode."""
-    return bool(state) and state["type"] == "file" and state["mode"] == mode and \
-        state["sha256"] == hashlib.sha256(text.encode()).hexdigest()
-
-
-def files_tar(files: dict[str, str], mode: str = "644", mtime: int = 0) -> bytes:
-    """``{relative name: text}`` as one tar, each file with this mode and mtime."""
-    archive = io.BytesIO()
-    with tarfile.open(fileobj=archive, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for name, text in files.items():
-            data = text.encode()
-            member = tarfile.TarInfo(name)
-            member.size, member.mode, member.mtime = len(data), int(mode, 8), mtime
-            tar.addfile(member, io.BytesIO(data))
-    return archive.getvalue()
-
-
-def write_files_command(directory: str, files: dict[str, str], mode: str = "644") -> StringCommand:
-    """One command writing ``{relative name: text}`` below ``directory``, contents on stdin.
-
-    The files go as one base64 tar (modes set in it), unpacked into a folder beside their place
-    and renamed into it, one ``mv`` per folder: an interrupted write never leaves a half file
-    under a name, and a handful of processes write them all (each costs ~30 ms on a slow target).
-    """
-    archive = files_tar(files, mode, mtime=int(time.time()))
-    folders: dict[str, list[str]] = {}
-    for name in files:
-        folders.setdefault(posixpath.dirname(name), []).append(name)
-    moves = []
-    for folder, names in folders.items():
-        place = shlex.quote(folder or ".")
-        staged = " ".join(f'"$s/"{shlex.quote(name)}' for name in names)
-        moves.append(f'mkdir -p "$d/"{place}; mv -f {staged} "$d/"{place}; ')
-    script = (f'set -e; d={shlex.quote(directory)}; s="$d/.tabula-new"; rm -rf "$s"; mkdir -p "$s"; '
-              'base64 -d | tar -x -C "$s"; ' + "".join(moves) + 'rm -rf "$s"')
-    return StringCommand("sh", "-c", QuoteString(script),
-                         _stdin=base64.encodebytes(archive).decode().splitlines())
-
-
 # --- storage rendering ------------------------------------------------------------------------
-
-
-class MissingDeviceIds(TabulaError):
-    """A device the configuration names by UUID does not exist (yet)."""
 
 
 def id_devices(profile: Profile) -> list[str]:
@@ -277,195 +70,6 @@ def id_devices(profile: Profile) -> list[str]:
         if isinstance(part.content, (Luks, Filesystem, Swap)):
             needed.append(part.device)
     return needed
-
-
-def _lookup(ids: dict | None, device: str, key: str, placeholder: bool) -> str:
-    value = (ids or {}).get(device, {}).get(key)
-    if value:
-        return value
-    if placeholder:
-        return ""
-    raise MissingDeviceIds(f"{device}: no {key} yet (the device does not exist or has no signature)")
-
-
-def stable_device(device: str, ids: dict | None, key: str = "UUID", placeholder: bool = False) -> str:
-    """The path the installed system uses: by-uuid (or by-partuuid) for partitions.
-
-    With ``placeholder`` (review without disks) a partition without known ids keeps its
-    by-partlabel path, which is just as stable; the installed config always gets the UUID.
-    """
-    if not device.startswith("/dev/disk/by-partlabel/"):
-        return device  # /dev/mapper/<name>, a ZFS dataset, tmpfs "none" or a bind source
-    value = _lookup(ids, device, key, placeholder)
-    if not value:
-        return device
-    folder = "by-uuid" if key == "UUID" else "by-partuuid"
-    return f"/dev/disk/{folder}/{value}"
-
-
-def render_storage(profile: Profile, ids: dict | None, placeholder: bool = False) -> str:
-    """The profile's storage as hardware-configuration.nix bindings (two-space indent)."""
-    parts: list[str] = []
-    for part, luks in profile.luks_devices():
-        lines = [f"  boot.initrd.luks.devices.{nix_string(luks.mapper)} = {{",
-                 f"    device = {nix_string(stable_device(part.device, ids, 'UUID', placeholder))};"]
-        if luks.allow_discards:
-            lines.append("    allowDiscards = true;")
-        if luks.bypass_workqueues:
-            lines.append("    bypassWorkqueues = true;")
-        lines.append("  };")
-        parts.append("\n".join(lines))
-
-    for mount in profile.all_mounts():
-        lines = [f"  fileSystems.{nix_string(mount.mountpoint)} = {{",
-                 f"    device = {nix_string(stable_device(mount.device, ids, 'UUID', placeholder))};",
-                 f"    fsType = {nix_string(mount.fstype)};"]
-        if mount.options:
-            lines.append(f"    options = {nix_list(mount.options)};")
-        if mount.needed_for_boot:
-            lines.append("    neededForBoot = true;")
-        lines.append("  };")
-        parts.append("\n".join(lines))
-
-    swaps = []
-    for device, fs in profile.filesystems():
-        for sub in fs.subvolumes:
-            if sub.swapfile and sub.mountpoint:
-                size_mib = sub.swapfile.size_bytes // (1024 * 1024)
-                swaps.append(f"{{ device = {nix_string(swapfile_path(sub))}; size = {size_mib}; }}")
-    for device, swap in profile.swaps():
-        if swap.random_encryption:
-            # A fresh key at every boot leaves no signature to find by UUID: name the partition.
-            path = stable_device(device, ids, "PARTUUID", placeholder)
-            swaps.append(f"{{ device = {nix_string(path)}; randomEncryption.enable = true; }}")
-        else:
-            swaps.append(f"{{ device = {nix_string(stable_device(device, ids, 'UUID', placeholder))}; }}")
-    if swaps:
-        parts.append("  swapDevices = [\n" + "".join(f"    {s}\n" for s in swaps) + "  ];")
-    else:
-        parts.append("  swapDevices = [ ];")
-    return "\n\n".join(parts) + "\n"
-
-
-def swapfile_path(sub: Subvolume) -> str:
-    return f"{sub.mountpoint.rstrip('/')}/swapfile"
-
-
-# --- layers: btrfs ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NixFragments:
-    """Bindings (two-space indented) a storage layer adds to the rendered modules."""
-
-    configuration: str = ""
-    impermanence: str = ""
-    files: tuple[tuple[str, str], ...] = ()  # (file name, module text): written and imported
-
-
-def btrfs_rollback_targets(profile: Profile) -> list[tuple[str, Filesystem, Subvolume]]:
-    return [(device, fs, sub) for device, fs in profile.filesystems()
-            for sub in fs.subvolumes if sub.blank_snapshot]
-
-
-def btrfs_rollback_script(device: str, subvolume: str, blank: str, mountdir: str = ROLLBACK_MOUNTDIR) -> str:
-    """The bash the initrd runs to put ``subvolume`` back to ``blank``; the e2e test runs it too.
-
-    Nested subvolumes go first (systemd creates some, e.g. /var/lib/machines): a subvolume that
-    still holds one cannot be deleted. ``btrfs subvolume list`` prints subvolumes by ID, and a
-    nested subvolume is always newer than the one it sits in, so deleting in reverse order takes
-    the deepest first. Without the blank snapshot nothing is deleted: a root that cannot be
-    restored is better left as it is.
-    """
-    return f"""\
-mnt={mountdir}
-mkdir -p "$mnt"
-mount -t btrfs -o subvol=/ {device} "$mnt"
-if [ -d "$mnt/{blank}" ]; then
-  nested=()
-  while read -r line; do
-    path="${{line#* path }}"
-    case "$path" in
-      {subvolume}/*) nested+=("$path") ;;
-    esac
-  done < <(btrfs subvolume list "$mnt")
-  for ((i = ${{#nested[@]}} - 1; i >= 0; i--)); do
-    echo "deleting nested subvolume ${{nested[i]}}"
-    btrfs subvolume delete "$mnt/${{nested[i]}}"
-  done
-  if [ -d "$mnt/{subvolume}" ]; then
-    echo "deleting {subvolume}"
-    btrfs subvolume delete "$mnt/{subvolume}"
-  fi
-  echo "restoring {subvolume} from {blank}"
-  btrfs subvolume snapshot "$mnt/{blank}" "$mnt/{subvolume}"
-else
-  echo "{blank} is missing: {subvolume} is left as it is" >&2
-fi
-umount "$mnt"
-"""
-
-
-def _device_units(device: str) -> list[str]:
-    """Units that must be up before the device can be mounted in the initrd."""
-    units = []
-    if device.startswith("/dev/mapper/"):
-        units.append(f"systemd-cryptsetup@{systemd_escape(device.removeprefix('/dev/mapper/'))}.service")
-    units.append(f"{systemd_escape(device, path=True)}.device")
-    return units
-
-
-def btrfs_fragments(profile: Profile, ids: dict | None, placeholder: bool = False) -> NixFragments:
-    impermanence, scrub = [], []
-    targets = btrfs_rollback_targets(profile)
-    for index, (device, fs, sub) in enumerate(targets):
-        path = stable_device(device, ids, "UUID", placeholder)
-        units = _device_units(path)
-        service = "rollback" if len(targets) == 1 else f"rollback-{index + 1}"
-        script = btrfs_rollback_script(path, sub.path, sub.blank_snapshot)
-        impermanence.append(f"""\
-  # Rollback service: {sub.path} is restored from {sub.blank_snapshot} at every boot, after the
-  # device is opened and before the root is mounted (systemd stage 1).
-  boot.initrd.systemd.services.{nix_attr(service)} = {{
-    description = {nix_string(f"Rollback btrfs subvolume {sub.path} to {sub.blank_snapshot}")};
-    wantedBy = [ "initrd.target" ];
-    requires = {nix_list(units[-1:])};
-    after = {nix_list(units)};
-    before = [ "sysroot.mount" ];
-    unitConfig.DefaultDependencies = "no";
-    serviceConfig.Type = "oneshot";
-    script = {nix_indented_string(script)};
-  }};
-""")
-    for device, fs in profile.filesystems():
-        if fs.format == "btrfs":
-            mountpoints = [s.mountpoint for s in fs.subvolumes if s.mountpoint] + ([fs.mountpoint] if fs.mountpoint else [])
-            if mountpoints:
-                scrub.append(sorted(mountpoints, key=len)[0])
-    configuration = ""
-    if scrub:
-        configuration = f"""\
-  # Btrfs maintenance
-  services.btrfs.autoScrub = {{
-    enable = true;
-    interval = "monthly";
-    fileSystems = {nix_list(scrub)};
-  }};
-"""
-    return NixFragments(configuration=configuration, impermanence="\n".join(impermanence))
-
-
-def zfs_fragments(profile: Profile, ids: dict | None, placeholder: bool = False) -> NixFragments:
-    """The ZFS layer's bindings (operations/zfs.py renders them: hostId, pool import, rollback)."""
-    if not profile.pools:
-        return NixFragments()
-    from operations import zfs
-
-    return zfs.nix_fragments(profile, ids, placeholder)
-
-
-# Per-layer renderers, in stage order: (profile, ids, placeholder) -> NixFragments.
-LAYER_RENDERERS: list[Callable[[Profile, dict | None, bool], NixFragments]] = [btrfs_fragments, zfs_fragments]
 
 
 # --- hardware module --------------------------------------------------------------------------
@@ -526,6 +130,12 @@ HARDWARE_SKELETON = """\
 """
 
 
+def render_storage(profile: Profile, ids: dict | None, placeholder: bool = False) -> str:
+    """The layers' hardware-configuration.nix bindings (the storage), in stage order."""
+    fragments = [layer.nix_fragments(profile, ids, placeholder) for layer in LAYERS]
+    return "\n\n".join(f.hardware.rstrip("\n") for f in fragments if f.hardware) + "\n"
+
+
 def extra_config_name(extra_config: str) -> str:
     """The file name the profile's extra module gets in /etc/nixos (a template name or a path)."""
     return Path(extra_config).name
@@ -552,7 +162,7 @@ def render_files(profile: Profile, generated_hardware: str | None, ids: dict | N
     + hardware_module: nixos-hardware module for the flake (see choose_hardware_module)
     + placeholder: partitions without ids keep by-partlabel paths (review without disks)
     """
-    fragments = [render(profile, ids, placeholder) for render in LAYER_RENDERERS]
+    fragments = [layer.nix_fragments(profile, ids, placeholder) for layer in LAYERS]
     env = _environment()
     n = profile.nixos
     persist_root = profile.persistence.root
@@ -623,7 +233,7 @@ def generate_config(profile: Profile, root: str = ROOT):
         host.noop(f"{hardware} is already generated")
         return
     record_fresh(config_dir, False)
-    record_created(f"generated {config_dir}")
+    record_created(Made.generated(config_dir))
     yield StringCommand("nixos-generate-config", "--root", QuoteString(root))
 
 
@@ -643,7 +253,7 @@ def configuration(profile: Profile, root: str = ROOT):
     """
     config_dir = f"{root}/etc/nixos"
     # Right after this run's nixos-generate-config, none of the files can be ours yet: all are written.
-    just_generated = created_this_run(f"generated {config_dir}")
+    just_generated = created_this_run(Made.generated(config_dir))
     generated, ids, product_name = read_many(configuration_reads(profile, config_dir, not just_generated))[:3]
     missing = [d for d in id_devices(profile) if not ids.get(d, {}).get("UUID") and not ids.get(d, {}).get("PARTUUID")]
     if generated is None or missing:

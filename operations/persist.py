@@ -21,9 +21,9 @@ from pyinfra.api import QuoteString, StringCommand
 from operations.roundtrips import is_fresh, one_command, operation, read, read_many, record_fresh
 
 from operations.errors import TabulaError
-from operations.nixos import CONFIG_DIR, ROOT, DirectoryDigest, PathsState
 from operations.profile import Profile
 from operations.secrets import Secret, read_secret
+from operations.target import CONFIG_DIR, INSTALL_ROOT, DirectoryDigest, PathsState
 
 # crypt(5) hashes as mkpasswd and NixOS's hashedPassword accept them: yescrypt ($y$), sha-512
 # ($6$), sha-256 ($5$), bcrypt ($2b$...), scrypt ($7$), gost-yescrypt ($gy$).
@@ -191,22 +191,22 @@ def password_hashes(profile: Profile, required: bool) -> dict[str, str]:
 
 
 def apply(profile: Profile, settings=None) -> None:
-    persist = f"{ROOT}{profile.persistence.root}"
+    persist = f"{INSTALL_ROOT}{profile.persistence.root}"
     # Read and checked before anything runs: a plaintext value (or a missing one when this run
     # installs) stops the run here.
     hashes = password_hashes(profile, required=getattr(settings, "install", True))
-    secrets(f"{ROOT}{profile.secrets_dir}", {filename: Secret(value, filename) for filename, value in hashes.items()},
+    secrets(f"{INSTALL_ROOT}{profile.secrets_dir}", {filename: Secret(value, filename) for filename, value in hashes.items()},
             name=f"{persist}/secrets (0700)" + (f": {', '.join(hashes)} (0600)" if hashes else ""))
     host_identity(f"{persist}/etc", [("ed25519", None), ("rsa", 4096)], comment=f"root@{profile.nixos.hostname}",
                   name=f"Host identity in {persist}/etc: SSH host keys (ed25519, rsa 4096), machine-id")
     if profile.nixos.remote_unlock:
         # Before nixos-install: it copies the key into the initrd it builds.
-        initrd_host_key(f"{ROOT}{profile.initrd_host_key}", comment=f"initrd@{profile.nixos.hostname}",
-                        name=f"Initrd SSH host key {ROOT}{profile.initrd_host_key} (remote unlock)")
+        initrd_host_key(f"{INSTALL_ROOT}{profile.initrd_host_key}", comment=f"initrd@{profile.nixos.hostname}",
+                        name=f"Initrd SSH host key {INSTALL_ROOT}{profile.initrd_host_key} (remote unlock)")
 
 
 def copy_configuration(profile: Profile) -> None:
     """After nixos-install: the copy then holds the flake.lock the system was installed from, so
     the first rebuild after boot uses the same inputs, not newer ones."""
-    persist = f"{ROOT}{profile.persistence.root}"
+    persist = f"{INSTALL_ROOT}{profile.persistence.root}"
     config_copy(CONFIG_DIR, f"{persist}/etc/nixos", name=f"{persist}/etc/nixos (copy of {CONFIG_DIR})")

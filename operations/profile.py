@@ -106,6 +106,11 @@ class Subvolume(_Node):
             raise ValueError(f"invalid subvolume name {v!r}: a top-level name without '/'")
         return v
 
+    @property
+    def swapfile_path(self) -> str | None:
+        """Where the swapfile lives in the installed system (in this subvolume's mount)."""
+        return f"{self.mountpoint.rstrip('/')}/swapfile" if self.swapfile and self.mountpoint else None
+
 
 class Filesystem(_Node):
     type: Literal["filesystem"] = "filesystem"

@@ -22,6 +22,12 @@ Three rules, used by every layer module:
   stop the run if the target disagrees. A re-run reads everything, as it knows nothing of the
   run before it.
 
+All of it lives in one ``RunState`` per host and phase (planning, execution): the kept facts,
+what this run made (typed ``Made`` records), the preparations before the first change and the
+disks planned to be wiped. The kept facts are also thrown away after any other operation, a stock
+pyinfra one included: at execution when it ends (a state callback), while planning when it plans
+a change.
+
     from operations.roundtrips import operation, read, read_many, one_command
 """
 
@@ -29,16 +35,16 @@ from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable
 
 from pyinfra import host, logger
 from pyinfra.api import FactBase, QuoteString, StringCommand
 from pyinfra.api import operation as pyinfra_operation
+from pyinfra.api.state import BaseStateCallback
 
 from operations.errors import TabulaError
-
-# host name -> {(fact class, arguments): value}
-_kept: dict[str, dict] = {}
-
 
 def _key(fact, kwargs: dict) -> tuple:
     return (fact, repr(sorted(kwargs.items())))
@@ -46,7 +52,7 @@ def _key(fact, kwargs: dict) -> tuple:
 
 def read(fact, **kwargs):
     """``host.get_fact(fact, **kwargs)``, read once until the next command that may change the target."""
-    kept = _kept.setdefault(host.name, {})
+    kept = run_state().current_facts()
     key = _key(fact, kwargs)
     if key not in kept:
         kept[key] = host.get_fact(fact, **kwargs)
@@ -55,7 +61,7 @@ def read(fact, **kwargs):
 
 def read_many(requests: list[tuple[type, dict]]) -> list:
     """The facts' values, in order; those not kept already are read together in one round trip."""
-    kept = _kept.setdefault(host.name, {})
+    kept = run_state().current_facts()
     missing = []
     for fact, kwargs in requests:
         key = _key(fact, kwargs)
@@ -146,40 +152,197 @@ class FactBatch(FactBase):
         return []
 
 
+# --- the run state ------------------------------------------------------------------------------
+
+
+class MadeKind(Enum):
+    DEVICE = "device"                   # a block device: a partition, an opened LUKS mapping
+    LUKS = "luks"                       # a LUKS header, on the device it formatted
+    FILESYSTEM = "filesystem"           # mkfs on a device
+    SUBVOLUME = "subvolume"             # a btrfs subvolume: "<device> <path>"
+    POOL = "pool"                       # a ZFS pool created (or found imported, writable)
+    IMPORTED_POOL = "imported pool"     # a ZFS pool this run imported
+    WRITABLE_POOL = "writable pool"     # a read-only view of a pool made writable
+    DATASET = "dataset"                 # a ZFS dataset created
+    GENERATED = "generated"             # nixos-generate-config ran for this folder
+
+
+@dataclass(frozen=True)
+class Made:
+    """Something this run's own command made, new and empty: ``Made.filesystem("/dev/mapper/x")``."""
+
+    kind: MadeKind
+    what: str
+
+    @classmethod
+    def device(cls, path: str) -> "Made":
+        return cls(MadeKind.DEVICE, path)
+
+    @classmethod
+    def luks(cls, path: str) -> "Made":
+        return cls(MadeKind.LUKS, path)
+
+    @classmethod
+    def filesystem(cls, device: str) -> "Made":
+        return cls(MadeKind.FILESYSTEM, device)
+
+    @classmethod
+    def subvolume(cls, device: str, path: str) -> "Made":
+        return cls(MadeKind.SUBVOLUME, f"{device} {path.lstrip('/')}")
+
+    @classmethod
+    def pool(cls, name: str) -> "Made":
+        return cls(MadeKind.POOL, name)
+
+    @classmethod
+    def imported_pool(cls, name: str) -> "Made":
+        return cls(MadeKind.IMPORTED_POOL, name)
+
+    @classmethod
+    def writable_pool(cls, name: str) -> "Made":
+        return cls(MadeKind.WRITABLE_POOL, name)
+
+    @classmethod
+    def dataset(cls, name: str) -> "Made":
+        return cls(MadeKind.DATASET, name)
+
+    @classmethod
+    def generated(cls, folder: str) -> "Made":
+        return cls(MadeKind.GENERATED, folder)
+
+
+@dataclass
+class RunState:
+    """Everything a run keeps about one host in one phase (planning, or execution).
+
+    + facts: the facts read, until the next command that may change the target. The execution
+      phase starts from what planning read last (no command has run in between).
+    + made: what this phase's commands make (``Made``), so a later step need not read it first.
+      Kept apart by phase, so what a --dry plan assumed never reaches execution.
+    + fresh: {path: fresh?} under the install root: fresh when this run mounted an empty
+      filesystem there and nothing was written to it since.
+    + before_change: {key: function returning commands} to run ahead of the next change, once.
+    + planned_wipes: the stable paths of the disks this run wipes first (confirmed by the guard).
+    """
+
+    facts: dict = field(default_factory=dict)
+    made: set[Made] = field(default_factory=set)
+    fresh: dict[str, bool] = field(default_factory=dict)
+    before_change: dict[str, Callable] = field(default_factory=dict)
+    planned_wipes: set[str] = field(default_factory=set)
+    stock_changes_seen: int = 0         # planning: changes of other (stock pyinfra) operations
+
+    def current_facts(self) -> dict:
+        """The kept facts, thrown away first if a stock pyinfra operation planned a change since."""
+        changes = _stock_changes()
+        if changes != self.stock_changes_seen:
+            self.facts.clear()
+            self.stock_changes_seen = changes
+        return self.facts
+
+
+# (host name, executing?) -> RunState
+_states: dict[tuple[str, bool], RunState] = {}
+# Hashes of the operations that are Tabula's (they forget facts themselves, before each command),
+# and, per host, those that planned a change.
+_tabula_ops: set[str] = set()
+_tabula_changes: dict[str, set[str]] = {}
+
+
+def run_state() -> RunState:
+    """The current host's state in the current phase."""
+    executing = bool(host.state.is_executing)
+    key = (host.name, executing)
+    if key not in _states:
+        state = _states[key] = RunState()
+        if executing:
+            planned = _states.get((host.name, False))
+            if planned is not None:
+                state.facts = dict(planned.facts)
+                state.planned_wipes = set(planned.planned_wipes)
+        _watch_operations(host.state)
+    return _states[key]
+
+
+def _stock_changes() -> int:
+    """While planning: how many operations of this host planned a change that are not Tabula's."""
+    state = host.state
+    if state.is_executing or not hasattr(state, "get_meta_for_host"):
+        return 0
+    return state.get_meta_for_host(host).ops_change - len(_tabula_changes.get(host.name, ()))
+
+
+class _ForgetAfterStockOperations(BaseStateCallback):
+    """At execution, any operation that is not Tabula's may have changed anything: the facts kept
+    for its host are thrown away when it ends (Tabula's operations do it before each command)."""
+
+    @staticmethod
+    def operation_host_success(state, host, op_hash, retry_count: int = 0):
+        _forget_after(host, op_hash)
+
+    @staticmethod
+    def operation_host_error(state, host, op_hash, retry_count: int = 0, max_retries: int = 0):
+        _forget_after(host, op_hash)
+
+
+def _forget_after(op_host, op_hash) -> None:
+    if op_hash not in _tabula_ops:
+        state = _states.get((op_host.name, True))
+        if state is not None:
+            state.facts.clear()
+
+
+_watched: list = []
+
+
+def _watch_operations(state) -> None:
+    if hasattr(state, "add_callback_handler") and not any(s is state for s in _watched):
+        state.add_callback_handler(_ForgetAfterStockOperations())
+        _watched.append(state)
+
+
+def reset() -> None:
+    """Forget every host's run state (tests; a new deploy in the same process)."""
+    _states.clear()
+    _tabula_ops.clear()
+    _tabula_changes.clear()
+
+
+def plan_wipe(disk_path: str) -> None:
+    """Note that this run wipes the disk first (the guard confirmed it)."""
+    run_state().planned_wipes.add(disk_path)
+
+
+def before_wipe() -> bool:
+    """
+    True while planning a run that wipes a disk first: facts still show the old content, so the
+    later stages plan as if on blank disks (at execution they see the wiped disk).
+    """
+    return not host.state.is_executing and bool(run_state().planned_wipes)
+
+
 # --- what this run made ------------------------------------------------------------------------
 
-# (host name, executing?) -> things this run's commands created ("partition <path>", "luks
-# <path>", "filesystem <device>", "subvolume <device> <path>"...), and -> {path: fresh?} for
-# directories under the install root: fresh when this run mounted an empty filesystem there and
-# nothing was written to it since. Recorded when the creating command is yielded: if it fails,
-# the run stops there. Kept apart by phase, so what a --dry plan assumed never reaches execution.
-_created: dict[tuple[str, bool], set[str]] = {}
-_fresh: dict[tuple[str, bool], dict[str, bool]] = {}
 
-
-def _run_key() -> tuple[str, bool]:
-    return (host.name, bool(host.state.is_executing))
-
-
-def record_created(*things: str) -> None:
+def record_created(*things: Made) -> None:
     """Note that this run's command (being yielded now) creates these things, new and empty."""
-    _created.setdefault(_run_key(), set()).update(things)
+    run_state().made.update(things)
 
 
-def created_this_run(thing: str) -> bool:
+def created_this_run(thing: Made) -> bool:
     """Whether a command of this same run created the thing (then it holds nothing to keep)."""
-    return thing in _created.get(_run_key(), ())
+    return thing in run_state().made
 
 
 def record_fresh(path: str, fresh: bool) -> None:
     """Note that ``path`` is now an empty filesystem this run mounted (True), or that this run
     wrote below it or found it in place (False). Deeper records win over shallower ones."""
-    _fresh.setdefault(_run_key(), {})[path.rstrip("/") or "/"] = fresh
+    run_state().fresh[path.rstrip("/") or "/"] = fresh
 
 
 def is_fresh(path: str) -> bool:
     """Whether nothing can be at ``path`` yet: its nearest recorded parent (or itself) is fresh."""
-    recorded = _fresh.get(_run_key(), {})
+    recorded = run_state().fresh
     path = path.rstrip("/") or "/"
     while True:
         if path in recorded:
@@ -189,33 +352,26 @@ def is_fresh(path: str) -> bool:
         path = path.rsplit("/", 1)[0] or "/"
 
 
-# (host name, executing?) -> {key: function returning commands}: what must run before the first
-# command any Tabula operation yields from then on, once (a pool imported read-only to compare it,
-# operations.zfs, becomes writable before anything is written). Kept apart by phase like _created.
-_before_change: dict[tuple[str, bool], dict] = {}
-
-
 def before_first_change(key: str, prepare) -> None:
     """Have ``prepare()``'s commands run ahead of the next command any Tabula operation yields,
     once. ``key`` names the preparation: registering it again replaces it."""
-    _before_change.setdefault(_run_key(), {})[key] = prepare
+    run_state().before_change[key] = prepare
 
 
 def cancel_before_first_change(key: str) -> None:
     """Drop a preparation that is no longer needed (what it would undo was undone otherwise)."""
-    _before_change.get(_run_key(), {}).pop(key, None)
+    run_state().before_change.pop(key, None)
 
 
 def _take_before_change() -> list:
-    if not _before_change:
-        return []
-    pending = _before_change.pop(_run_key(), {})
+    state = run_state()
+    pending, state.before_change = state.before_change, {}
     return [command for prepare in pending.values() for command in prepare()]
 
 
 def forget() -> None:
     """Throw away every fact kept for the current host (a command may change anything)."""
-    _kept.pop(host.name, None)
+    run_state().facts.clear()
 
 
 def operation(**operation_kwargs):
@@ -224,7 +380,14 @@ def operation(**operation_kwargs):
     def decorate(func):
         @functools.wraps(func)
         def commands(*args, **kwargs):
+            op_hash = getattr(host, "current_op_hash", None)
+            if op_hash:
+                _tabula_ops.add(op_hash)
+            first = True
             for command in func(*args, **kwargs):
+                if first and op_hash and not host.state.is_executing:
+                    _tabula_changes.setdefault(host.name, set()).add(op_hash)
+                first = False
                 for prepared in _take_before_change():
                     forget()
                     yield prepared

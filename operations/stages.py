@@ -1,16 +1,16 @@
 """
-The order of the stages. Each layer module owns its facts, operations and NixOS rendering;
-this file only says which runs when. Checks that refuse a run happen first, from facts only.
+The order of the stages. Each layer module owns its facts, operations, NixOS fragment and
+checks; this file only says which runs when. Checks that refuse a run happen first, from facts
+only. Imports read top-down: stages -> layers -> shared modules (tests/unit/test_layers.py).
 """
 
 from __future__ import annotations
 
+from operations import btrfs, disks, filesystems, gpt, luks, mounts, nixeval, nixos, persist, zfs
 from operations.settings import Settings
 
 
 def deploy(settings: Settings) -> None:
-    from operations import disks, gpt, luks, filesystems, btrfs, mounts, nixeval, zfs  # noqa: F401 (layers)
-
     profile = settings.profile
     disks.guard(profile, settings)          # refuse wrong/in-use/foreign disks, missing tools: facts only
     nixeval.precheck(profile, settings)     # the NixOS configuration evaluates, before any disk change
@@ -21,7 +21,6 @@ def deploy(settings: Settings) -> None:
     btrfs.apply(profile)                    # subvolumes, blank snapshot
     mounts.apply(profile)                   # everything under /mnt, parents first
     btrfs.apply_swapfiles(profile)          # swapfiles after their subvolume is mounted
-    from operations import nixos, persist
     nixos.apply(profile, settings)          # nixos-generate-config, patched storage, flake + modules
     persist.apply(profile, settings)        # secrets, SSH host keys, machine-id, initrd SSH key
     if settings.install:

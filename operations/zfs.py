@@ -28,12 +28,15 @@ from dataclasses import dataclass
 
 from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import (before_first_change, cancel_before_first_change, created_this_run, forget,
+from operations.roundtrips import (Made, before_first_change, cancel_before_first_change, created_this_run, forget,
                                    operation, read, record_created)
 
 from operations.errors import TabulaError
+from operations.mounts import Mounts, mount_command
+from operations.nixlit import NixFragments, nix_indented_string, nix_list, nix_string
 from operations.profile import Dataset, Mount, Pool, Profile
-from operations.secrets import Secret
+from operations.secrets import Secret, read_secret
+from operations.target import install_path
 
 # Properties that can only be chosen at creation: a difference is reported, never "fixed".
 ONE_TIME_PROPERTIES = frozenset({
@@ -318,7 +321,6 @@ def _load_keys_script(roots: tuple[str, ...], only_unavailable: bool = True, rep
 
 def read_only_mount_command(mount: Mount) -> str | None:
     """How the view mounts one of the profile's mounts read-only (None: a tmpfs, nothing to read)."""
-    from operations.disks import install_path
 
     target = shlex.quote(install_path(mount.mountpoint))
     options = [o for o in mount.options if o not in ("bind", "rw", "ro")]
@@ -421,8 +423,6 @@ def make_view_writable(pool_name: str, search_dirs: tuple[str, ...], view: PoolV
     the read-only mounts of the profile unmounted (deepest first), the pool exported and imported
     read-write, keys loaded, the same mounts mounted again as the profile says.
     """
-    from operations.disks import install_path
-    from operations.mounts import Mounts, mount_command
 
     current = read(Mounts)
     viewed = [m for m in view.mounts if "ro" in current.get(install_path(m.mountpoint), {}).get("options", [])]
@@ -434,7 +434,7 @@ def make_view_writable(pool_name: str, search_dirs: tuple[str, ...], view: PoolV
     script = "\n".join(lines) + "\n" + _load_keys_script(view.encryption_roots, only_unavailable=False)
     for m in viewed:
         script += " && ".join(c.get_raw_value() for c in mount_command(m, install_path(m.mountpoint))) + "\n"
-    record_created(f"writable pool {pool_name}")
+    record_created(Made.writable_pool(pool_name))
     return StringCommand("sh", "-c", QuoteString(script), **view.stdin())
 
 
@@ -459,10 +459,10 @@ def pool(pool: Pool, devices: dict[str, str], view: PoolView | None = None):
                  view=zfs.PoolView(profile.all_mounts(), ("rpool-2790ee34/remote",), read_secret("ZFS_KEY")))
     """
     search_dirs = tuple(sorted({path.rsplit("/", 1)[0] for path in devices.values()}))
-    if all(created_this_run(f"device {path}") for path in devices.values()):
+    if all(created_this_run(Made.device(path)) for path in devices.values()):
         # Every member is a partition this run just made: no pool to find. zpool create itself
         # refuses a member that still carries an old pool's label (new partitions where old ones were).
-        record_created(f"pool {pool.name}")
+        record_created(Made.pool(pool.name))
         hint = (f"tabula: zpool create {pool.name} failed. If a member carries the label of an earlier pool "
                 "(new partitions where old ones were), run again to have that pool found and imported, or clear "
                 "the label with zpool labelclear if it holds nothing you need")
@@ -490,18 +490,17 @@ def pool(pool: Pool, devices: dict[str, str], view: PoolView | None = None):
                       f"({opened}), nothing written; exported again at the end")
             return
     if imported or pool.name in read(ZfsImportablePools, search_dirs=search_dirs):
-        record_created(f"imported pool {pool.name}")
+        record_created(Made.imported_pool(pool.name))
         # -N: mount nothing (all datasets are legacy and mounted by operations.mounts)
         yield StringCommand("zpool", "import", "-N", "-o", "cachefile=none",
                             *[x for d in search_dirs for x in ("-d", QuoteString(d))], QuoteString(pool.name))
     else:
-        record_created(f"pool {pool.name}")
+        record_created(Made.pool(pool.name))
         yield create_pool_command(pool, devices)
 
 
 def _open_view(pool: Pool, search_dirs: tuple[str, ...], view: PoolView) -> str:
     """Open the read-only view (a fact: nothing written); what it holds, or "" when it failed."""
-    from operations.disks import install_path
 
     mounts = tuple((install_path(m.mountpoint), read_only_mount_command(m) or "") for m in view.mounts)
     # The key reaches the fact on stdin through the pool operation's own _stdin (a fact inherits
@@ -572,7 +571,7 @@ def dataset(dataset_name: str, properties: dict[str, str] | None = None, encrypt
     """
     pool_name = dataset_name.split("/", 1)[0]
     wanted = {**(properties or {}), **(encryption or {})}
-    if created_this_run(f"pool {pool_name}"):
+    if created_this_run(Made.pool(pool_name)):
         # A pool this run just made holds only what this run created in it (zfs create refuses
         # an existing dataset); its root dataset got its properties from zpool create -O.
         if not create:
@@ -594,7 +593,7 @@ def dataset(dataset_name: str, properties: dict[str, str] | None = None, encrypt
         if empty_snapshot:
             # The same command: nothing can be written to the dataset before its @empty exists.
             bits += ["&&", "zfs", "snapshot", QuoteString(f"{dataset_name}@{EMPTY_SNAPSHOT}")]
-        record_created(f"dataset {dataset_name}")
+        record_created(Made.dataset(dataset_name))
         yield StringCommand(*bits)
         return
 
@@ -645,13 +644,13 @@ def export_pool(pool_name: str):
         if closed != "closed":
             raise ZfsError(f"pool {pool_name}: its read-only view could not be closed ({closed}); see what holds "
                            f"its mounts (fuser -vm /mnt), then zpool export {pool_name}")
-        if not created_this_run(f"writable pool {pool_name}"):
+        if not created_this_run(Made.writable_pool(pool_name)):
             host.noop(f"pool {pool_name} is exported as the run found it: read through a read-only import, "
                       "nothing written")
             return
         # (planning only: the change planned before would have made it writable, then exported)
-    elif state.get("state") != "imported" and not (created_this_run(f"pool {pool_name}")
-                                                   or created_this_run(f"imported pool {pool_name}")):
+    elif state.get("state") != "imported" and not (created_this_run(Made.pool(pool_name))
+                                                   or created_this_run(Made.imported_pool(pool_name))):
         host.noop(f"pool {pool_name} is not imported")
         return
     # (not imported yet while planning a run that creates or imports it: the plan shows the export)
@@ -680,7 +679,6 @@ def apply(profile: Profile, settings=None) -> None:
     that exports the pools at the end (``settings.export_pools``) reads an exported pool read-only."""
     if not profile.pools:
         return
-    from operations.secrets import read_secret
 
     needs_key = any(ds.encryption for pool in profile.pools.values() for ds in pool.datasets)
     key = read_secret("ZFS_KEY") if needs_key else None
@@ -732,14 +730,6 @@ def rollback_script(profile: Profile) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _nix_str(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${") + '"'
-
-
-def _nix_list(values: Iterable[str]) -> str:
-    return "[ " + " ".join(_nix_str(v) for v in values) + " ]"
-
-
 def nix_configuration(profile: Profile) -> str:
     """
     configuration.nix bindings (two-space indent) for the profile's pools, or "" without pools:
@@ -757,22 +747,14 @@ def nix_configuration(profile: Profile) -> str:
     lines = [
         "  # ZFS (pools from the profile)",
         '  boot.supportedFilesystems = [ "zfs" ];',
-        f"  networking.hostId = {_nix_str(profile.host_id)};  # first 8 hex chars of sha256(host name)",
+        f"  networking.hostId = {nix_string(profile.host_id)};  # first 8 hex chars of sha256(host name)",
         "  # Member partitions are found by their partlabels (they carry the host hash).",
         '  boot.zfs.devNodes = "/dev/disk/by-partlabel";',
         "  # Prompt for the passphrase of the encrypted datasets in the initrd (keylocation=prompt).",
-        f"  boot.zfs.requestEncryptionCredentials = {_nix_list(encrypted) if encrypted else 'false'};",
+        f"  boot.zfs.requestEncryptionCredentials = {nix_list(encrypted) if encrypted else 'false'};",
         "  services.zfs.autoScrub.enable = true;",
     ]
-    if any(fs.format == "f2fs" and fs.needed_for_boot for _, fs in profile.filesystems()):
-        # The notes: the f2fs module must sometimes be in the initrd explicitly to mount /.local.
-        lines.append('  boot.initrd.kernelModules = [ "f2fs" ];')
     return "\n".join(lines) + "\n"
-
-
-def _nix_indented(text: str) -> str:
-    """Text as the body of a Nix '' string ('' and ${ escaped)."""
-    return text.replace("''", "'''").replace("${", "''${")
 
 
 def nix_rollback_service(profile: Profile) -> str:
@@ -784,7 +766,7 @@ def nix_rollback_service(profile: Profile) -> str:
     if not temps:
         return ""
     pools = sorted({name.split("/", 1)[0] for name in temps})
-    imports = _nix_list(f"zfs-import-{name}.service" for name in pools)
+    imports = nix_list(f"zfs-import-{name}.service" for name in pools)
     lines = [
         "  # Rollback service: the temp datasets return to their @empty snapshots at every boot,",
         "  # after the pool is imported and before / is mounted (systemd stage 1).",
@@ -797,16 +779,13 @@ def nix_rollback_service(profile: Profile) -> str:
         "    path = [ config.boot.zfs.package ];",
         '    unitConfig.DefaultDependencies = "no";',
         '    serviceConfig.Type = "oneshot";',
-        "    script = ''",
-        *[f"      {line}" for line in _nix_indented(rollback_script(profile)).splitlines()],
-        "    '';",
+        f"    script = {nix_indented_string(rollback_script(profile))};",
         "  };",
     ]
     return "\n".join(lines) + "\n"
 
 
-def nix_fragments(profile: Profile, ids: dict | None = None, placeholder: bool = False):
-    """This layer's ``NixFragments`` for operations.nixos (its ``LAYER_RENDERERS`` signature)."""
-    from operations.nixos import NixFragments
-
+def nix_fragments(profile: Profile, ids: dict | None = None, placeholder: bool = False) -> NixFragments:
+    """configuration.nix: ZFS support, hostId, pool import, key prompt; impermanence.nix: the
+    initrd service that rolls the temp datasets back to @empty."""
     return NixFragments(configuration=nix_configuration(profile), impermanence=nix_rollback_service(profile))

@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from operations.nixos import render_files, stable_device, systemd_escape
+from operations.nixos import render_files
+from operations.nixlit import stable_device, systemd_escape
 from operations.profile import available_profiles, load_profile
 from operations import zfs
 from tests.nix.evaluation import kit_evaluate

@@ -44,6 +44,15 @@ class FakeHost:
         self.noops.append(message)
 
 
+def new_run_state(monkeypatch) -> None:
+    """A run that has read and made nothing yet (facts, records, planned wipes: all empty)."""
+    from operations import roundtrips
+
+    monkeypatch.setattr(roundtrips, "_states", {})
+    monkeypatch.setattr(roundtrips, "_tabula_ops", set())
+    monkeypatch.setattr(roundtrips, "_tabula_changes", {})
+
+
 def use_fake_host(monkeypatch, module, facts) -> FakeHost:
     """Answer the module's (or a tuple of modules') facts, read through operations.roundtrips,
     from the table."""
@@ -53,11 +62,7 @@ def use_fake_host(monkeypatch, module, facts) -> FakeHost:
     for each in module if isinstance(module, tuple) else (module,):
         monkeypatch.setattr(each, "host", fake)
     monkeypatch.setattr(roundtrips, "host", fake)
-    monkeypatch.setattr(roundtrips, "_kept", {})
-    # What an earlier operation of the same run made: none, unless a test records it.
-    monkeypatch.setattr(roundtrips, "_created", {})
-    monkeypatch.setattr(roundtrips, "_fresh", {})
-    monkeypatch.setattr(roundtrips, "_before_change", {})
+    new_run_state(monkeypatch)
     # Batched reads answered one by one from the table (the batching itself: test_roundtrips).
     monkeypatch.setattr(roundtrips, "_read_together",
                         lambda missing: {key: fake.get_fact(fact, **kwargs) for key, fact, kwargs in missing})

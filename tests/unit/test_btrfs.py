@@ -6,7 +6,7 @@ import pytest
 
 from operations import btrfs
 from operations.errors import TabulaError
-from operations.luks import CanonicalPath
+from operations.target import CanonicalPath
 from operations.mounts import Mounts, parse_proc_mounts
 from operations.profile import Subvolume, Swapfile, load_profile
 from tests.unit.pyinfra_fake import fixture_lines, run_op, unjoined

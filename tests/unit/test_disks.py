@@ -2,7 +2,7 @@
 refusal, from facts only, before any operation exists."""
 import pytest
 
-from operations import disks, gpt
+from operations import disks, filesystems, gpt
 from operations.errors import TabulaError
 from operations.profile import load_profile
 from operations.settings import Settings
@@ -44,7 +44,7 @@ def profile(**variables):
     return load_profile("zephyrus-btrfs", {"disk": BY_ID, **variables})
 
 
-ALL_TOOLS = {"commands": [*disks.BASE_COMMANDS, *disks.MKFS_COMMANDS.values(), "cryptsetup", "btrfs", "chattr",
+ALL_TOOLS = {"commands": [*disks.BASE_COMMANDS, *(program for program, _ in filesystems.MKFS.values()), "cryptsetup", "btrfs", "chattr",
                          "mkswap", "swapon", "zpool", "zfs", "nixos-install"], "modules": ["zfs"]}
 
 
@@ -71,7 +71,6 @@ def wipes(monkeypatch):
     monkeypatch.setattr(disks, "wipe", lambda **kwargs: calls.append(kwargs))
     monkeypatch.setattr(disks, "_is_local_connector", lambda: True)
     yield calls
-    disks._PLANNED_WIPES.clear()
 
 
 def run_guard(monkeypatch, the_profile, fact_table, confirm=()):

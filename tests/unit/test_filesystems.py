@@ -2,9 +2,11 @@
 import pytest
 
 from operations import filesystems
-from operations.disks import WholeDiskSignature, parse_blkid_export
+from operations.target import WholeDiskSignature, parse_blkid_export
 from operations.errors import TabulaError
-from operations.profile import Filesystem, Swap
+import yaml
+
+from operations.profile import PROFILE_DIR, Filesystem, Swap, load_profile
 from tests.unit.pyinfra_fake import fixture_lines, run_op, unjoined
 
 BTRFS = Filesystem(format="btrfs", fs_label="nixos")
@@ -72,3 +74,23 @@ def test_all_filesystems_and_swaps_in_one_round_trip_and_drift_stops_before_any(
     assert commands == [] and "random key" in fake.noops[0]
     with pytest.raises(TabulaError, match="refusing to mkswap"):
         run_op(monkeypatch, filesystems, filesystems.formatted, {WholeDiskSignature: {"TYPE": "xfs"}}, filesystems=[], swaps=[("/dev/sw", Swap())])
+
+
+def test_an_f2fs_needed_for_boot_puts_its_module_in_the_initrd_with_or_without_a_pool(tmp_path):
+    light = yaml.safe_load((PROFILE_DIR / "light-tmpfs-f2fs.yaml").read_text())
+    # The same layout without its ZFS pool: /remote becomes a folder of the f2fs.
+    no_pool = yaml.safe_load((PROFILE_DIR / "light-tmpfs-f2fs.yaml").read_text())
+    no_pool["disks"]["primary"]["partitions"] = no_pool["disks"]["primary"]["partitions"][:3]
+    no_pool["disks"]["primary"]["partitions"][2]["size"] = "rest"
+    del no_pool["pools"]
+    no_pool["mounts"].append({"type": "bind", "source": "/.local/remote", "mountpoint": "/remote",
+                              "options": ["nosuid", "nodev"], "needed_for_boot": True})
+    vars = {"disk": "/dev/disk/by-id/virtio-TEST", "hostname": "light"}
+    for data in (light, no_pool):
+        path = tmp_path / "profile.yaml"
+        path.write_text(yaml.safe_dump(data))
+        profile = load_profile(str(path), vars)
+        assert bool(profile.pools) == (data is light)
+        assert filesystems.nix_fragments(profile).configuration == '  boot.initrd.kernelModules = [ "f2fs" ];\n'
+    without_f2fs = load_profile("zephyrus-btrfs", {"disk": "/dev/disk/by-id/nvme-TEST"})
+    assert filesystems.nix_fragments(without_f2fs).configuration == ""

@@ -4,8 +4,8 @@ import shlex
 
 import pytest
 
-from operations import luks
-from operations.disks import WholeDiskSignature
+from operations import luks, target
+from operations.target import WholeDiskSignature
 from operations.errors import TabulaError
 from operations.profile import load_profile
 from tests.unit.pyinfra_fake import fixture_lines, run_op
@@ -99,13 +99,13 @@ def test_open_closed_mapping(monkeypatch, profile_luks):
 
 def test_open_mapping_is_a_noop(monkeypatch, profile_luks):
     status = luks.parse_cryptsetup_status(fixture_lines("btrfs_cryptsetup_status.txt"))
-    facts = {luks.LuksMapping: status, luks.CanonicalPath: "/dev/nvme0n1p2"}
+    facts = {luks.LuksMapping: status, target.CanonicalPath: "/dev/nvme0n1p2"}
     commands, _, fake = run_op(monkeypatch, luks, luks.mapping, facts, device=DEVICE, luks=profile_luks)
     assert commands == [] and fake.noops == ["/dev/mapper/cryptroot is already open on /dev/nvme0n1p2"]
 
 
 def test_mapping_on_another_device_refused(monkeypatch, profile_luks):
-    facts = {luks.LuksMapping: {"device": "/dev/vdb", "flags": []}, luks.CanonicalPath: "/dev/nvme0n1p2"}
+    facts = {luks.LuksMapping: {"device": "/dev/vdb", "flags": []}, target.CanonicalPath: "/dev/nvme0n1p2"}
     with pytest.raises(TabulaError, match="open on /dev/vdb, not on"):
         run_op(monkeypatch, luks, luks.mapping, facts, device=DEVICE, luks=profile_luks)
 

@@ -8,8 +8,9 @@ import shlex
 
 import pytest
 
-from operations import btrfs, disks, filesystems, gpt, luks, mounts, nixos, persist, roundtrips, zfs
-from operations.disks import install_path
+from operations import btrfs, disks, filesystems, gpt, luks, mounts, nixos, persist, roundtrips, target, zfs
+from operations.roundtrips import Made
+from operations.target import install_path
 from operations.profile import load_profile
 from operations.secrets import Secret
 from tests.unit.pyinfra_fake import FIXTURES, use_fake_host
@@ -35,9 +36,7 @@ def first_run(profile, fake, knows_nothing: bool = False):
 
     def stage(label, op, **kwargs):
         if knows_nothing:
-            roundtrips._created.clear()
-            roundtrips._fresh.clear()
-            roundtrips.forget()
+            roundtrips.reset()
         before = len(fake.reads)
         commands = run(op, **kwargs)
         reads[label] = fake.reads[before:]
@@ -76,7 +75,7 @@ def blank_target_facts(profile) -> dict:
     # What the target shows when read: blank disk, nothing mounted; after nixos-generate-config,
     # its hardware configuration. Devices' ids exist once formatted.
     generated = (FIXTURES / "nixos" / "zephyrus-btrfs-luks.nix").read_text()
-    return {gpt.PartitionTable: None, nixos.FileText: generated, nixos.BlockDeviceIds: fake_ids(profile),
+    return {gpt.PartitionTable: None, target.FileText: generated, target.BlockDeviceIds: fake_ids(profile),
             nixos.DmiProductName: "ROG Zephyrus G16"}
 
 
@@ -118,7 +117,7 @@ def test_what_the_target_shows_is_not_trusted_over_a_fresh_make(fake, profile):
     [(part, spec)] = profile.luks_devices()
     fake.facts.update({luks.LuksHeader: {"version": 2, "uuid": "old"}})
     assert run(luks.container, device=part.device, luks=spec) == [] and "already holds" in fake.noops[-1]
-    roundtrips.record_created(f"device {part.device}")
+    roundtrips.record_created(Made.device(part.device))
     [command] = run(luks.container, device=part.device, luks=spec)
     script = shlex.split(command)[2]
     assert script.index("cryptsetup isLuks") < script.index("cryptsetup luksFormat")
@@ -127,8 +126,8 @@ def test_what_the_target_shows_is_not_trusted_over_a_fresh_make(fake, profile):
 
 def test_mounts_record_which_places_are_empty(fake, profile):
     for sub in ("@root", "@nix", "@persist"):
-        roundtrips.record_created(f"subvolume /dev/mapper/cryptroot {sub}")
-    roundtrips.record_created("filesystem /dev/disk/by-partlabel/EFI")
+        roundtrips.record_created(Made.subvolume("/dev/mapper/cryptroot", sub))
+    roundtrips.record_created(Made.filesystem("/dev/disk/by-partlabel/EFI"))
     run(mounts.mounted, mounts=profile.all_mounts())
     assert roundtrips.is_fresh("/mnt/etc/nixos") and roundtrips.is_fresh("/mnt/persist/secrets")
     assert roundtrips.is_fresh("/mnt/boot") and roundtrips.is_fresh("/mnt/nix/store")
@@ -148,11 +147,11 @@ def test_fresh_places_follow_the_nearest_record(fake):
 
 def test_a_plan_never_lends_its_assumptions_to_the_execution(fake):
     fake.state = type("PrepareState", (), {"is_executing": False})()
-    roundtrips.record_created("device /dev/disk/by-partlabel/cryptroot")
+    roundtrips.record_created(Made.device("/dev/disk/by-partlabel/cryptroot"))
     roundtrips.record_fresh("/mnt", True)
-    assert roundtrips.created_this_run("device /dev/disk/by-partlabel/cryptroot") and roundtrips.is_fresh("/mnt/x")
+    assert roundtrips.created_this_run(Made.device("/dev/disk/by-partlabel/cryptroot")) and roundtrips.is_fresh("/mnt/x")
     fake.state = type("ExecutingState", (), {"is_executing": True})()
-    assert not roundtrips.created_this_run("device /dev/disk/by-partlabel/cryptroot")
+    assert not roundtrips.created_this_run(Made.device("/dev/disk/by-partlabel/cryptroot"))
     assert not roundtrips.is_fresh("/mnt/x")
 
 
@@ -161,7 +160,7 @@ def test_a_pool_on_new_partitions_is_created_and_filled_without_reading_it(fake)
     pool_def = profile.pools["rpool"]
     devices = zfs.member_devices(profile, "rpool")
     for path in devices.values():
-        roundtrips.record_created(f"device {path}")
+        roundtrips.record_created(Made.device(path))
     [create] = run(zfs.pool, pool=pool_def, devices=devices)
     assert "zpool create" in create and "zpool labelclear" in create   # its own refusal of an old label says what to do
     assert run(zfs.dataset, dataset_name=pool_def.name, properties=dict(pool_def.root_properties), create=False) == []
@@ -180,6 +179,6 @@ def test_a_pool_with_a_member_from_before_is_looked_for(fake):
     profile = load_profile("zfs-raidz1", ZFS_VARS)
     devices = zfs.member_devices(profile, "rpool")
     for path in list(devices.values())[1:]:
-        roundtrips.record_created(f"device {path}")
+        roundtrips.record_created(Made.device(path))
     run(zfs.pool, pool=profile.pools["rpool"], devices=devices)
     assert fake.reads == ["ZfsPoolState", "ZfsImportablePools"]

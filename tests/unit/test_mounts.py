@@ -4,9 +4,9 @@ import shlex
 import pytest
 
 from operations import mounts
-from operations.disks import decode_octal
+from operations.target import decode_octal
 from operations.errors import TabulaError
-from operations.luks import CanonicalPath
+from operations.target import CanonicalPath
 from operations.profile import Mount, load_profile
 from tests.unit.pyinfra_fake import fixture_lines, run_op, unjoined
 

@@ -5,13 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from operations import nixos
+from operations import btrfs, nixos
 from operations.errors import TabulaError
-from operations.nixos import (btrfs_rollback_script, choose_hardware_module, model_module, render_files,
-                              systemd_escape)
+from operations.btrfs import rollback_script as btrfs_rollback_script
+from operations.nixlit import systemd_escape
+from operations.nixos import choose_hardware_module, model_module, render_files
 from operations.persist import check_password_hash
 from operations.profile import available_profiles, load_profile
 from operations.secrets import Secret
+from operations import target
 from tests.unit.vm_vars import TEST_AUTHORIZED_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,7 +106,7 @@ def test_configuration_values_come_from_profile(rendered):
 
 def test_rollback_service_only_with_blank_snapshot_and_script_is_the_same(rendered):
     profile, files, folder = rendered
-    targets = nixos.btrfs_rollback_targets(profile)
+    targets = btrfs.rollback_targets(profile)
     services = nix_eval(folder, f"(import ./impermanence.nix {MODULE_ARGS}).boot.initrd.systemd.services or {{}}")
     if not targets:
         assert "rollback" not in services
@@ -189,7 +191,7 @@ def test_hardware_configuration_is_generated_unless_a_whole_one_is_there(monkeyp
     from tests.unit.pyinfra_fake import run_op
 
     profile = load_profile("zephyrus-btrfs", VARS["zephyrus-btrfs"])
-    commands, _, fake = run_op(monkeypatch, nixos, nixos.generate_config, {nixos.FileText: present},
+    commands, _, fake = run_op(monkeypatch, nixos, nixos.generate_config, {target.FileText: present},
                                profile=profile, root="/mnt")
     assert commands == (["nixos-generate-config --root /mnt"] if generates else [])
     if not generates:

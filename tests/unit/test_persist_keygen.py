@@ -99,11 +99,11 @@ def test_secrets_written_from_stdin_private_and_never_replaced(monkeypatch, tmp_
 def test_initrd_key_op_makes_a_private_folder_and_is_kept_on_rerun(monkeypatch, tmp_path):
     """The initrd host key, by the op's own command in a real shell: folder 0700, key 0600; with
     the key in place the op has nothing to do."""
-    from operations import nixos, persist
+    from operations import persist, target
     from tests.unit.pyinfra_fake import run_op
 
     key = tmp_path / "remote" / "etc" / "secrets" / "initrd" / "ssh_host_ed25519_key"
-    commands, _, _ = run_op(monkeypatch, persist, persist.initrd_host_key, {nixos.PathsState: {}},
+    commands, _, _ = run_op(monkeypatch, persist, persist.initrd_host_key, {target.PathsState: {}},
                             path=str(key), comment="initrd@test")
     assert len(commands) == 1
     assert subprocess.run(commands[0], shell=True, capture_output=True, text=True).returncode == 0
@@ -112,6 +112,6 @@ def test_initrd_key_op_makes_a_private_folder_and_is_kept_on_rerun(monkeypatch, 
     assert (key.parent / "ssh_host_ed25519_key.pub").read_text().split()[2] == "initrd@test"
     present = {str(key.parent): {"type": "directory", "mode": "700", "user": "root", "sha256": ""},
                str(key): {"type": "file", "mode": "600", "user": "root", "sha256": "x"}}
-    commands, _, noop = run_op(monkeypatch, persist, persist.initrd_host_key, {nixos.PathsState: present},
+    commands, _, noop = run_op(monkeypatch, persist, persist.initrd_host_key, {target.PathsState: present},
                                path=str(key), comment="initrd@test")
     assert commands == [] and "already exists in a 0700 folder" in noop.noops[-1]

@@ -5,7 +5,7 @@ import pytest
 from pyinfra.api import FactBase, QuoteString, StringCommand
 
 from operations import roundtrips
-from tests.unit.pyinfra_fake import use_fake_host
+from tests.unit.pyinfra_fake import FakeState, new_run_state, use_fake_host
 
 
 class Counted(FactBase):
@@ -15,6 +15,7 @@ class Counted(FactBase):
 
 class CountingHost:
     name = "install-target"
+    state = FakeState()
 
     def __init__(self):
         self.reads = []
@@ -31,7 +32,7 @@ class CountingHost:
 def counting(monkeypatch):
     fake = CountingHost()
     monkeypatch.setattr(roundtrips, "host", fake)
-    monkeypatch.setattr(roundtrips, "_kept", {})
+    new_run_state(monkeypatch)
     return fake
 
 
@@ -100,7 +101,7 @@ def test_fake_host_reads_through_roundtrips(monkeypatch):
 def test_a_batch_gives_each_fact_what_it_would_read_alone(tmp_path):
     """The batch command run by a real shell: each part's output goes to its own fact."""
     from operations.mounts import Mounts
-    from operations.nixos import FileText, PathsState
+    from operations.target import FileText, PathsState
 
     class NeedsAbsentProgram(Mounts):
         def requires_command(self):
@@ -131,6 +132,7 @@ def test_a_batch_gives_each_fact_what_it_would_read_alone(tmp_path):
 def test_a_failing_part_is_read_again_alone(monkeypatch):
     class Host:
         name = "install-target"
+        state = FakeState()
         reads = []
 
         def get_fact(self, fact, **kwargs):
@@ -140,7 +142,7 @@ def test_a_failing_part_is_read_again_alone(monkeypatch):
             return "alone"
 
     monkeypatch.setattr(roundtrips, "host", Host())
-    monkeypatch.setattr(roundtrips, "_kept", {})
+    new_run_state(monkeypatch)
     assert roundtrips.read_many([(Counted, {"path": "/a"}), (Counted, {"path": "/b"})]) == ["x", "alone"]
     assert Host.reads == ["FactBatch", "Counted"]
 
@@ -164,3 +166,42 @@ def test_parts_run_in_the_batch_shell_unless_they_may_exit_or_change_it():
     assert sections[0][1][0] == sections[3][1][0]          # the same process: no fork for plain parts
     assert sections[3][1][1] == "/tmp"                      # the cd stayed in its subshell
     assert sections[4][1] == ["ends"]                       # a trailing ";" is fine in a group
+
+
+def test_a_stock_pyinfra_operation_invalidates_the_kept_facts(tmp_path, monkeypatch):
+    """A real pyinfra run on @local: a Tabula operation reads a file, a stock ``server.shell``
+    changes it, the next Tabula operation must see the change. At planning the stock operation's
+    planned change throws the facts away too (the file is read again, still unchanged)."""
+    from pyinfra import host as context_host
+    from pyinfra.api import Config, Inventory, State
+    from pyinfra.api.connect import connect_all
+    from pyinfra.api.operation import add_op
+    from pyinfra.api.operations import run_ops
+    from pyinfra.operations import server
+    from operations.target import FileText
+
+    monkeypatch.setattr(roundtrips, "host", context_host)
+    new_run_state(monkeypatch)
+    seen, reads = [], []
+
+    @roundtrips.operation()
+    def look(path, label):
+        seen.append((label, bool(context_host.state.is_executing), roundtrips.read(FileText, path=path)))
+        yield from ()
+
+    path = tmp_path / "file"
+    path.write_text("one\n")
+    state = State(Inventory((["@local"], {})), Config())
+    connect_all(state)
+    local = state.inventory.get_host("@local")
+    get_fact = local.get_fact
+    monkeypatch.setattr(local, "get_fact", lambda fact, **kw: reads.append(fact.__name__) or get_fact(fact, **kw))
+    add_op(state, look, path=str(path), label="before")
+    add_op(state, server.shell, commands=[f"echo two > {path}"])
+    add_op(state, look, path=str(path), label="after")
+    run_ops(state)
+    assert seen == [("before", False, "one\n"), ("after", False, "one\n"),
+                    ("before", True, "one\n"), ("after", True, "two\n")]
+    # planning: read, thrown away after the stock op's planned change, read again; execution:
+    # the first read is still true (nothing ran yet), the second follows the stock op's command
+    assert reads == ["FileText", "FileText", "FileText"]

@@ -3,7 +3,7 @@ over older content, with quotes and spaces in names and text kept as they are.""
 import os
 import subprocess
 
-from operations.nixos import write_files_command
+from operations.target import write_files_command
 
 
 def test_files_land_whole_with_their_mode(tmp_path):

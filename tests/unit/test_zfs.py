@@ -153,13 +153,13 @@ def test_nix_for_raidz1_is_valid_with_host_id_unlock_and_rollback_service():
     assert [line.strip() for line in body.splitlines()] == zfs.rollback_script(profile).splitlines()
 
 
-def test_nix_for_light_has_no_rollback_and_loads_f2fs_in_the_initrd():
+def test_nix_for_light_has_no_rollback():
     profile = load_profile("light-tmpfs-f2fs", LIGHT_VARS)
     configuration = zfs.nix_configuration(profile)
     parse(as_module(configuration))
     assert zfs.nix_rollback_service(profile) == ""
     assert f'networking.hostId = "{host_hash("tabula-light")}";' in configuration
-    assert 'boot.initrd.kernelModules = [ "f2fs" ];' in configuration
+    assert "f2fs" not in configuration      # the filesystems layer's (tests/unit/test_filesystems.py)
 
 
 def test_no_pools_no_zfs_nix():

@@ -5,6 +5,7 @@ makes it writable first. The e2e proof (same uberblock and history): tests/e2e/t
 import shlex
 
 from operations import mounts, persist, roundtrips, zfs
+from operations.roundtrips import Made
 from operations.profile import load_profile
 from operations.secrets import Secret
 from tests.unit.pyinfra_fake import run_op, use_fake_host
@@ -39,7 +40,7 @@ def test_an_exported_pool_is_read_through_a_read_only_import_and_nothing_is_yiel
     assert "imported read-only to compare" in fake.noops[0] and "nothing written" in fake.noops[0]
     assert "ZfsReadOnlyView" in fake.reads
     # the first change of any later stage is preceded by making the pool writable
-    assert roundtrips._before_change
+    assert roundtrips.run_state().before_change
 
 
 def test_without_a_view_an_exported_pool_is_imported(monkeypatch):
@@ -83,8 +84,8 @@ def test_the_view_is_made_writable_before_the_first_change_with_its_mounts_again
     # mounted again as the profile says (read-write), parents first
     assert switch.index(f"rpool-{profile.hash}/temp/root /mnt") < switch.index(f"rpool-{profile.hash}/remote/system")
     assert "cp -a" in str(commands[1])
-    assert not roundtrips._before_change.get(("install-target", True))     # once
-    assert roundtrips.created_this_run(f"writable pool {pool.name}")
+    assert not roundtrips.run_state().before_change     # once
+    assert roundtrips.created_this_run(Made.writable_pool(pool.name))
     assert fake.reads.count("Mounts") == 1
 
 
@@ -141,7 +142,7 @@ def _answer(get_fact, fact_class, value):
 
 def test_the_plan_exports_a_pool_the_run_creates_or_imports(monkeypatch):
     _profile, pool, _view = profile_and_view()
-    for made in (f"pool {pool.name}", f"imported pool {pool.name}"):
+    for made in (Made.pool(pool.name), Made.imported_pool(pool.name)):
         fake = use_fake_host(monkeypatch, zfs, {zfs.ZfsPoolState: {"state": "absent"}})
         roundtrips.record_created(made)
         commands = list(zfs.export_pool._inner(pool_name=pool.name))

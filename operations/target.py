@@ -1,0 +1,248 @@
+"""
+What every layer reads on the target, and where the installed system lives while it is built:
+the install root, paths under it, and general facts (where a path points, what is at several
+paths, a file's text, a folder's digest, what blkid probes on a device, the devices' UUIDs).
+It imports no layer: layers and stages import it.
+
+    from operations.target import INSTALL_ROOT, install_path, CanonicalPath, PathsState
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import posixpath
+import shlex
+import tarfile
+import time
+
+from pyinfra.api import FactBase, QuoteString, StringCommand
+
+# Where the installed system is mounted while it is built, and its NixOS configuration.
+INSTALL_ROOT = "/mnt"
+CONFIG_DIR = f"{INSTALL_ROOT}/etc/nixos"
+# Where layers keep private mounts of their own (e.g. a btrfs top level for subvolume facts).
+PRIVATE_MOUNT_ROOT = "/run/tabula"
+
+# What a formatting command says when it finds a signature on its device (the checks inside
+# luksFormat, mkfs and mkswap), after "<device> ... not formatting it".
+SIGNATURE_FOUND_ADVICE = ("(left by an earlier install on this disk?). Run again to have it checked and kept, "
+                          "or clear it with wipefs -a if it holds nothing you need")
+
+
+def install_path(mountpoint: str) -> str:
+    """/ -> /mnt, /home -> /mnt/home: where a mount of the installed system lives during install."""
+    return INSTALL_ROOT if mountpoint == "/" else f"{INSTALL_ROOT}{mountpoint}"
+
+
+def decode_octal(text: str) -> str:
+    r"""/proc/mounts and /proc/swaps escape space, tab, newline and backslash as \040 etc."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 3 < len(text) + 0 and text[i + 1:i + 4].isdigit():
+            out.append(chr(int(text[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+# --- facts --------------------------------------------------------------------------------------
+
+
+class CanonicalPath(FactBase):
+    """``readlink -f`` of a path on the target (None when it does not exist)."""
+
+    def command(self, path: str) -> str:
+        quoted = shlex.quote(path)
+        return f"if [ -e {quoted} ]; then readlink -f {quoted}; fi"
+
+    def process(self, output):
+        return output[0] if output else None
+
+
+class WholeDiskSignature(FactBase):
+    """
+    ``blkid -p -o export`` of a device: what its first sectors say it is (PTTYPE for a partition
+    table, TYPE for a filesystem on the whole device). Empty when blank or absent.
+    """
+
+    default = dict
+
+    def command(self, device: str) -> str:
+        quoted = shlex.quote(device)
+        # settle first: udev may be re-reading a partition table (its links briefly gone)
+        return f"udevadm settle 2>/dev/null; if [ -b {quoted} ]; then blkid -p -o export {quoted} 2>/dev/null || true; fi"
+
+    def process(self, output):
+        return parse_blkid_export(output)
+
+
+def parse_blkid_export(lines) -> dict:
+    found = {}
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if sep:
+            found[key.strip()] = value.strip()
+    return found
+
+
+class BlockDeviceIds(FactBase):
+    """
+    blkid's view of block devices: ``{device: {"UUID": ..., "PARTUUID": ..., "TYPE": ...}}``.
+    Devices that do not exist yet are absent from the result (not an error).
+
+    .. code:: python
+
+        ids = read(BlockDeviceIds, devices=["/dev/disk/by-partlabel/EFI"])
+    """
+
+    def command(self, devices) -> StringCommand:
+        script = 'for d in "$@"; do [ -b "$d" ] || continue; echo "DEVICE=$d"; blkid -o export "$d" || true; done'
+        return StringCommand("sh", "-c", QuoteString(script), "ids", *[QuoteString(d) for d in devices])
+
+    def process(self, output):
+        found: dict[str, dict[str, str]] = {}
+        current = None
+        for line in output:
+            key, _, value = line.partition("=")
+            if key == "DEVICE":
+                current = found.setdefault(value, {})
+            elif current is not None and key:
+                current[key] = value
+        return found
+
+    @staticmethod
+    def default():
+        return {}
+
+
+class FileText(FactBase):
+    """A text file's exact content, or None when it does not exist (base64 keeps bytes intact)."""
+
+    def command(self, path) -> StringCommand:
+        return StringCommand("sh", "-c", QuoteString('[ -f "$1" ] && { echo present; base64 -w0 "$1"; echo; } || true'),
+                             "filetext", QuoteString(path))
+
+    def process(self, output):
+        if not output or output[0] != "present":
+            return None
+        return base64.b64decode("".join(output[1:])).decode()
+
+    @staticmethod
+    def default():
+        return None
+
+
+class DirectoryDigest(FactBase):
+    """sha256 over the names and contents of every file below a directory, "" if it is absent."""
+
+    def command(self, path) -> StringCommand:
+        script = ('[ -d "$1" ] || exit 0; cd "$1" && find . -type f -print0 | LC_ALL=C sort -z '
+                  '| xargs -0r sha256sum | sha256sum | cut -d" " -f1')
+        return StringCommand("sh", "-c", QuoteString(script), "digest", QuoteString(path))
+
+    def process(self, output):
+        return "\n".join(output).strip()
+
+    @staticmethod
+    def default():
+        return ""
+
+
+class PathExists(FactBase):
+    """Whether a path exists (any type; symlinks count even when dangling)."""
+
+    def command(self, path) -> StringCommand:
+        return StringCommand("sh", "-c", QuoteString('{ [ -e "$1" ] || [ -L "$1" ]; } && echo yes || echo no'),
+                             "exists", QuoteString(path))
+
+    def process(self, output):
+        return output[-1:] == ["yes"]
+
+    @staticmethod
+    def default():
+        return False
+
+
+class PathsState(FactBase):
+    """
+    What is at each of several paths, in one round trip; absent paths are left out.
+
+    .. code:: python
+
+        read(PathsState, paths=["/mnt/etc/nixos", "/mnt/etc/nixos/flake.nix"])
+        {"/mnt/etc/nixos": {"type": "directory", "mode": "755", "user": "root", "sha256": ""},
+         "/mnt/etc/nixos/flake.nix": {"type": "file", "mode": "644", "user": "root", "sha256": "9f…"}}
+    """
+
+    def command(self, paths) -> StringCommand:
+        script = (
+            'for p in "$@"; do '
+            'if [ -L "$p" ]; then t=link; elif [ -d "$p" ]; then t=directory; elif [ -f "$p" ]; then t=file; '
+            'elif [ -e "$p" ]; then t=other; else continue; fi; '
+            's=; [ $t = file ] && s=$(sha256sum < "$p" | cut -c1-64); '
+            'printf "%s\t%s\t%s\t%s\n" "$t" "$(stat -c "%a %U" "$p")" "$s" "$p"; done'
+        )
+        return StringCommand("sh", "-c", QuoteString(script), "paths", *[QuoteString(p) for p in paths])
+
+    def process(self, output):
+        return parse_paths_state(output)
+
+    @staticmethod
+    def default():
+        return {}
+
+
+def parse_paths_state(lines) -> dict:
+    found = {}
+    for line in lines:
+        parts = line.split("\t", 3)
+        if len(parts) != 4:
+            continue
+        kind, mode_user, digest, path = parts
+        mode, _, user = mode_user.partition(" ")
+        found[path] = {"type": kind, "mode": mode, "user": user, "sha256": digest}
+    return found
+
+
+def is_file_with(state: dict | None, text: str, mode: str) -> bool:
+    """Whether PathsState shows a regular file with exactly this text and mode."""
+    return bool(state) and state["type"] == "file" and state["mode"] == mode and \
+        state["sha256"] == hashlib.sha256(text.encode()).hexdigest()
+
+
+def files_tar(files: dict[str, str], mode: str = "644", mtime: int = 0) -> bytes:
+    """``{relative name: text}`` as one tar, each file with this mode and mtime."""
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, text in files.items():
+            data = text.encode()
+            member = tarfile.TarInfo(name)
+            member.size, member.mode, member.mtime = len(data), int(mode, 8), mtime
+            tar.addfile(member, io.BytesIO(data))
+    return archive.getvalue()
+
+
+def write_files_command(directory: str, files: dict[str, str], mode: str = "644") -> StringCommand:
+    """One command writing ``{relative name: text}`` below ``directory``, contents on stdin.
+
+    The files go as one base64 tar (modes set in it), unpacked into a folder beside their place
+    and renamed into it, one ``mv`` per folder: an interrupted write never leaves a half file
+    under a name, and a handful of processes write them all (each costs ~30 ms on a slow target).
+    """
+    archive = files_tar(files, mode, mtime=int(time.time()))
+    folders: dict[str, list[str]] = {}
+    for name in files:
+        folders.setdefault(posixpath.dirname(name), []).append(name)
+    moves = []
+    for folder, names in folders.items():
+        place = shlex.quote(folder or ".")
+        staged = " ".join(f'"$s/"{shlex.quote(name)}' for name in names)
+        moves.append(f'mkdir -p "$d/"{place}; mv -f {staged} "$d/"{place}; ')
+    script = (f'set -e; d={shlex.quote(directory)}; s="$d/.tabula-new"; rm -rf "$s"; mkdir -p "$s"; '
+              'base64 -d | tar -x -C "$s"; ' + "".join(moves) + 'rm -rf "$s"')
+    return StringCommand("sh", "-c", QuoteString(script),
+                         _stdin=base64.encodebytes(archive).decode().splitlines())
