@@ -405,3 +405,14 @@ def nix_fragments(profile: Profile, ids: dict | None = None, placeholder: bool =
   }};
 """
     return NixFragments(configuration=configuration, impermanence="\n".join(impermanence))
+
+
+def required_tools(profile: Profile) -> dict[str, str]:
+    """{command: what needs it} on the target, for the guard's tools check."""
+    needed = {}
+    for part, node, _ in profile.walk():
+        if isinstance(node, Filesystem) and node.format == "btrfs":
+            needed["btrfs"] = f"btrfs subvolumes on {part.label}"
+            if any(sub.swapfile for sub in node.subvolumes):
+                needed.update({command: "the swapfile" for command in ("chattr", "mkswap", "swapon")})
+    return needed

@@ -22,21 +22,12 @@ from dataclasses import dataclass, field
 
 from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations import gpt
-from operations.filesystems import MKFS
+from operations import btrfs, filesystems, gpt, luks, zfs
 from operations.roundtrips import operation, plan_wipe, read, read_many
 
 from operations.errors import TabulaError
-from operations.profile import Disk, Filesystem, Luks, Profile, Swap, ZfsMember
+from operations.profile import Disk, Profile
 from operations.target import PRIVATE_MOUNT_ROOT, WholeDiskSignature, decode_octal, install_path
-
-# The filesystem types (blkid TYPE) a partition may already carry, by the content it will hold.
-CONTENT_SIGNATURES = {
-    Luks: {"crypto_LUKS"},
-    Swap: {"swap"},
-    ZfsMember: {"zfs_member"},
-}
-
 
 # --- facts ------------------------------------------------------------------------------------
 
@@ -364,19 +355,11 @@ def content_problems(check: DiskCheck, table: dict | None, signatures: dict[str,
     for part, existing in zip(check.disk.partitions, table.get("partitions", [])):
         signature = signatures.get(existing["node"], {})
         found = signature.get("TYPE")
-        if found and found not in allowed_signatures(part.content):
+        if found and found not in (part.content.signatures if part.content else set()):
             problems.append(f"partition {existing['node']} ({part.label}) holds "
                             f"{describe_signature(signature, sizes.get(existing['node']), pools)}; the profile puts "
                             f"{type(part.content).__name__.lower() if part.content else 'nothing'} there")
     return problems
-
-
-def allowed_signatures(content) -> set[str]:
-    if isinstance(content, Filesystem):
-        return {content.format}
-    if isinstance(content, Swap) and content.random_encryption:
-        return {"swap", "crypto_LUKS"}  # re-keyed at every boot: any earlier state is fine
-    return CONTENT_SIGNATURES.get(type(content), set())
 
 
 # What every run uses on the target: partitioning, probing, mounting, the NixOS files (one
@@ -385,28 +368,15 @@ BASE_COMMANDS = ("sgdisk", "wipefs", "blkid", "lsblk", "udevadm", "blockdev", "m
                  "base64", "tar", "sha256sum", "ssh-keygen", "nixos-generate-config")
 # Looked for too, but not required: with nix the target can evaluate the configuration first.
 OPTIONAL_COMMANDS = ("nix",)
+# The layers that need more than the base commands, each saying what and why.
+TOOL_LAYERS = (luks, filesystems, btrfs, zfs)
 
 
 def required_tools(profile: Profile, install: bool) -> dict[str, str]:
     """{command or "<name> kernel module": what needs it} for this profile's stages."""
     needed = {c: "every run" for c in BASE_COMMANDS}
-    for _, _, part in profile.partitions():
-        content = part.content
-        if isinstance(content, Luks):
-            needed["cryptsetup"] = f"LUKS container {part.label}"
-            content = content.content
-        if isinstance(content, Filesystem):
-            needed[MKFS[content.format][0]] = f"{content.format} on {part.label}"
-            if content.format == "btrfs":
-                needed["btrfs"] = f"btrfs subvolumes on {part.label}"
-                if any(sub.swapfile for sub in content.subvolumes):
-                    for command in ("chattr", "mkswap", "swapon"):
-                        needed[command] = "the swapfile"
-        elif isinstance(content, Swap):
-            needed["mkswap"] = f"swap partition {part.label}"
-    for pool in profile.pools.values():
-        needed["zpool"] = needed["zfs"] = f"ZFS pool {pool.name}"
-        needed["zfs kernel module"] = f"ZFS pool {pool.name}"
+    for layer in TOOL_LAYERS:
+        needed.update(layer.required_tools(profile))
     if install:
         needed["nixos-install"] = "the install (tabula_install)"
     return needed

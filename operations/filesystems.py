@@ -124,3 +124,14 @@ def nix_fragments(profile: Profile, ids: dict | None = None, placeholder: bool =
     if any(fs.format == "f2fs" and fs.needed_for_boot for _, fs in profile.filesystems()):
         return NixFragments(configuration='  boot.initrd.kernelModules = [ "f2fs" ];\n')
     return NixFragments()
+
+
+def required_tools(profile: Profile) -> dict[str, str]:
+    """{command: what needs it} on the target, for the guard's tools check."""
+    needed = {}
+    for part, node, _ in profile.walk():
+        if isinstance(node, Filesystem):
+            needed[MKFS[node.format][0]] = f"{node.format} on {part.label}"
+        elif isinstance(node, Swap):
+            needed["mkswap"] = f"swap partition {part.label}"
+    return needed

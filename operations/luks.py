@@ -300,3 +300,8 @@ def nix_fragments(profile: Profile, ids: dict | None = None, placeholder: bool =
         lines.append("  };")
         parts.append("\n".join(lines))
     return NixFragments(hardware="\n\n".join(parts))
+
+
+def required_tools(profile: Profile) -> dict[str, str]:
+    """{command: what needs it} on the target, for the guard's tools check."""
+    return {"cryptsetup": f"LUKS container {part.label}" for part, _ in profile.luks_devices()}

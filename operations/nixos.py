@@ -28,9 +28,9 @@ from operations import btrfs, filesystems, luks, mounts, zfs
 from operations.errors import TabulaError
 from operations.nixlit import MissingDeviceIds, nix_attr, nix_string
 from operations.nixpatch import is_valid, patch_hardware_configuration
-from operations.profile import Filesystem, Luks, Profile, Swap
+from operations.profile import Profile
 from operations.roundtrips import Made, created_this_run, is_fresh, operation, read, read_many, record_created, record_fresh
-from operations.target import (CONFIG_DIR, INSTALL_ROOT, BlockDeviceIds, DirectoryDigest, FileText, PathExists,
+from operations.target import (INSTALL_ROOT, BlockDeviceIds, DirectoryDigest, FileText, PathExists,
                                PathsState, is_file_with, write_files_command)
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
@@ -65,11 +65,7 @@ class DmiProductName(FactBase):
 
 def id_devices(profile: Profile) -> list[str]:
     """Partition devices whose UUID/PARTUUID the rendered configuration needs."""
-    needed = []
-    for _, _, part in profile.partitions():
-        if isinstance(part.content, (Luks, Filesystem, Swap)):
-            needed.append(part.device)
-    return needed
+    return profile.id_devices()
 
 
 # --- hardware module --------------------------------------------------------------------------

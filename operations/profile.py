@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from operations.errors import TabulaError
@@ -40,6 +40,22 @@ _SUBVOL_RE = re.compile(r"^[^/\0]+$")
 _ZFS_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 _MAPPER_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,127}$")
 
+
+# sgdisk type codes -> GPT partition type GUIDs (as blkid PART_ENTRY_TYPE and lsblk PARTTYPE show them).
+GPT_TYPE_GUIDS = {
+    "EF00": "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",  # EFI system partition
+    "EF02": "21686148-6449-6E6F-744E-656564454649",  # BIOS boot partition
+    "8200": "0657FD6D-A4AB-43C4-84E5-0933C84B4F4F",  # Linux swap
+    "8300": "0FC63DAF-8483-4772-8E79-3D69D8477DE4",  # Linux filesystem
+    "8302": "933AC7E1-2EB4-4F13-B844-0E14E2AEF915",  # Linux /home
+    "8304": "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709",  # Linux x86-64 root (/)
+    "8309": "CA7D7CCB-63ED-4C53-861C-1742536059CC",  # Linux LUKS
+    "8E00": "E6D6D379-F507-44C2-A23C-238F2A3DF928",  # Linux LVM
+    "FD00": "A19D880F-05FC-4D3B-A006-743F0F84911E",  # Linux RAID
+    "BF00": "6A85CF4D-1DD2-11B2-99A6-080020736631",  # Solaris root (ZFS)
+    "BF01": "6A898CC3-1DD2-11B2-99A6-080020736631",  # Solaris /usr & Mac ZFS
+    "0700": "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7",  # Microsoft basic data
+}
 
 # A var declared with this value has no default: inventory data must supply it.
 REQUIRED = "REQUIRED"
@@ -132,6 +148,26 @@ class Filesystem(_Node):
             raise ValueError(f"subvolume names used twice: {sorted(dupes)}")
         return self
 
+    # What a partition holding this may already carry (blkid TYPE), whether its UUID goes into
+    # the NixOS configuration, and the mounts it brings on ``device``.
+    @property
+    def signatures(self) -> set[str]:
+        return {self.format}
+
+    needs_ids: ClassVar[bool] = True
+
+    def mounts(self, device: str) -> list["Mount"]:
+        found = []
+        if self.mountpoint:
+            found.append(Mount(mountpoint=self.mountpoint, device=device, fstype=self.format,
+                               options=tuple(self.mount_options), needed_for_boot=self.needed_for_boot))
+        for sub in self.subvolumes:
+            if sub.mountpoint:
+                found.append(Mount(mountpoint=sub.mountpoint, device=device, fstype="btrfs",
+                                   options=(f"subvol={sub.path}", *sub.mount_options),
+                                   needed_for_boot=sub.needed_for_boot))
+        return found
+
 
 class Swap(_Node):
     type: Literal["swap"] = "swap"
@@ -139,10 +175,26 @@ class Swap(_Node):
     # swap holds no state worth keeping across boots, so no key has to be stored anywhere.
     random_encryption: bool = False
 
+    @property
+    def signatures(self) -> set[str]:
+        # re-keyed at every boot: a LUKS header from an earlier boot is as good as a swap signature
+        return {"swap", "crypto_LUKS"} if self.random_encryption else {"swap"}
+
+    needs_ids: ClassVar[bool] = True        # by UUID, or by PARTUUID with random encryption (no signature then)
+
+    def mounts(self, device: str) -> list["Mount"]:
+        return []
+
 
 class ZfsMember(_Node):
     type: Literal["zfs"] = "zfs"
     pool: str  # key of the pool in Profile.pools
+
+    signatures: ClassVar[frozenset[str]] = frozenset({"zfs_member"})
+    needs_ids: ClassVar[bool] = False       # the pool finds its members by partlabel
+
+    def mounts(self, device: str) -> list["Mount"]:
+        return []           # the pool's datasets bring the mounts (Dataset.mount)
 
 
 class Luks(_Node):
@@ -159,6 +211,17 @@ class Luks(_Node):
     allow_discards: bool = False
     bypass_workqueues: bool = False
     content: Annotated[Union[Filesystem, Swap, ZfsMember], Field(discriminator="type")]
+
+    signatures: ClassVar[frozenset[str]] = frozenset({"crypto_LUKS"})
+    needs_ids: ClassVar[bool] = True
+
+    @property
+    def device(self) -> str:
+        """The opened mapping: where the content lives."""
+        return f"/dev/mapper/{self.mapper}"
+
+    def mounts(self, device: str) -> list["Mount"]:
+        return []           # its content's, on the mapping (Profile.walk goes inside)
 
     @field_validator("mapper")
     @classmethod
@@ -196,6 +259,10 @@ class Partition(_Node):
     def _type(cls, v: str) -> str:
         if not re.fullmatch(r"[0-9A-Fa-f]{4}", v):
             raise ValueError(f"invalid GPT type code {v!r}: four hex digits as sgdisk takes them, e.g. ef00")
+        if v.upper() not in GPT_TYPE_GUIDS:
+            raise ValueError(f"GPT type code {v!r} is not one Tabula knows the GUID of (known: "
+                             f"{', '.join(sorted(c.lower() for c in GPT_TYPE_GUIDS))}); add it to GPT_TYPE_GUIDS "
+                             "in operations/profile.py (sgdisk -L lists the codes)")
         return v.upper()
 
     @field_validator("size")
@@ -283,6 +350,16 @@ class Dataset(_Node):
             raise ValueError(f"invalid dataset name {v!r}: components of A-Z a-z 0-9 _ . : - separated by /")
         return v
 
+    @property
+    def parent(self) -> str | None:
+        return self.name.rsplit("/", 1)[0] if "/" in self.name else None
+
+    def mount(self, pool_name: str) -> "Mount | None":
+        if not self.mountpoint:
+            return None
+        return Mount(mountpoint=self.mountpoint, device=f"{pool_name}/{self.name}", fstype="zfs",
+                     options=tuple(self.mount_options), needed_for_boot=self.needed_for_boot)
+
 
 class Pool(_Node):
     name: str
@@ -304,12 +381,24 @@ class Pool(_Node):
     def members(self) -> list[str]:
         return [m for vdev in self.vdevs for m in vdev.members] + self.log + self.cache
 
+    @model_validator(mode="after")
+    def _parents_declared(self) -> "Pool":
+        names = {d.name for d in self.datasets}
+        for ds in self.datasets:
+            if ds.parent and ds.parent not in names:
+                raise ValueError(f"dataset {ds.name!r} needs its parent {ds.parent!r} declared in datasets")
+        return self
+
 
 class Tmpfs(_Node):
     type: Literal["tmpfs"] = "tmpfs"
     mountpoint: str
     options: list[str] = []
     needed_for_boot: bool = False
+
+    def mount(self) -> "Mount":
+        return Mount(mountpoint=self.mountpoint, device="none", fstype="tmpfs",
+                     options=tuple(self.options), needed_for_boot=self.needed_for_boot)
 
 
 class Bind(_Node):
@@ -318,6 +407,10 @@ class Bind(_Node):
     mountpoint: str
     options: list[str] = []
     needed_for_boot: bool = False
+
+    def mount(self) -> "Mount":
+        return Mount(mountpoint=self.mountpoint, device=self.source, fstype="none",
+                     options=("bind", *self.options), needed_for_boot=self.needed_for_boot)
 
 
 ExtraMount = Annotated[Union[Tmpfs, Bind], Field(discriminator="type")]
@@ -425,65 +518,42 @@ class Profile(_Node):
                 return part
         raise KeyError(label)
 
+    def walk(self) -> list[tuple[Partition, "Content", str]]:
+        """Every content node with the block device it sits on, in disk order: a partition's
+        content on the partition, and a LUKS container's content on its opened mapping."""
+        found = []
+        for _, _, part in self.partitions():
+            content, device = part.content, part.device
+            while content is not None:
+                found.append((part, content, device))
+                content, device = (content.content, content.device) if isinstance(content, Luks) else (None, "")
+        return found
+
     def luks_devices(self) -> list[tuple[Partition, Luks]]:
-        return [(p, p.content) for _, _, p in self.partitions() if isinstance(p.content, Luks)]
+        return [(part, node) for part, node, _ in self.walk() if isinstance(node, Luks)]
 
     def filesystems(self) -> list[tuple[str, Filesystem]]:
         """(block device, filesystem) for every filesystem, inside LUKS or directly on a partition."""
-        found = []
-        for _, _, part in self.partitions():
-            content, device = part.content, part.device
-            if isinstance(content, Luks):
-                content, device = content.content, f"/dev/mapper/{content.mapper}"
-            if isinstance(content, Filesystem):
-                found.append((device, content))
-        return found
+        return [(device, node) for _, node, device in self.walk() if isinstance(node, Filesystem)]
 
     def swaps(self) -> list[tuple[str, Swap]]:
-        found = []
-        for _, _, part in self.partitions():
-            content, device = part.content, part.device
-            if isinstance(content, Luks):
-                content, device = content.content, f"/dev/mapper/{content.mapper}"
-            if isinstance(content, Swap):
-                found.append((device, content))
-        return found
+        return [(device, node) for _, node, device in self.walk() if isinstance(node, Swap)]
 
     def pool_members(self, pool_key: str) -> list[tuple[str, Partition]]:
         """(device to hand to zpool, partition) of every partition that belongs to a pool."""
-        found = []
-        for _, _, part in self.partitions():
-            content, device = part.content, part.device
-            if isinstance(content, Luks):
-                content, device = content.content, f"/dev/mapper/{content.mapper}"
-            if isinstance(content, ZfsMember) and content.pool == pool_key:
-                found.append((device, part))
-        return found
+        return [(device, part) for part, node, device in self.walk()
+                if isinstance(node, ZfsMember) and node.pool == pool_key]
+
+    def id_devices(self) -> list[str]:
+        """Partitions whose UUID (or PARTUUID) the NixOS configuration names."""
+        return [part.device for _, _, part in self.partitions() if part.content is not None and part.content.needs_ids]
 
     def all_mounts(self) -> list[Mount]:
         """Every mount of the installed system, parents before children."""
-        mounts: list[Mount] = []
-        for device, fs in self.filesystems():
-            if fs.mountpoint:
-                mounts.append(Mount(mountpoint=fs.mountpoint, device=device, fstype=fs.format,
-                                    options=tuple(fs.mount_options), needed_for_boot=fs.needed_for_boot))
-            for sub in fs.subvolumes:
-                if sub.mountpoint:
-                    mounts.append(Mount(mountpoint=sub.mountpoint, device=device, fstype="btrfs",
-                                        options=(f"subvol={sub.path}", *sub.mount_options),
-                                        needed_for_boot=sub.needed_for_boot))
-        for pool in self.pools.values():
-            for ds in pool.datasets:
-                if ds.mountpoint:
-                    mounts.append(Mount(mountpoint=ds.mountpoint, device=f"{pool.name}/{ds.name}", fstype="zfs",
-                                        options=tuple(ds.mount_options), needed_for_boot=ds.needed_for_boot))
-        for extra in self.mounts:
-            if isinstance(extra, Tmpfs):
-                mounts.append(Mount(mountpoint=extra.mountpoint, device="none", fstype="tmpfs",
-                                    options=tuple(extra.options), needed_for_boot=extra.needed_for_boot))
-            else:
-                mounts.append(Mount(mountpoint=extra.mountpoint, device=extra.source, fstype="none",
-                                    options=("bind", *extra.options), needed_for_boot=extra.needed_for_boot))
+        mounts = [mount for _, node, device in self.walk() for mount in node.mounts(device)]
+        mounts += [mount for pool in self.pools.values() for ds in pool.datasets
+                   if (mount := ds.mount(pool.name)) is not None]
+        mounts += [extra.mount() for extra in self.mounts]
         return sorted(mounts, key=lambda m: (m.mountpoint != "/", m.mountpoint.count("/"), m.mountpoint))
 
     @property
@@ -540,10 +610,9 @@ class Profile(_Node):
             names = [d.name for d in pool.datasets]
             if len(set(names)) != len(names):
                 raise ValueError(f"pools.{key}: dataset names used twice")
-        for _, _, part in self.partitions():
-            content = part.content.content if isinstance(part.content, Luks) else part.content
-            if isinstance(content, ZfsMember) and content.pool not in self.pools:
-                raise ValueError(f"partition {part.label}: pool {content.pool!r} is not declared under pools")
+        for part, node, _ in self.walk():
+            if isinstance(node, ZfsMember) and node.pool not in self.pools:
+                raise ValueError(f"partition {part.label}: pool {node.pool!r} is not declared under pools")
 
         mountpoints = [m.mountpoint for m in self.all_mounts()]
         for mp in mountpoints:

@@ -665,12 +665,7 @@ def member_devices(profile: Profile, pool_key: str) -> dict[str, str]:
 
 
 def ordered_datasets(pool: Pool) -> list[Dataset]:
-    """Parents before children; a child whose parent is not declared is a profile error."""
-    names = {d.name for d in pool.datasets}
-    for ds in pool.datasets:
-        parent = ds.name.rsplit("/", 1)[0] if "/" in ds.name else None
-        if parent and parent not in names:
-            raise ZfsError(f"pools: dataset {ds.name!r} needs its parent {parent!r} declared before it")
+    """Parents before children (every parent is declared: the profile checks it at load)."""
     return sorted(pool.datasets, key=lambda d: d.name.count("/"))
 
 
@@ -789,3 +784,12 @@ def nix_fragments(profile: Profile, ids: dict | None = None, placeholder: bool =
     """configuration.nix: ZFS support, hostId, pool import, key prompt; impermanence.nix: the
     initrd service that rolls the temp datasets back to @empty."""
     return NixFragments(configuration=nix_configuration(profile), impermanence=nix_rollback_service(profile))
+
+
+def required_tools(profile: Profile) -> dict[str, str]:
+    """{command or "<name> kernel module": what needs it} on the target, for the guard."""
+    needed = {}
+    for pool in profile.pools.values():
+        needed.update({"zpool": f"ZFS pool {pool.name}", "zfs": f"ZFS pool {pool.name}",
+                       "zfs kernel module": f"ZFS pool {pool.name}"})
+    return needed

@@ -3,10 +3,11 @@ for absent, partial (interrupted), present and drifted tables."""
 import copy
 
 import pytest
+import yaml
 
 from operations import gpt
 from operations.errors import TabulaError
-from operations.profile import load_profile
+from operations.profile import ProfileError, load_profile, profile_path
 from tests.unit.pyinfra_fake import fixture_lines, run_op, unjoined
 
 DISK = "/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_TABULA-NVME0"
@@ -96,6 +97,15 @@ def test_drifted_table_stops(monkeypatch, profile, installed):
         run_op(monkeypatch, gpt, gpt.partitions, facts(installed), disk_key="main", disk=profile.disks["main"])
 
 
-def test_unknown_type_code_is_named():
-    with pytest.raises(TabulaError, match="type code 1234"):
-        gpt.type_guid("1234")
+def test_unknown_type_code_is_refused_when_the_profile_loads(tmp_path):
+    """Known from the profile alone: refused at load, naming the field, not at plan time."""
+    data = yaml.safe_load(profile_path("zephyrus-btrfs").read_text())
+    data["disks"]["main"]["partitions"][0]["type"] = "1234"
+    path = tmp_path / "odd-type.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ProfileError, match=r"disks\.main\.partitions\.0\.type.*GPT type code '1234'"):
+        load_profile(str(path), {"disk": "/dev/disk/by-id/nvme-TEST"})
+    data["disks"]["main"]["partitions"][0]["type"] = "ef02"      # known: loads
+    path.write_text(yaml.safe_dump(data))
+    profile = load_profile(str(path), {"disk": "/dev/disk/by-id/nvme-TEST"})
+    assert gpt.type_guid(profile.disks["main"].partitions[0].type) == "21686148-6449-6E6F-744E-656564454649"

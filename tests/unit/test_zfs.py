@@ -5,7 +5,7 @@ import pytest
 
 from operations import zfs
 from operations.nixpatch import parse
-from operations.profile import host_hash, load_profile
+from operations.profile import ProfileError, host_hash, load_profile
 from tests.unit.vm_vars import LIGHT_VARS, ZFS_VARS
 
 HASH = host_hash("tabula-zfs")
@@ -175,9 +175,9 @@ def test_a_dataset_without_its_parent_is_refused(tmp_path):
     raw["pools"]["rpool"]["datasets"] = [d for d in raw["pools"]["rpool"]["datasets"] if d["name"] != "remote"]
     path = tmp_path / "orphan.yaml"
     path.write_text(yaml.safe_dump(raw))
-    profile = load_profile(str(path), LIGHT_VARS)
-    with pytest.raises(zfs.ZfsError, match="needs its parent 'remote'"):
-        zfs.ordered_datasets(profile.pools["rpool"])
+    # refused when the profile loads, naming the field, before any fact is read
+    with pytest.raises(ProfileError, match=r"pools\.rpool.*needs its parent 'remote'"):
+        load_profile(str(path), LIGHT_VARS)
 
 
 def test_aliased_values_read_back_canonical_and_cause_no_drift():
