@@ -18,7 +18,7 @@ from operations.roundtrips import Made, created_this_run, one_command, operation
 from operations.errors import TabulaError
 from operations.nixlit import NixFragments, nix_list, nix_string, stable_device
 from operations.profile import Mount, Profile
-from operations.target import CanonicalPath, decode_octal, install_path
+from operations.target import CanonicalPath, Written, decode_octal, install_path, listing_command, parse_listing
 
 # Options mount(8) consumes itself: never shown in /proc/mounts.
 USERSPACE_OPTIONS = {"bind", "rbind", "defaults", "nofail", "noauto", "auto", "user", "users", "_netdev", "zfsutil"}
@@ -230,3 +230,34 @@ def nix_fragments(profile: Profile, ids: dict | None = None, placeholder: bool =
     else:
         parts.append("  swapDevices = [ ];")
     return NixFragments(hardware="\n\n".join(parts))
+
+
+# --- gaps: what a tmpfs holds ---------------------------------------------------------------------
+
+
+class FilesystemListing(FactBase):
+    """Everything below a folder on its own filesystem (``target.listing_command``'s lines)."""
+
+    def command(self, path: str) -> StringCommand:
+        return StringCommand("sh", "-c", QuoteString(f'[ -d "$1" ] || exit 0; {listing_command()}'), "list",
+                             QuoteString(path))
+
+    def process(self, output):
+        return list(output)
+
+    @staticmethod
+    def default():
+        return []
+
+
+def written_since_boot(profile: Profile, root: str) -> tuple[list[Written], list[str]]:
+    """(everything on the profile's tmpfs mounts, with its installed path; how that was found):
+    a tmpfs starts empty at every boot, so all it holds was written since."""
+    written, how = [], []
+    for mount in profile.all_mounts():
+        if mount.fstype == "tmpfs":
+            here = root.rstrip("/") + mount.mountpoint if mount.mountpoint != "/" else (root or "/")
+            found = parse_listing(read(FilesystemListing, path=here), mount.mountpoint)
+            written += [entry for entry, _ in found.values()]
+            how.append(f"the files on the tmpfs at {here}")
+    return written, how

@@ -417,11 +417,32 @@ ExtraMount = Annotated[Union[Tmpfs, Bind], Field(discriminator="type")]
 
 
 class Persistence(_Node):
-    """The impermanence module's view: where state persists, and what is kept there."""
+    """The impermanence module's view: where state persists, and what is kept there.
+
+    An entry may be a list (a var such as ``${persist_directories}``): its items are added in
+    its place, so inventory data can add paths without editing the profile."""
 
     root: str = "/persist"
     directories: list[str] = []
     files: list[str] = []
+
+    @field_validator("directories", "files", mode="before")
+    @classmethod
+    def _flatten(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            return v
+        flat: list = []
+        for item in v:
+            flat.extend(item if isinstance(item, list) else [item])
+        return list(dict.fromkeys(flat))        # once each, in order
+
+    @field_validator("root", "directories", "files")
+    @classmethod
+    def _absolute(cls, v: Any) -> Any:
+        for path in v if isinstance(v, list) else [v]:
+            if not isinstance(path, str) or not path.startswith("/") or (path != "/" and path.endswith("/")):
+                raise ValueError(f"{path!r} is not an absolute path without a trailing '/'")
+        return v
 
 
 class NixosSettings(_Node):

@@ -13,6 +13,8 @@ What a run is asked to do, from pyinfra host data (group_data/, inventory.py, ``
                          "controller", or false (offline installs)
     tabula_nix_inputs    flake input name -> folder on the controller to evaluate with
                          (``--override-input``), e.g. {"nixpkgs": "/srv/nixpkgs", ...}
+    tabula_root          where the installed system is, for the day-two tools (gaps.py): "auto"
+                         (default: /mnt when something is mounted there, else /), "/" or "/mnt"
 
 Everything is validated here, before any command runs; errors name the data key at fault.
 """
@@ -35,6 +37,7 @@ class Settings:
     export_pools: bool = True
     nix_check: str | bool = "auto"
     nix_inputs: dict[str, str] = field(default_factory=dict)
+    root: str = "auto"
     data: dict[str, Any] = field(default_factory=dict)
 
 
@@ -71,6 +74,9 @@ def load_settings(host_data: Any) -> Settings:
     for input_name, folder in nix_inputs.items():
         if not Path(folder).is_dir():
             raise TabulaError(f"tabula_nix_inputs[{input_name!r}]: {folder} is not a folder on this controller")
+    root = get("tabula_root", "auto")
+    if root not in ("auto", "/", "/mnt"):
+        raise TabulaError(f"tabula_root: must be \"auto\", \"/\" or \"/mnt\", got {root!r}")
     profile = load_profile(profile_name, variables)
     return Settings(profile=profile, confirm_wipe=tuple(confirm), install=install, export_pools=export_pools,
-                    nix_check=nix_check, nix_inputs=dict(nix_inputs))
+                    nix_check=nix_check, nix_inputs=dict(nix_inputs), root=root)

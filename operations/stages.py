@@ -6,7 +6,7 @@ only. Imports read top-down: stages -> layers -> shared modules (tests/unit/test
 
 from __future__ import annotations
 
-from operations import btrfs, disks, filesystems, gpt, luks, mounts, nixeval, nixos, persist, zfs
+from operations import btrfs, disks, filesystems, gaps, gpt, luks, mounts, nixeval, nixos, persist, zfs
 from operations.settings import Settings
 
 
@@ -28,3 +28,8 @@ def deploy(settings: Settings) -> None:
     persist.copy_configuration(profile)     # with the flake.lock the install wrote: pinned inputs
     if settings.export_pools:
         zfs.export(profile)                 # at the very end: unmounted and exported for first boot
+
+
+def gaps_report(settings: Settings) -> None:
+    """gaps.py: what the ephemeral root holds since the last boot that nothing keeps (read only)."""
+    gaps.show(settings.profile, settings.root)

@@ -16,6 +16,7 @@ import posixpath
 import shlex
 import tarfile
 import time
+from dataclasses import dataclass
 
 from pyinfra.api import FactBase, QuoteString, StringCommand
 
@@ -246,3 +247,44 @@ def write_files_command(directory: str, files: dict[str, str], mode: str = "644"
               'base64 -d | tar -x -C "$s"; ' + "".join(moves) + 'rm -rf "$s"')
     return StringCommand("sh", "-c", QuoteString(script),
                          _stdin=base64.encodebytes(archive).decode().splitlines())
+
+
+# --- what is on a filesystem (the gap report) ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Written:
+    """Something on an ephemeral root, named by its path in the installed system.
+
+    + kind: file, directory, link, subvolume (a nested btrfs subvolume) or other
+    + link: a symlink's target
+    """
+
+    path: str
+    kind: str
+    link: str = ""
+
+
+# find's -printf: type, inode, size, mtime, link target, path below the starting point. A nested
+# btrfs subvolume's root directory is inode 256; -xdev stops at it and at every other mount.
+LISTING_FORMAT = r"%y\t%i\t%s\t%T@\t%l\t%P\n"
+_KINDS = {"f": "file", "d": "directory", "l": "link"}
+
+
+def listing_command(path_variable: str = "$1") -> str:
+    """Shell that lists everything below a folder on its own filesystem, for parse_listing."""
+    return f'cd "{path_variable}" && find . -mindepth 1 -xdev -printf \'{LISTING_FORMAT}\''
+
+
+def parse_listing(lines, prefix: str = "/") -> dict[str, tuple[Written, str]]:
+    """{path: (Written, "size mtime")} from listing_command's output, paths put under ``prefix``."""
+    found = {}
+    for line in lines:
+        parts = line.split("\t", 5)
+        if len(parts) != 6:
+            continue
+        kind, inode, size, mtime, link, relative = parts
+        path = posixpath.join(prefix, relative)
+        what = "subvolume" if kind == "d" and inode == "256" else _KINDS.get(kind, "other")
+        found[path] = (Written(path, what, link), f"{size} {mtime}")
+    return found

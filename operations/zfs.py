@@ -36,7 +36,7 @@ from operations.mounts import Mounts, mount_command
 from operations.nixlit import NixFragments, nix_indented_string, nix_list, nix_string
 from operations.profile import Dataset, Mount, Pool, Profile
 from operations.secrets import Secret, read_secret
-from operations.target import install_path
+from operations.target import Written, decode_octal, install_path
 
 # Properties that can only be chosen at creation: a difference is reported, never "fixed".
 ONE_TIME_PROPERTIES = frozenset({
@@ -793,3 +793,69 @@ def required_tools(profile: Profile) -> dict[str, str]:
         needed.update({"zpool": f"ZFS pool {pool.name}", "zfs": f"ZFS pool {pool.name}",
                        "zfs kernel module": f"ZFS pool {pool.name}"})
     return needed
+
+
+# --- gaps: what a temp dataset got since @empty -------------------------------------------------
+
+
+class SnapshotDiff(FactBase):
+    """
+    ``zfs diff -FH <dataset>@<snapshot>``: what changed in the dataset since the snapshot, as
+    ``[(change, type, path)]`` with change ``+`` (added), ``M`` (modified), ``-`` (removed) or
+    ``R`` (renamed: the new path), type ``F`` file, ``/`` directory, ``@`` link (zfs's letters),
+    paths where the dataset is mounted now. Empty when the snapshot or dataset is absent.
+
+    .. code:: python
+
+        read(SnapshotDiff, dataset="rpool-1a2b3c4d/temp/root", snapshot="empty")
+        [("+", "F", "/mnt/var/lib/app/db")]
+    """
+
+    def command(self, dataset: str, snapshot: str) -> str:
+        name = shlex.quote(f"{dataset}@{snapshot}")
+        return f"if zfs list -H -o name {name} >/dev/null 2>&1; then zfs diff -FH {name}; fi"
+
+    def requires_command(self, dataset: str, snapshot: str) -> str:
+        return "zfs"
+
+    def process(self, output):
+        return parse_snapshot_diff(output)
+
+    @staticmethod
+    def default():
+        return []
+
+
+def parse_snapshot_diff(lines) -> list[tuple[str, str, str]]:
+    changes = []
+    for line in lines:
+        parts = line.split("\t")
+        if len(parts) >= 3 and parts[0] in ("+", "M", "-", "R"):
+            changes.append((parts[0], parts[1], decode_octal(parts[-1])))
+    return changes
+
+
+_DIFF_KINDS = {"F": "file", "/": "directory", "@": "link"}
+
+
+def written_since_boot(profile: Profile, mounts: dict) -> tuple[list[Written], list[str]]:
+    """(what each temp dataset got since @empty, with its installed path; how that was found).
+    ``mounts``: the Mounts fact (where each dataset is mounted now)."""
+    written, how = [], []
+    for pool in profile.pools.values():
+        for ds in pool.datasets:
+            if not ds.empty_snapshot or not ds.mountpoint:
+                continue
+            name = f"{pool.name}/{ds.name}"
+            where = next((point for point, m in mounts.items() if m["device"] == name and m["fstype"] == "zfs"), None)
+            if where is None:
+                raise ZfsError(f"{name} is not mounted: import the pool and mount it (or run the install "
+                               "deploy, which mounts it under /mnt) to compare it with @empty")
+            for change, kind, path in read(SnapshotDiff, dataset=name, snapshot=EMPTY_SNAPSHOT):
+                if change == "-" or (change == "M" and kind == "/"):
+                    continue        # gone since @empty, or a folder whose entries changed (listed themselves)
+                relative = path.removeprefix(where.rstrip("/")).lstrip("/")
+                written.append(Written(f"{ds.mountpoint.rstrip('/')}/{relative}" if relative else ds.mountpoint,
+                                       _DIFF_KINDS.get(kind, "other")))
+            how.append(f"zfs diff {name}@{EMPTY_SNAPSHOT}")
+    return written, how

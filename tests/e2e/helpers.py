@@ -96,3 +96,34 @@ def assert_generated_by_real_tool_and_patched(hardware: str, profile, boot_uuid:
     assert '".device = ' not in hardware
     assert f'device = "/dev/disk/by-uuid/{boot_uuid}";' in hardware
     assert "by-partlabel" not in hardware
+
+
+GAPS_LINE = re.compile(r"^\[[^\]]+\] (gaps: .*|  .*)$")
+
+
+def gap_report(output: str) -> list[str]:
+    """The lines of gaps.py's report (host prefix taken off)."""
+    lines, inside = [], False
+    for line in output.splitlines():
+        match = GAPS_LINE.match(line.strip("\r"))
+        if match and (inside or match.group(1).startswith("gaps: ")):
+            inside = True
+            lines.append(match.group(1))
+        elif inside:
+            break
+    assert lines, f"no gap report in the output:\n{output[-4000:]}"
+    return lines
+
+
+def lost_paths(report: list[str]) -> list[str]:
+    """The paths the report says are lost at the next boot (a folder with its trailing '/')."""
+    try:
+        start = report.index("  lost at the next boot, not kept by persistence or a mount:") + 1
+    except ValueError:
+        return []
+    paths = []
+    for line in report[start:]:
+        if not line.startswith("    "):
+            break
+        paths.append(line.split()[0])
+    return paths

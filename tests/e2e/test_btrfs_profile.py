@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from tests.e2e.conftest import PYINFRA
-from tests.e2e.helpers import assert_no_changes, executed_commands, grand_total, operation_commands
+from tests.e2e.helpers import assert_no_changes, executed_commands, gap_report, grand_total, lost_paths, operation_commands
 from tools.livevm import GUEST_SRC, GUEST_VENV, PROJECT_DIR
 
 GiB, MiB = 1024**3, 1024**2
@@ -217,6 +217,22 @@ def test_install_over_ssh_converges(clean_disks, livevm, target, passphrase_env,
     assert target.file("/mnt/home/marker").content_string == "kept-home\n"
     assert target.file("/mnt/persist/marker").content_string == "kept-persist\n"
     assert_installed_layout(livevm, target)
+
+    # the gap report: written to @root, to a persisted path and to other subvolumes' mounts; only
+    # the first are lost at the next boot (compared with @root-blank), and it says how to keep them
+    livevm.run("mkdir -p /mnt/var/lib/gaptest /mnt/etc/ssh && echo db > /mnt/var/lib/gaptest/db && "
+               "echo conf > /mnt/etc/gaptest.conf && echo key > /mnt/etc/ssh/gaptest_key && "
+               "echo log > /mnt/var/log/gaptest.log && echo home > /mnt/home/gaptest")
+    gaps, output = run_over_ssh(run_pyinfra, ["gaps.py", "--data", deploy_args(livevm)[2]])
+    assert gaps.returncode == 0 and grand_total(output)[1] == "-", output[-4000:]
+    report = gap_report(output)
+    assert report[0].startswith("gaps: what the ephemeral root of the system at /mnt holds since the last boot "
+                                "(btrfs @root against @root-blank on /dev/mapper/cryptroot)"), report
+    assert lost_paths(report) == ["/etc/gaptest.conf", "/var/lib/gaptest/"], report
+    assert '    persist_directories: ["/var/lib/gaptest"]' in report and '    persist_files: ["/etc/gaptest.conf"]' in report
+    assert '    environment.persistence."/persist".files = [ "/etc/gaptest.conf" ];' in report
+    livevm.run("rm -r /mnt/var/lib/gaptest /mnt/etc/gaptest.conf /mnt/etc/ssh/gaptest_key /mnt/var/log/gaptest.log "
+               "/mnt/home/gaptest")
 
 
 def test_install_local_in_guest_converges(clean_disks, livevm, target):

@@ -22,7 +22,7 @@ from operations import zfs
 from operations.profile import host_hash, load_profile
 from tests.nix.evaluation import evaluate_installed
 from tests.e2e.helpers import (SHOW_HARDWARE_CONFIG, assert_generated_by_real_tool_and_patched, assert_no_changes,
-                               executed_commands)
+                               executed_commands, gap_report, grand_total, lost_paths)
 from tests.verify.checks import verify_target
 from tests.unit.vm_vars import TEST_AUTHORIZED_KEY
 
@@ -184,6 +184,32 @@ def check_mounts_and_config(target, profile, evaluation_dir) -> None:
             assert evaluated["fileSystems"][m.mountpoint]["device"] in (m.device, f"/dev/disk/by-uuid/{boot_uuid}")
 
 
+def gaps(run_pyinfra, profile: str, variables: dict) -> list[str]:
+    """gaps.py over SSH, with the same data as the install: its report's lines."""
+    result = run_pyinfra(["--data", f"tabula_profile={profile}", "--data", f"tabula_vars={json.dumps(variables)}",
+                          "gaps.py"])
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert grand_total(output)[1] == "-", "the gap report changed something"
+    return gap_report(output)
+
+
+def assert_only_the_temp_writes_are_reported(target, run_pyinfra, profile_name: str, variables: dict, persist: str):
+    """Written to the temp root, to a persisted path and to a mount: only the first are lost, and
+    the report says how to keep them."""
+    target.check_output("mkdir -p /mnt/var/lib/gaptest && echo db > /mnt/var/lib/gaptest/db && "
+                        "echo conf > /mnt/etc/gaptest.conf && mkdir -p /mnt/etc/ssh && echo key > /mnt/etc/ssh/gaptest_key && "
+                        "echo log > /mnt/var/log/gaptest.log && echo local > /mnt/local/gaptest")
+    report = gaps(run_pyinfra, profile_name, variables)
+    assert report[0].startswith("gaps: what the ephemeral root of the system at /mnt holds"), report
+    assert lost_paths(report) == ["/etc/gaptest.conf", "/tabula-mark", "/var/lib/gaptest/"], report
+    assert '    persist_directories: ["/var/lib/gaptest"]' in report
+    assert '    persist_files: ["/etc/gaptest.conf", "/tabula-mark"]' in report
+    assert f'    environment.persistence."{persist}".directories = [ "/var/lib/gaptest" ];' in report
+    target.check_output("rm -r /mnt/var/lib/gaptest /mnt/etc/gaptest.conf /mnt/etc/ssh/gaptest_key "
+                        "/mnt/var/log/gaptest.log /mnt/local/gaptest")
+
+
 def write_marks(target, where: list[str], text: str) -> None:
     for path in where:
         target.check_output(f"echo {shlex.quote(text)} > {path}/tabula-mark")
@@ -295,10 +321,13 @@ def test_zfs_raidz1_from_blank_disks(clean_disks, target, run_pyinfra, tmp_path)
     target.check_output(f"mkdir -p {home}")
     write_marks(target, ["/mnt", "/mnt/tmp"], "gone")
     write_marks(target, [home], "kept")
+    assert_only_the_temp_writes_are_reported(target, run_pyinfra, "zfs-raidz1", variables, profile.persistence.root)
     rollback_like_the_initrd(target, profile)
     for temp in ("/mnt", "/mnt/tmp"):
         assert not target.file(f"{temp}/tabula-mark").exists, temp
     assert_marks(target, kept + [home], "kept")
+    # after the rollback nothing is lost: what the install and the marks left is gone
+    assert lost_paths(gaps(run_pyinfra, "zfs-raidz1", variables)) == []
 
 
 def test_light_tmpfs_f2fs_from_blank_disks(clean_disks, target, run_pyinfra, tmp_path):
@@ -336,9 +365,12 @@ def test_light_tmpfs_f2fs_from_blank_disks(clean_disks, target, run_pyinfra, tmp
     target.check_output(f"mkdir -p {home}")
     write_marks(target, ["/mnt"], "gone")
     write_marks(target, [home], "kept")
+    assert_only_the_temp_writes_are_reported(target, run_pyinfra, "light-tmpfs-f2fs", variables,
+                                             profile.persistence.root)
     rollback_like_the_initrd(target, profile)
     assert not target.file("/mnt/tabula-mark").exists
     assert_marks(target, kept + [home], "kept")
+    assert lost_paths(gaps(run_pyinfra, "light-tmpfs-f2fs", variables)) == []
 
 
 def test_partlabel_clash_is_refused_before_any_change(clean_disks, target, run_pyinfra):
