@@ -99,12 +99,13 @@ def assert_generated_by_real_tool_and_patched(hardware: str, profile, boot_uuid:
 
 
 GAPS_LINE = re.compile(r"^\[[^\]]+\] (gaps: .*|  .*)$")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def gap_report(output: str) -> list[str]:
     """The lines of gaps.py's report (host prefix taken off)."""
     lines, inside = [], False
-    for line in output.splitlines():
+    for line in ANSI.sub("", output).splitlines():
         match = GAPS_LINE.match(line.strip("\r"))
         if match and (inside or match.group(1).startswith("gaps: ")):
             inside = True
