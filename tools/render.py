@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Review without disks: render a profile's NixOS files for a host name into a folder.
+"""Review without disks: render a profile's NixOS files (and its disko export) for a host name into a folder.
 
     .venv/bin/python tools/render.py zephyrus-btrfs --host g16 --var disk=/dev/disk/by-id/nvme-X --out /tmp/g16
     .venv/bin/python tools/render.py zfs-raidz1 --host nas --var ssd=... --var rz1=... --out /tmp/nas \
@@ -8,7 +8,9 @@
 Touches no disk and runs no command: partitions whose UUIDs only exist after partitioning keep
 their /dev/disk/by-partlabel/ path here (the deploy writes /dev/disk/by-uuid/<real UUID>), and
 hardware-configuration.nix is a skeleton with the profile's storage bindings (on the target,
-nixos-generate-config supplies the detected hardware part). Vars the profile marks REQUIRED
+nixos-generate-config supplies the detected hardware part). disko.nix is the same layout as a
+disko configuration (operations/disko.py), for whoever wants to take it to disko; the deploy
+does not write it. Vars the profile marks REQUIRED
 and does not get here are filled with a placeholder by-id path so the layout can be read.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import yaml  # noqa: E402
 
+from operations import disko  # noqa: E402
 from operations.errors import TabulaError  # noqa: E402
 from operations.nixos import choose_hardware_module, render_files  # noqa: E402
 from operations.profile import REQUIRED, load_profile, profile_path  # noqa: E402
@@ -54,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         profile = load_profile(args.profile, variables)
         module, note = choose_hardware_module(profile, args.dmi)
         rendered = render_files(profile, None, None, hardware_module=module, placeholder=True)
+        rendered["disko.nix"] = disko.render(profile)
     except (TabulaError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

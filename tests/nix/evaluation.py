@@ -55,12 +55,13 @@ class EvaluationError(AssertionError):
 
 
 def kit_evaluate(files: dict[str, str] | Path, hostname: str, hardware_module: str | None,
-                 apply: str = READ_BACK) -> dict:
+                 apply: str = READ_BACK, extra_modules: tuple[str, ...] = ()) -> dict:
     """Evaluate against the kit; any error or evaluation warning (but the kit's one known
-    trace) fails with Nix's own words."""
+    trace) fails with Nix's own words. ``extra_modules``: module files added to the system
+    (absolute paths), after the kit's compat modules."""
     setup = nixkit.setup_for(hardware_module)
     result: Evaluation = evaluate(files, hostname, setup.inputs, apply=apply,
-                                  extra_modules=setup.compat_modules, json_output=True)
+                                  extra_modules=setup.compat_modules + tuple(extra_modules), json_output=True)
     if not result.ok:
         raise EvaluationError(f"the configuration does not evaluate:\n{result.error[-6000:]}")
     warnings = setup.unexpected_traces(result.traces)

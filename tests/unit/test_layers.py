@@ -11,7 +11,7 @@ SHARED = {"errors", "profile", "roundtrips", "target", "nixlit", "secrets", "nix
 # One module per storage layer: facts, operations, Nix fragment, checks.
 LAYERS = {"gpt", "luks", "filesystems", "btrfs", "zfs", "mounts", "persist"}
 # What orders and assembles the layers.
-STAGES = {"stages", "disks", "nixeval", "nixos", "gaps"}
+STAGES = {"stages", "disks", "nixeval", "nixos", "gaps", "disko"}
 
 
 def imports(path: Path) -> tuple[set[str], list[str]]:

@@ -176,8 +176,9 @@ def test_review_command_writes_files_and_touches_no_disk(tmp_path):
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "asus-zephyrus-gu605cw" in result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["configuration.nix", "flake.nix", "hardware-configuration.nix",
-                                                   "impermanence.nix", "zephyrus-extra.nix"]
+    assert sorted(p.name for p in out.iterdir()) == ["configuration.nix", "disko.nix", "flake.nix",
+                                                   "hardware-configuration.nix", "impermanence.nix",
+                                                   "zephyrus-extra.nix"]
     assert "nixosConfigurations.g16 " in (out / "flake.nix").read_text()
     assert 'networking.hostName = "g16";' in (out / "configuration.nix").read_text()
 
