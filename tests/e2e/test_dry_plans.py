@@ -15,6 +15,7 @@ import pytest
 
 from operations.profile import load_profile
 from tests.e2e.faults import dry_plan
+from tests import profile_cases
 from tests.e2e.test_faults import SECRETS, SERIALS, profile_vars
 
 
@@ -52,10 +53,7 @@ def assert_shows(rows: dict[str, bool], steps: list[str]) -> None:
         assert any(rows[name] for name in found), f"the plan shows {step!r} without change"
 
 
-FOREIGN_DISK = {"zephyrus-btrfs": "TABULA-NVME0", "zfs-raidz1": "TABULA-RZ2", "light-tmpfs-f2fs": "TABULA-SSD"}
-
-
-@pytest.mark.parametrize("profile_name", ["zephyrus-btrfs", "zfs-raidz1", "light-tmpfs-f2fs"])
+@pytest.mark.parametrize("profile_name", profile_cases.profile_names())
 def test_dry_plans_on_blank_disks_and_with_a_confirmed_wipe(profile_name, clean_disks, livevm, secrets_env):
     variables = profile_vars(livevm, profile_name)
     profile = load_profile(profile_name, variables)
@@ -68,7 +66,7 @@ def test_dry_plans_on_blank_disks_and_with_a_confirmed_wipe(profile_name, clean_
     assert livevm.run("zpool list -H").stdout.strip() == ""
 
     # foreign data on one of the profile's disks, confirmed by its serial
-    serial = FOREIGN_DISK[profile_name]
+    serial = profile_cases.foreign_disk(profile_name)   # tests/profile_cases.yaml
     disk = livevm.disk_by_serial(serial)
     livevm.run(f"mkfs.ext4 -q -F -L family-photos {disk} && udevadm settle")
     output, rows = dry_plan(livevm, args(profile_name, variables, confirm=[serial]), SERIALS)

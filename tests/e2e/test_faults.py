@@ -39,7 +39,7 @@ from tests.e2e.faults import duplicates, run_with_fault, strip_ansi
 from tests.e2e.faults import changing_commands, dry_plan
 from tests.e2e.helpers import assert_no_changes, executed_commands
 from tests.verify.checks import verify_target
-from tests.unit.vm_vars import TEST_AUTHORIZED_KEY
+from tests import profile_cases
 
 SERIALS = ("TABULA-NVME0", "TABULA-RZ1", "TABULA-RZ2", "TABULA-RZ3", "TABULA-SSD")
 SECRETS = {
@@ -50,20 +50,9 @@ SECRETS = {
 }
 
 
-def by_id(livevm, serial: str) -> str:
-    return livevm.stable_path(serial)
-
-
 def profile_vars(livevm, profile: str) -> dict:
-    if profile == "zephyrus-btrfs":
-        return {"disk": by_id(livevm, "TABULA-NVME0"), "swap_size": "256M",
-                "luks_pbkdf": "pbkdf2", "luks_pbkdf_iterations": 1000}
-    if profile == "zfs-raidz1":
-        return {"hostname": "tabula-faults", "ssd": by_id(livevm, "TABULA-SSD"), "rz1": by_id(livevm, "TABULA-RZ1"),
-                "rz2": by_id(livevm, "TABULA-RZ2"), "rz3": by_id(livevm, "TABULA-RZ3"),
-                "authorized_keys": [TEST_AUTHORIZED_KEY]}
-    return {"hostname": "tabula-faults-light", "disk": by_id(livevm, "TABULA-SSD"),
-            "luks_pbkdf": "pbkdf2", "luks_pbkdf_iterations": 1000}
+    """The profile's live-VM vars (tests/profile_cases.yaml)."""
+    return profile_cases.vm_vars(profile, livevm.stable_path)
 
 
 def deploy_args(profile: str, variables: dict, **data) -> list[str]:

@@ -20,20 +20,12 @@ from operations.nixlit import stable_device, systemd_escape
 from operations.profile import available_profiles, load_profile
 from operations import zfs
 from tests.nix.evaluation import kit_evaluate
-from tests.unit.vm_vars import TEST_AUTHORIZED_KEY
+from tests import profile_cases
 
-VARS = {
-    "zephyrus-btrfs": {"disk": "/dev/disk/by-id/nvme-TEST", "hostname": "g16", "user": "ana"},
-    "light-tmpfs-f2fs": {"disk": "/dev/disk/by-id/virtio-TEST", "hostname": "light"},
-    "zfs-raidz1": {"ssd": "/dev/disk/by-id/virtio-S", "rz1": "/dev/disk/by-id/virtio-1",
-                   "rz2": "/dev/disk/by-id/virtio-2", "rz3": "/dev/disk/by-id/virtio-3", "hostname": "nas",
-                   "authorized_keys": [TEST_AUTHORIZED_KEY]},
-}
-DEFAULT = "profile's own"
-# (profile, nixos-hardware module): the guide's 2024 G16, the 2025 G16 (what DMI GU605CW
-# selects), none; the other profiles with their own choice.
-CASES = [("zephyrus-btrfs", "asus-zephyrus-gu605my"), ("zephyrus-btrfs", "asus-zephyrus-gu605cw"),
-         ("zephyrus-btrfs", None), ("zfs-raidz1", DEFAULT), ("light-tmpfs-f2fs", DEFAULT)]
+# (profile, nixos-hardware module), from tests/profile_cases.yaml: zephyrus-btrfs with the guide's
+# 2024 G16, the 2025 G16 (what DMI GU605CW selects) and none; the other profiles with their own choice.
+DEFAULT = profile_cases.PROFILE_DEFAULT
+CASES = profile_cases.nix_cases()
 
 
 def case_id(case) -> str:
@@ -42,7 +34,7 @@ def case_id(case) -> str:
 
 class Case:
     def __init__(self, profile_name: str, module):
-        variables = dict(VARS[profile_name])
+        variables = profile_cases.render_vars(profile_name)
         if module != DEFAULT:
             variables["hardware_module"] = module
         self.profile = load_profile(profile_name, variables)
@@ -79,7 +71,7 @@ def case(request, evaluated) -> Case:
 
 
 def test_every_profile_is_a_case():
-    assert {name for name, _ in CASES} == set(available_profiles()) == set(VARS)
+    assert {name for name, _ in CASES} == set(available_profiles())
 
 
 def test_configuration_evaluates_to_a_system(case):

@@ -11,21 +11,23 @@ from operations.btrfs import rollback_script as btrfs_rollback_script
 from operations.nixlit import systemd_escape
 from operations.nixos import choose_hardware_module, model_module, render_files
 from operations.persist import check_password_hash
-from operations.profile import available_profiles, load_profile
+from operations.profile import load_profile
 from operations.secrets import Secret
 from operations import target
-from tests.unit.vm_vars import TEST_AUTHORIZED_KEY
+from tests import profile_cases
 
 ROOT = Path(__file__).resolve().parents[2]
 
-VARS = {
-    "zephyrus-btrfs": {"disk": "/dev/disk/by-id/nvme-TEST", "hostname": "g16", "user": "ana",
-                       "timezone": "Europe/Berlin", "state_version": "25.05"},
-    "light-tmpfs-f2fs": {"disk": "/dev/disk/by-id/virtio-TEST", "hostname": "light"},
-    "zfs-raidz1": {"ssd": "/dev/disk/by-id/virtio-S", "rz1": "/dev/disk/by-id/virtio-1",
-                   "rz2": "/dev/disk/by-id/virtio-2", "rz3": "/dev/disk/by-id/virtio-3", "hostname": "nas",
-                   "authorized_keys": [TEST_AUTHORIZED_KEY]},
-}
+# Values other than the profiles' defaults, so the rendered files must take them from the data.
+RENDER_OVERRIDES = {"timezone": "Europe/Berlin", "state_version": "25.05"}
+
+
+def render_vars(name: str) -> dict:
+    """The profile's test vars (tests/profile_cases.yaml) with RENDER_OVERRIDES."""
+    return {**profile_cases.render_vars(name), **RENDER_OVERRIDES}
+
+
+ZEPHYRUS = render_vars("zephyrus-btrfs")
 
 
 def fake_ids(profile):
@@ -44,10 +46,9 @@ def nix_eval(path: Path, expr: str, strict=True):
 MODULE_ARGS = '{ config = { boot.zfs.package = "zfs"; }; lib = { mkDefault = x: x; }; pkgs = {}; modulesPath = "/m"; }'
 
 
-@pytest.fixture(params=sorted(VARS))
+@pytest.fixture(params=profile_cases.profile_names())
 def rendered(request, tmp_path):
-    assert set(VARS) == set(available_profiles()), "a profile without test vars"
-    profile = load_profile(request.param, VARS[request.param])
+    profile = load_profile(request.param, render_vars(request.param))
     files = render_files(profile, None, fake_ids(profile), hardware_module=profile.nixos.hardware_module)
     for filename, text in files.items():
         (tmp_path / filename).write_text(text)
@@ -132,7 +133,7 @@ def test_rollback_script_deletes_nested_first_and_guards_blank():
 
 
 def test_real_uuids_replace_partlabels_and_missing_ids_are_refused():
-    profile = load_profile("zephyrus-btrfs", VARS["zephyrus-btrfs"])
+    profile = load_profile("zephyrus-btrfs", ZEPHYRUS)
     hw = render_files(profile, None, fake_ids(profile))["hardware-configuration.nix"]
     assert "by-partlabel" not in hw and "/dev/disk/by-uuid/uuid-0000" in hw
     with pytest.raises(nixos.MissingDeviceIds, match="by-partlabel/(EFI|cryptroot): no UUID"):
@@ -145,10 +146,10 @@ def test_hardware_module_from_dmi():
     assert model_module("ROG Zephyrus G16 GU605CW_GU605CW") == "asus-zephyrus-gu605cw"
     assert model_module("ROG Zephyrus G16 GU605MY_GU605MY") == "asus-zephyrus-gu605my"
     assert model_module("Standard PC (Q35 + ICH9, 2009)") is None
-    profile = load_profile("zephyrus-btrfs", VARS["zephyrus-btrfs"])  # asks for gu605my (the guide's)
+    profile = load_profile("zephyrus-btrfs", ZEPHYRUS)  # asks for gu605my (the guide's)
     module, note = choose_hardware_module(profile, "ROG Zephyrus G16 GU605CW_GU605CW")
     assert module == "asus-zephyrus-gu605my" and "asus-zephyrus-gu605cw" in note
-    auto = load_profile("zephyrus-btrfs", {**VARS["zephyrus-btrfs"], "hardware_module": "auto"})
+    auto = load_profile("zephyrus-btrfs", {**ZEPHYRUS, "hardware_module": "auto"})
     assert choose_hardware_module(auto, "ROG Zephyrus G16 GU605CW_GU605CW")[0] == "asus-zephyrus-gu605cw"
     assert choose_hardware_module(auto, "Standard PC (Q35 + ICH9, 2009)")[0] is None
     assert choose_hardware_module(profile, "")[0] == "asus-zephyrus-gu605my"
@@ -191,7 +192,7 @@ def test_review_command_writes_files_and_touches_no_disk(tmp_path):
 def test_hardware_configuration_is_generated_unless_a_whole_one_is_there(monkeypatch, present, generates):
     from tests.unit.pyinfra_fake import run_op
 
-    profile = load_profile("zephyrus-btrfs", VARS["zephyrus-btrfs"])
+    profile = load_profile("zephyrus-btrfs", ZEPHYRUS)
     commands, _, fake = run_op(monkeypatch, nixos, nixos.generate_config, {target.FileText: present},
                                profile=profile, root="/mnt")
     assert commands == (["nixos-generate-config --root /mnt"] if generates else [])
