@@ -1,6 +1,8 @@
 """The zephyrus-btrfs profile's disk stages in the live VM: blank NVMe -> GPT, LUKS2, btrfs
 subvolumes with @root-blank, mounts under /mnt, swapfile. Every deploy runs twice: the second run
-must change nothing (results table and executed commands) and re-create nothing (identities)."""
+must change nothing (results table and executed commands) and re-create nothing (identities).
+Over SSH from the controller; the deploy as ``pyinfra @local`` in the guest is proven on the
+tmpfs-root profile (tests/e2e/test_local_install.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -13,7 +15,7 @@ import pytest
 
 from tests.e2e.conftest import PYINFRA
 from tests.e2e.helpers import assert_no_changes, executed_commands, gap_report, grand_total, lost_paths, operation_commands
-from tools.livevm import GUEST_SRC, GUEST_VENV, PROJECT_DIR
+from tools.livevm import PROJECT_DIR
 
 GiB, MiB = 1024**3, 1024**2
 NVME_SERIAL = "TABULA-NVME0"
@@ -54,15 +56,6 @@ def passphrase_env(monkeypatch):
 
 def run_over_ssh(run_pyinfra, args, *flags):
     result = run_pyinfra([*args, *flags])
-    return result, result.stdout + result.stderr
-
-
-def run_in_guest(livevm, args, *flags):
-    """pyinfra @local inside the guest, the passphrase from a 0600 file outside the repository."""
-    livevm.run("umask 077 && cat > /root/tabula-luks-passphrase", input=PASSPHRASE)
-    command = (f"cd {GUEST_SRC} && TABULA_LUKS_PASSPHRASE_FILE=/root/tabula-luks-passphrase "
-               f"{GUEST_VENV}/bin/pyinfra -y @local {shlex.join([*args, *flags])}")
-    result = livevm.run(command, check=False, timeout=1800)
     return result, result.stdout + result.stderr
 
 
@@ -233,22 +226,6 @@ def test_install_over_ssh_converges(clean_disks, livevm, target, passphrase_env,
     assert '    environment.persistence."/persist".files = [ "/etc/gaptest.conf" ];' in report
     livevm.run("rm -r /mnt/var/lib/gaptest /mnt/etc/gaptest.conf /mnt/etc/ssh/gaptest_key /mnt/var/log/gaptest.log "
                "/mnt/home/gaptest")
-
-
-def test_install_local_in_guest_converges(clean_disks, livevm, target):
-    livevm.push_project()
-    first, output = run_in_guest(livevm, deploy_args(livevm), "-vv")
-    assert first.returncode == 0, output[-8000:]
-    assert PASSPHRASE not in output
-    assert_installed_layout(livevm, target)
-    before = identities(livevm)
-    livevm.run("echo kept > /mnt/home/marker && echo kept > /mnt/persist/marker && sync")
-    second, output = run_in_guest(livevm, deploy_args(livevm), "-vv")
-    assert second.returncode == 0, output[-8000:]
-    assert_no_changes(output)
-    assert identities(livevm) == before
-    assert target.file("/mnt/home/marker").content_string == "kept\n"
-    assert target.file("/mnt/persist/marker").content_string == "kept\n"
 
 
 def test_interrupted_run_converges(clean_disks, livevm, target, passphrase_env, run_pyinfra):
