@@ -36,7 +36,7 @@ from operations.nixeval import write_tree
 from operations.nixos import HARDWARE_SKELETON, id_devices, render_files
 from operations.profile import available_profiles, load_profile
 from tests.nix.evaluation import kit_evaluate
-from tests.nix.test_evaluation import VARS
+from tests import profile_cases
 from tools import nixkit
 
 # One evaluation per profile: the base is Tabula's configuration with hardware-configuration.nix
@@ -84,7 +84,7 @@ def fake_ids(profile) -> dict:
 
 class Case:
     def __init__(self, name: str, scratch: Path):
-        self.profile = load_profile(name, VARS[name])
+        self.profile = load_profile(name, profile_cases.render_vars(name))
         self.module = self.profile.nixos.hardware_module
         self.ids = fake_ids(self.profile)
         files = render_files(self.profile, None, self.ids, hardware_module=self.module)

@@ -10,7 +10,7 @@ import pytest
 from operations import disko, luks, zfs
 from operations.profile import Dataset, Pool, Vdev, available_profiles, load_profile
 from operations.secrets import Secret
-from tests.unit.test_nixos_render import VARS
+from tests import profile_cases
 
 # disko.nix is a module function: these stand in for the module arguments it uses.
 ARGS = '{ config = { disko.rootMountPoint = "/mnt"; }; lib = { escapeShellArg = x: "\'" + x + "\'"; }; }'
@@ -27,7 +27,7 @@ def exported(profile, tmp_path) -> dict:
 
 @pytest.fixture(params=available_profiles())
 def case(request, tmp_path):
-    profile = load_profile(request.param, VARS[request.param])
+    profile = load_profile(request.param, profile_cases.render_vars(request.param))
     return profile, exported(profile, tmp_path)
 
 
