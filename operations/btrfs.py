@@ -18,7 +18,7 @@ import shlex
 from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
 from operations.roundtrips import (Made, created_this_run, is_fresh, one_command, operation, read, record_created,
-                                   record_fresh)
+                                   record_fresh, tell)
 
 from operations.errors import TabulaError
 from operations.mounts import Mounts
@@ -166,6 +166,7 @@ def top_level(device: str, path: str, options: tuple[str, ...] = ()):
     free = StringCommand("sh", "-c", QuoteString(
         f"if mountpoint -q {shlex.quote(path)}; then echo 'tabula: {path} is already mounted: unmount it' >&2; exit 1; fi"
     )) if new else None
+    tell(f"mount the top level of {device} at {path}" + (f" ({','.join(options)})" if options else ""))
     yield one_command(StringCommand("mkdir", "-p", QuoteString(path)), free,
                       StringCommand("mount", "-t", "btrfs", "-o", QuoteString(",".join(["subvolid=5", *options])),
                                     QuoteString(device), QuoteString(path)))
@@ -190,7 +191,7 @@ def subvolumes(top: str, wanted: list[Subvolume], device: str = ""):
                          device="/dev/mapper/cryptroot")
     """
     existing = {} if device and created_this_run(Made.filesystem(device)) else read(BtrfsSubvolumes, path=top)
-    commands, created = [], []
+    commands, created, plans = [], [], []
     for sub in wanted:
         target = f"{top}/{sub.path}"
         blank = existing.get(sub.blank_snapshot) if sub.blank_snapshot else None
@@ -200,10 +201,13 @@ def subvolumes(top: str, wanted: list[Subvolume], device: str = ""):
                 _check_blank(sub, blank)
                 commands.append(StringCommand("btrfs", "subvolume", "snapshot",
                                               QuoteString(f"{top}/{sub.blank_snapshot}"), QuoteString(target)))
+                plans.append(f"{sub.path} as a copy of {sub.blank_snapshot}")
             else:
                 commands.append(StringCommand("btrfs", "subvolume", "create", QuoteString(target)))
+                plans.append(sub.path)
                 if sub.blank_snapshot:
                     commands.append(_snapshot_command(top, sub))
+                    plans.append(f"{sub.blank_snapshot} (read-only snapshot of the empty {sub.path})")
             if device:
                 created.append(Made.subvolume(device, sub.path))     # empty: a new one, or a blank copy
             continue
@@ -213,10 +217,12 @@ def subvolumes(top: str, wanted: list[Subvolume], device: str = ""):
                     raise TabulaError(f"{sub.path} exists with content but {sub.blank_snapshot} is missing (drift): "
                                       "a snapshot now would not be blank; restore or remove it by hand")
                 commands.append(_snapshot_command(top, sub))
+                plans.append(f"{sub.blank_snapshot} (read-only snapshot of the empty {sub.path})")
             else:
                 _check_blank(sub, blank)
     if commands:
         # One round trip, in order: a blank snapshot right after its subvolume is created.
+        tell(f"btrfs subvolumes on {device or top}: {', '.join(plans)}")
         record_created(*created)
         yield one_command(*commands)
     else:
@@ -270,6 +276,7 @@ def swapfile(path: str, swapfile: Swapfile):
     state = None if is_fresh(path) else read(SwapfileState, path=path)
     want = swapfile.size_bytes
     if state is None:
+        tell(f"swapfile {path} of {swapfile.size} ({want} bytes), NOCOW")
         record_fresh(path, False)
         yield one_command(*swapfile_commands(path, swapfile))
         return
@@ -288,6 +295,7 @@ def swapfile(path: str, swapfile: Swapfile):
     if state["active"] or state["type"] != "regular file":
         raise TabulaError(f"{path} is not the wanted swapfile (drift): {'; '.join(problems)}; "
                           + ("it is active swap: swapoff it first" if state["active"] else "remove it by hand"))
+    tell(f"swapfile {path} made again ({'; '.join(problems)}): {swapfile.size} ({want} bytes), NOCOW")
     yield one_command(StringCommand("rm", "-f", QuoteString(path)), *swapfile_commands(path, swapfile))
 
 
@@ -303,9 +311,9 @@ def apply(profile: Profile) -> None:
         top = top_level_path(device, fs)
         first = next((s for s in fs.subvolumes if s.mountpoint), None)
         options = tuple(o for o in (first.mount_options if first else ()) if not o.startswith(("subvol", "ro")))
-        top_level(device=device, path=top, options=options, name=f"Mount the btrfs top level of {device} at {top}")
-        subvolumes(top=top, wanted=list(fs.subvolumes), device=device,
-                   name=f"Btrfs subvolumes on {device}: {', '.join(s.path for s in fs.subvolumes)}")
+        name = top.rsplit("/", 1)[-1]          # the filesystem's label (or its device's name)
+        top_level(device=device, path=top, options=options, name=f"Btrfs top level {name}")
+        subvolumes(top=top, wanted=list(fs.subvolumes), device=device, name=f"Btrfs subvolumes {name}")
 
 
 def apply_swapfiles(profile: Profile) -> None:
@@ -313,7 +321,7 @@ def apply_swapfiles(profile: Profile) -> None:
         for sub in fs.subvolumes:
             if sub.swapfile and sub.mountpoint:
                 path = f"{install_path(sub.mountpoint)}/swapfile"
-                swapfile(path=path, swapfile=sub.swapfile, name=f"Swapfile {path} ({sub.swapfile.size})")
+                swapfile(path=path, swapfile=sub.swapfile, name=f"Btrfs swapfile {path}")
 
 
 # --- NixOS -------------------------------------------------------------------------------------

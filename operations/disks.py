@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
 from operations import btrfs, filesystems, gpt, luks, zfs
-from operations.roundtrips import operation, plan_wipe, read, read_many
+from operations.roundtrips import operation, plan_wipe, read, read_many, tell
 
 from operations.errors import TabulaError
 from operations.profile import Disk, Profile
@@ -470,8 +470,8 @@ def guard(profile: Profile, settings) -> list[DiskCheck]:
                 f"tabula_confirm_wipe='[\"{check.disk.device}\"]'")
         partitions = [d["name"] for d in check.tree if d["type"] == "part"]
         plan_wipe(check.disk.device)
-        wipe(disk_path=check.disk.device, partitions=partitions, reasons=check.foreign,
-             name=f"Wipe {check.disk.device} (confirmed), which holds: " + "; ".join(found))
+        wipe(disk_path=check.disk.device, partitions=partitions, reasons=check.foreign, holds=found,
+             name=f"Wipe disks.{check.key}")
     return checks
 
 
@@ -502,7 +502,7 @@ def _is_local_connector() -> bool:
 
 
 @operation(is_idempotent=False)
-def wipe(disk_path: str, partitions: list[str], reasons: list[str]):
+def wipe(disk_path: str, partitions: list[str], reasons: list[str], holds: list[str] = ()):
     """
     Wipe a disk the run confirmed by its stable id: every signature on its partitions and on the
     disk, then the partition tables (GPT and its backup). Only the guard calls this, and only for
@@ -510,14 +510,17 @@ def wipe(disk_path: str, partitions: list[str], reasons: list[str]):
 
     + disk_path: the disk's stable path (/dev/disk/by-id/...)
     + partitions: the disk's partition devices, as the guard found them
-    + reasons: what was foreign about it (for the plan)
+    + reasons: what was foreign about it
+    + holds: what is on it, as the guard describes it (told in the plan and the run's output)
 
     **Example:**
 
     .. code:: python
 
-        disks.wipe(disk_path="/dev/disk/by-id/nvme-X", partitions=["/dev/nvme0n1p1"], reasons=["ext4"])
+        disks.wipe(disk_path="/dev/disk/by-id/nvme-X", partitions=["/dev/nvme0n1p1"], reasons=["ext4"],
+                   holds=["/dev/nvme0n1p1 (partlabel 'data'): ext4 filesystem labelled 'photos', ..."])
     """
+    tell(f"wipe {disk_path} (confirmed), which holds: " + "; ".join(holds or reasons))
     for part in partitions:
         yield StringCommand("wipefs", "-a", QuoteString(part))
     disk = QuoteString(disk_path)

@@ -14,7 +14,7 @@ from pyinfra.api import QuoteString, StringCommand
 from operations.errors import TabulaError
 from operations.nixlit import NixFragments
 from operations.profile import Filesystem, Profile, Swap
-from operations.roundtrips import Made, before_wipe, created_this_run, one_command, operation, read_many, record_created
+from operations.roundtrips import Made, before_wipe, created_this_run, one_command, operation, read_many, record_created, tell
 from operations.target import SIGNATURE_FOUND_ADVICE, WholeDiskSignature
 
 # mkfs program and its "label" flag, by format.
@@ -102,6 +102,10 @@ def formatted(filesystems: list[tuple[str, Filesystem]], swaps: list[tuple[str, 
     checks += [swap_check(device, swap, found[device]) for device, swap in swaps]
     commands = [command for command, _ in checks if command is not None]
     if commands:
+        plans = [f"make {fs.format} on {device}" + (f", labelled {fs.fs_label!r}" if fs.fs_label else "")
+                 for device, fs in filesystems] + [f"make swap on {device}" for device, _ in swaps]
+        for (command, kept), plan in zip(checks, plans):
+            tell(plan if command is not None else kept)
         record_created(*(Made.filesystem(device) for (device, _), (command, _) in zip(filesystems, checks) if command))
         yield one_command(*commands)
     else:
@@ -111,8 +115,7 @@ def formatted(filesystems: list[tuple[str, Filesystem]], swaps: list[tuple[str, 
 def apply(profile: Profile) -> None:
     wanted, swaps = list(profile.filesystems()), list(profile.swaps())
     if wanted or swaps:
-        described = [f"{fs.format} on {device}" for device, fs in wanted] + [f"swap on {device}" for device, _ in swaps]
-        formatted(filesystems=wanted, swaps=swaps, name="Filesystems: " + ", ".join(described))
+        formatted(filesystems=wanted, swaps=swaps, name="Filesystems")
 
 
 # --- NixOS ------------------------------------------------------------------------------------

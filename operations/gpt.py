@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import Made, before_wipe, one_command, operation, read, record_created
+from operations.roundtrips import Made, before_wipe, one_command, operation, read, record_created, tell
 
 from operations.errors import TabulaError
 from operations.profile import GPT_TYPE_GUIDS, Disk, Partition, Profile
@@ -150,8 +150,8 @@ def _partition_problem(number: int, want: Partition, have: dict, table: dict, se
     return None
 
 
-def describe(disk: Disk) -> str:
-    return ", ".join(f"{p.label} ({p.type.lower()}, {p.size})" for p in disk.partitions)
+def describe(disk: Disk, partitions: list[Partition] | None = None) -> str:
+    return ", ".join(f"{p.label} ({p.type.lower()}, {p.size})" for p in (disk.partitions if partitions is None else partitions))
 
 
 # --- operations -------------------------------------------------------------------------------
@@ -194,7 +194,10 @@ def partitions(disk_key: str, disk: Disk):
             end = f"+{part.size_bytes // 1024}K"
         args += ["-n", f"{number}:0:{end}", "-t", f"{number}:{part.type}", "-c", QuoteString(f"{number}:{part.label}")]
     args.append(QuoteString(disk.device))
-    record_created(*(Made.device(part.device) for part in disk.partitions[comparison.present:]))
+    new = disk.partitions[comparison.present:]
+    tell(f"{'a new GPT on ' if table is None else ''}{disk.device}: partitions {describe(disk, new)}"
+         + (f" after {describe(disk, disk.partitions[:comparison.present])}" if comparison.present else ""))
+    record_created(*(Made.device(part.device) for part in new))
     yield one_command(StringCommand(*args), settle_command([p.device for p in disk.partitions], disk.device))
 
 
@@ -212,4 +215,4 @@ def settle_command(links: list[str], disk_path: str) -> StringCommand:
 
 def apply(profile: Profile) -> None:
     for key, disk in profile.disks.items():
-        partitions(disk_key=key, disk=disk, name=f"GPT partitions on disks.{key} ({describe(disk)})")
+        partitions(disk_key=key, disk=disk, name=f"GPT disks.{key}")

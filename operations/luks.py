@@ -18,7 +18,7 @@ from functools import lru_cache
 
 from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import Made, before_wipe, created_this_run, operation, read, read_many, record_created
+from operations.roundtrips import Made, before_wipe, created_this_run, operation, read, read_many, record_created, tell
 
 from operations.errors import TabulaError
 from operations.profile import Luks, Partition, Profile
@@ -233,6 +233,7 @@ def container(device: str, luks: Luks):
                               f"the partition holds nothing you need, clear it with `wipefs -a {device}` on the target "
                               "and re-run; otherwise restore the header from a backup (cryptsetup luksHeaderRestore)")
         raise TabulaError(f"refusing to luksFormat {device}: it holds a {found} signature")
+    tell(f"luksFormat {device}: a {luks.luks_type} container (key derivation {luks.pbkdf})")
     record_created(Made.luks(device))
     yield format_command(device, luks, passphrase())
 
@@ -263,6 +264,7 @@ def mapping(device: str, luks: Luks):
                               f"({backing}): close it or rename the mapper in the profile")
         host.noop(f"/dev/mapper/{luks.mapper} is already open on {status.get('device', device)}")
         return
+    tell(f"open {device} as /dev/mapper/{luks.mapper}" + (f" ({', '.join(open_options(luks))})" if open_options(luks) else ""))
     if new:
         record_created(Made.device(f"/dev/mapper/{luks.mapper}"))
     yield open_command(device, luks, passphrase())
@@ -275,8 +277,8 @@ def apply(profile: Profile) -> None:
         # after the partition tables were already written.
         passphrase()
     for part, luks in profile.luks_devices():
-        container(device=part.device, luks=luks, name=f"LUKS {luks.luks_type} container on {part.label}")
-        mapping(device=part.device, luks=luks, name=f"Open {part.label} as /dev/mapper/{luks.mapper}")
+        container(device=part.device, luks=luks, name=f"LUKS format {part.label}")
+        mapping(device=part.device, luks=luks, name=f"LUKS open {luks.mapper}")
 
 
 def luks_partition(profile: Profile, mapper: str) -> Partition | None:

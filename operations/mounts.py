@@ -13,7 +13,7 @@ import shlex
 
 from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import Made, created_this_run, one_command, operation, read, read_many, record_fresh
+from operations.roundtrips import Made, created_this_run, one_command, operation, read, read_many, record_fresh, tell
 
 from operations.errors import TabulaError
 from operations.nixlit import NixFragments, nix_list, nix_string, stable_device
@@ -131,7 +131,7 @@ def mounted(mounts: list[Mount]):
                               options=("subvol=@home", "noatime"))])
     """
     current = read(Mounts)
-    commands, present, fresh = [], [], {}
+    commands, present, fresh, plans = [], [], {}, []
     for mount in mounts:
         target = install_path(mount.mountpoint)
         if target in current:
@@ -140,12 +140,17 @@ def mounted(mounts: list[Mount]):
             fresh[target] = False
         else:
             commands += mount_command(mount, target)
+            plans.append(mount)
             fresh[target] = is_empty_when_mounted(mount)
             if "bind" in mount.options:
                 fresh[install_path(mount.device)] = False   # seen through the bind too: no shortcut
     for path, empty in fresh.items():
         record_fresh(path, empty)
     if commands:
+        for mount in plans:
+            tell(f"mount {describe(mount)}")
+        if present:
+            tell(f"{', '.join(present)} {'are' if len(present) > 1 else 'is'} already mounted as the profile says")
         yield one_command(*commands)
     else:
         host.noop(f"{', '.join(present)} {'are' if len(present) > 1 else 'is'} already mounted as the profile says")
@@ -191,7 +196,7 @@ def describe(mount: Mount) -> str:
 def apply(profile: Profile) -> None:
     wanted = profile.all_mounts()
     if wanted:
-        mounted(mounts=wanted, name="Mount " + "; ".join(describe(m) for m in wanted))
+        mounted(mounts=wanted, name=f"Mounts under {install_path('/')}")
 
 
 # --- NixOS ------------------------------------------------------------------------------------

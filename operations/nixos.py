@@ -29,7 +29,7 @@ from operations.errors import TabulaError
 from operations.nixlit import MissingDeviceIds, nix_attr, nix_string
 from operations.nixpatch import is_valid, patch_hardware_configuration
 from operations.profile import Profile
-from operations.roundtrips import Made, created_this_run, is_fresh, operation, read, read_many, record_created, record_fresh
+from operations.roundtrips import Made, created_this_run, is_fresh, operation, read, read_many, record_created, record_fresh, tell
 from operations.target import (INSTALL_ROOT, BlockDeviceIds, DirectoryDigest, FileText, PathExists,
                                PathsState, is_file_with, write_files_command)
 
@@ -228,6 +228,7 @@ def generate_config(profile: Profile, root: str = ROOT):
     if generated is not None and is_valid(generated):
         host.noop(f"{hardware} is already generated")
         return
+    tell(f"detect the hardware into {hardware}" + (" (the one in place does not parse)" if generated is not None else ""))
     record_fresh(config_dir, False)
     record_created(Made.generated(config_dir))
     yield StringCommand("nixos-generate-config", "--root", QuoteString(root))
@@ -270,6 +271,7 @@ def configuration(profile: Profile, root: str = ROOT):
     if not stale:
         host.noop(f"{config_dir} already holds the rendered {', '.join(rendered)} (mode 0644)")
         return
+    tell(f"write {', '.join(stale)} to {config_dir} (mode 0644)")
     record_fresh(config_dir, False)
     yield write_files_command(config_dir, stale, mode="644")
 
@@ -301,6 +303,8 @@ def nixos_install(hostname: str, root: str = ROOT, stamp: str = INSTALL_STAMP):
     if current and installed == current and system:
         host.noop(f"the system in {root} is already installed from the current {config_dir} ({current[:12]})")
         return
+    tell(f"install the system {config_dir}#{hostname} into {root}"
+         + (" (its configuration changed since the last install)" if installed else ""))
     command = StringCommand("nixos-install", "--root", QuoteString(root),
                             "--flake", QuoteString(f"{config_dir}#{hostname}"), "--no-root-passwd")
     yield FunctionCommand(_stream, (command,), {})

@@ -18,7 +18,7 @@ import re
 
 from pyinfra import host, logger
 from pyinfra.api import QuoteString, StringCommand
-from operations.roundtrips import is_fresh, one_command, operation, read, read_many, record_fresh
+from operations.roundtrips import is_fresh, one_command, operation, read, read_many, record_fresh, tell
 
 from operations.errors import TabulaError
 from operations.profile import Profile
@@ -64,6 +64,7 @@ def secrets(directory: str, files: dict[str, Secret]):
         kept = f"; {', '.join(files)} kept as they are" if files else ""
         host.noop(f"{directory} exists with mode 0700{kept}")
         return
+    tell(f"{directory} (mode 0700)" + (f" with {', '.join(missing)} (mode 0600)" if missing else ""))
     record_fresh(directory, False)
     yield StringCommand("sh", "-c", QuoteString(SECRETS_SCRIPT), "secrets", QuoteString(directory),
                         *[QuoteString(n) for n in missing], _stdin=[s.reveal() for s in missing.values()])
@@ -104,6 +105,8 @@ def host_identity(etc: str, keys: list[tuple[str, int | None]], comment: str = "
     if not commands:
         host.noop(f"{', '.join([*paths.values(), machine_id])} already exist (kept as they are)")
         return
+    made = [f"SSH host key {key_type}" + (f" {bits}" if bits else "") for key_type, bits in keys if paths[key_type] not in state]
+    tell(f"in {etc}: " + ", ".join(made + (["machine-id"] if machine_id not in state else [])))
     record_fresh(ssh_dir, False)
     record_fresh(machine_id, False)
     yield one_command(*commands)
@@ -145,6 +148,7 @@ def initrd_host_key(path: str, comment: str = ""):
     if path in state and state.get(folder, {}).get("mode") == "700":
         host.noop(f"{path} already exists in a 0700 folder (kept as it is)")
         return
+    tell(f"the initrd's SSH host key {path} (ed25519, folder 0700; remote unlock)")
     record_fresh(folder, False)
     yield StringCommand("sh", "-c", QuoteString(KEYGEN_SCRIPT), "keygen", QuoteString(folder), QuoteString(path),
                         "ed25519", QuoteString(""), QuoteString(comment), "0700")
@@ -167,6 +171,7 @@ def config_copy(source: str, dest: str):
         if wanted and wanted == present:
             host.noop(f"{dest} already holds the same files as {source}")
             return
+    tell(f"copy {source} to {dest} (with the flake.lock the install wrote)")
     record_fresh(dest, False)
     yield StringCommand("sh", "-c", QuoteString('rm -rf "$2" && mkdir -p "$(dirname "$2")" && cp -a "$1" "$2"'),
                         "copy", QuoteString(source), QuoteString(dest))
@@ -196,17 +201,17 @@ def apply(profile: Profile, settings=None) -> None:
     # installs) stops the run here.
     hashes = password_hashes(profile, required=getattr(settings, "install", True))
     secrets(f"{INSTALL_ROOT}{profile.secrets_dir}", {filename: Secret(value, filename) for filename, value in hashes.items()},
-            name=f"{persist}/secrets (0700)" + (f": {', '.join(hashes)} (0600)" if hashes else ""))
+            name="Persist secrets")
     host_identity(f"{persist}/etc", [("ed25519", None), ("rsa", 4096)], comment=f"root@{profile.nixos.hostname}",
-                  name=f"Host identity in {persist}/etc: SSH host keys (ed25519, rsa 4096), machine-id")
+                  name="Persist host identity")
     if profile.nixos.remote_unlock:
         # Before nixos-install: it copies the key into the initrd it builds.
         initrd_host_key(f"{INSTALL_ROOT}{profile.initrd_host_key}", comment=f"initrd@{profile.nixos.hostname}",
-                        name=f"Initrd SSH host key {INSTALL_ROOT}{profile.initrd_host_key} (remote unlock)")
+                        name="Persist initrd host key")
 
 
 def copy_configuration(profile: Profile) -> None:
     """After nixos-install: the copy then holds the flake.lock the system was installed from, so
     the first rebuild after boot uses the same inputs, not newer ones."""
     persist = f"{INSTALL_ROOT}{profile.persistence.root}"
-    config_copy(CONFIG_DIR, f"{persist}/etc/nixos", name=f"{persist}/etc/nixos (copy of {CONFIG_DIR})")
+    config_copy(CONFIG_DIR, f"{persist}/etc/nixos", name="Persist configuration copy")

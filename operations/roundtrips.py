@@ -14,6 +14,9 @@ Three rules, used by every layer module:
   stops at the first failure, instead of one round trip each.
 - ``before_first_change(key, prepare)``: commands that must run before this run's first change,
   if it makes one (a read-only view of a pool is made writable first), yielded ahead of it.
+- ``tell(text)``: what an operation is about to do, one line of its own output. Operation names
+  stay short (pyinfra's results table fits in 120 columns); the details are told here, while the
+  run is prepared (so the plan of ``--dry`` shows them) and again when the operation runs.
 - ``record_created(...)`` / ``created_this_run(...)`` and ``record_fresh(...)`` / ``is_fresh(...)``:
   what this run's own commands have just made (a partition, a container, a filesystem, an empty
   mounted filesystem) holds nothing the run must keep, so the next step does not read it first.
@@ -397,6 +400,14 @@ def operation(**operation_kwargs):
         return pyinfra_operation(**operation_kwargs)(commands)
 
     return decorate
+
+
+def tell(text: str) -> None:
+    """One line of the current operation's own output, saying what it is about to do (its name
+    stays short). Called right before the operation's first command: pyinfra runs the operation
+    while preparing (the plan shows the line) and again at execution (the line comes again, as a
+    noop's does)."""
+    logger.info(f"{host.print_prefix}{text}")
 
 
 def one_command(*commands: StringCommand) -> StringCommand:

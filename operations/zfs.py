@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
 from operations.roundtrips import (Made, before_first_change, cancel_before_first_change, created_this_run, forget,
-                                   operation, read, record_created)
+                                   operation, read, record_created, tell)
 
 from operations.errors import TabulaError
 from operations.mounts import Mounts, mount_command
@@ -224,11 +224,12 @@ def kernel_module():
 
     .. code:: python
 
-        zfs.kernel_module(name="Load the zfs kernel module")
+        zfs.kernel_module(name="ZFS kernel module")
     """
     if read(ZfsModuleLoaded):
         host.noop("the zfs kernel module is already loaded")
         return
+    tell("load the zfs kernel module")
     yield "modprobe zfs"
 
 
@@ -261,6 +262,13 @@ def topology_differences(pool: Pool, devices: dict[str, str], state: dict) -> li
         if have != sorted(expected[section]):
             problems.append(f"{section} {have} (profile: {sorted(expected[section])})")
     return problems
+
+
+def describe_topology(pool: Pool) -> str:
+    """The pool's layout by partlabel, as the plan tells it: "raidz1 of a, b, c; log d; cache e"."""
+    parts = [f"{vdev.mode} of {', '.join(vdev.members)}" for vdev in pool.vdevs]
+    parts += [f"{kind} {', '.join(members)}" for kind, members in (("log", pool.log), ("cache", pool.cache)) if members]
+    return "; ".join(parts)
 
 
 def create_pool_command(pool: Pool, devices: dict[str, str]) -> StringCommand:
@@ -462,6 +470,7 @@ def pool(pool: Pool, devices: dict[str, str], view: PoolView | None = None):
     if all(created_this_run(Made.device(path)) for path in devices.values()):
         # Every member is a partition this run just made: no pool to find. zpool create itself
         # refuses a member that still carries an old pool's label (new partitions where old ones were).
+        tell(f"create pool {pool.name}: {describe_topology(pool)} (on this run's new partitions)")
         record_created(Made.pool(pool.name))
         hint = (f"tabula: zpool create {pool.name} failed. If a member carries the label of an earlier pool "
                 "(new partitions where old ones were), run again to have that pool found and imported, or clear "
@@ -474,6 +483,7 @@ def pool(pool: Pool, devices: dict[str, str], view: PoolView | None = None):
     if imported and state.get("readonly") and (view is None or not view.exported_at_end):
         # A read-only view left by an interrupted run, and this run keeps the pool imported.
         _check_topology(pool, devices, state)
+        tell(f"pool {pool.name} is imported read-only (left by an interrupted run): imported again read-write")
         yield make_view_writable(pool.name, search_dirs, view or PoolView())
         return
     if imported and not state.get("readonly"):
@@ -490,11 +500,13 @@ def pool(pool: Pool, devices: dict[str, str], view: PoolView | None = None):
                       f"({opened}), nothing written; exported again at the end")
             return
     if imported or pool.name in read(ZfsImportablePools, search_dirs=search_dirs):
+        tell(f"import pool {pool.name} (found in {', '.join(search_dirs)}), mounting nothing")
         record_created(Made.imported_pool(pool.name))
         # -N: mount nothing (all datasets are legacy and mounted by operations.mounts)
         yield StringCommand("zpool", "import", "-N", "-o", "cachefile=none",
                             *[x for d in search_dirs for x in ("-d", QuoteString(d))], QuoteString(pool.name))
     else:
+        tell(f"create pool {pool.name}: {describe_topology(pool)}")
         record_created(Made.pool(pool.name))
         yield create_pool_command(pool, devices)
 
@@ -593,6 +605,9 @@ def dataset(dataset_name: str, properties: dict[str, str] | None = None, encrypt
         if empty_snapshot:
             # The same command: nothing can be written to the dataset before its @empty exists.
             bits += ["&&", "zfs", "snapshot", QuoteString(f"{dataset_name}@{EMPTY_SNAPSHOT}")]
+        tell(f"create {'encrypted ' if encryption else ''}dataset {dataset_name}"
+             + (f" and its @{EMPTY_SNAPSHOT} snapshot" if empty_snapshot else "")
+             + (f": {', '.join(f'{k}={v}' for k, v in (properties or {}).items())}" if properties else ""))
         record_created(Made.dataset(dataset_name))
         yield StringCommand(*bits)
         return
@@ -609,10 +624,12 @@ def dataset(dataset_name: str, properties: dict[str, str] | None = None, encrypt
     changed = False
     if settable:
         changed = True
+        tell(f"dataset {dataset_name}: set {', '.join(f'{k}={v}' for k, v in settable.items())}")
         yield StringCommand("zfs", "set", *[QuoteString(f"{k}={v}") for k, v in settable.items()],
                             QuoteString(dataset_name))
     if encryption and current.get("keystatus", ("",))[0] == "unavailable":
         changed = True
+        tell(f"dataset {dataset_name}: load its key")
         yield StringCommand("zfs", "load-key", QuoteString(dataset_name))
     if not changed:
         host.noop(f"dataset {dataset_name} exists with the profile's properties"
@@ -654,6 +671,7 @@ def export_pool(pool_name: str):
         host.noop(f"pool {pool_name} is not imported")
         return
     # (not imported yet while planning a run that creates or imports it: the plan shows the export)
+    tell(f"unmount every mount of pool {pool_name} and export it, ready for the first boot")
     yield f"{_unmount_pool_script(pool_name)} && zpool export {shlex.quote(pool_name)}"
 
 
@@ -677,16 +695,15 @@ def apply(profile: Profile, settings=None) -> None:
 
     needs_key = any(ds.encryption for pool in profile.pools.values() for ds in pool.datasets)
     key = read_secret("ZFS_KEY") if needs_key else None
-    kernel_module(name="ZFS: load the kernel module")
+    kernel_module(name="ZFS kernel module")
     for pool_key, pool_def in profile.pools.items():
         devices = member_devices(profile, pool_key)
         roots = tuple(f"{pool_def.name}/{ds.name}" for ds in pool_def.datasets if ds.encryption)
         view = PoolView(mounts=tuple(profile.all_mounts()), encryption_roots=roots, key=key,
                         exported_at_end=bool(getattr(settings, "export_pools", False)))
-        pool(pool_def, devices, view=view, name=f"ZFS: pool {pool_def.name} imported with its topology",
-             **view.stdin())
+        pool(pool_def, devices, view=view, name=f"ZFS pool {pool_def.name}", **view.stdin())
         dataset(pool_def.name, properties=dict(pool_def.root_properties), create=False,
-                name=f"ZFS: {pool_def.name} root properties")
+                name=f"ZFS properties {pool_def.name}")
         for ds in ordered_datasets(pool_def):
             full = f"{pool_def.name}/{ds.name}"
             extra = {}
@@ -699,7 +716,7 @@ def apply(profile: Profile, settings=None) -> None:
                 properties=dataset_properties(ds),
                 encryption=ds.encryption.model_dump() if ds.encryption else None,
                 empty_snapshot=ds.empty_snapshot,
-                name=f"ZFS: dataset {full}" + (" (encrypted)" if ds.encryption else ""),
+                name=f"ZFS dataset {full}",
                 **extra,
             )
 
@@ -707,7 +724,7 @@ def apply(profile: Profile, settings=None) -> None:
 def export(profile: Profile) -> None:
     """At the end of a run: every pool unmounted and exported cleanly."""
     for pool_def in profile.pools.values():
-        export_pool(pool_def.name, name=f"ZFS: export pool {pool_def.name}")
+        export_pool(pool_def.name, name=f"ZFS export {pool_def.name}")
 
 
 # --- NixOS ----------------------------------------------------------------------------------

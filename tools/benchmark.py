@@ -45,7 +45,7 @@ PYINFRA = Path(sys.executable).parent / "pyinfra"
 GUIDE = Path(__file__).resolve().parent / "bench" / "guide.sh"
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 DISK_STAGES_END = re.compile(r"--> Starting operation: nixos-generate-config")
-IDENTITY_START = re.compile(r"--> Starting operation: Host identity")
+IDENTITY_START = re.compile(r"--> Starting operation: Persist host identity")
 NEXT_STEP = re.compile(r"--> (Starting operation|Results)")
 EXECUTED = re.compile(r"\] >>> ")
 
@@ -80,7 +80,7 @@ def timed_pyinfra(vm: LiveVM, args: list[str], env: dict) -> dict:
     if proc.returncode != 0:
         raise SystemExit("pyinfra failed:\n" + "".join(tail))
     if identity_seconds is None:     # renamed operation: the ratio without it would be skewed
-        raise SystemExit("benchmark: no 'Host identity' operation in pyinfra's output:\n" + "".join(tail))
+        raise SystemExit("benchmark: no 'Persist host identity' operation in pyinfra's output:\n" + "".join(tail))
     return {"seconds": total, "commands": commands, "identity_seconds": identity_seconds,
             "disk_seconds": disk_seconds if disk_seconds is not None else total,
             "disk_commands": disk_commands if disk_commands is not None else commands}

@@ -24,6 +24,31 @@ def grand_total(output: str) -> tuple[str, str, str, str]:
     return match.groups()
 
 
+def results_table(output: str) -> list[str]:
+    """The lines of pyinfra's results table (after "--> Results:", through "Grand total"), as a
+    terminal shows them: without colour codes."""
+    from tests.e2e.faults import strip_ansi
+
+    lines = strip_ansi(output).splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("--> Results:"))
+    table = []
+    for line in lines[start + 1:]:
+        table.append(line)
+        if line.strip().startswith("Grand total"):
+            return table
+    raise AssertionError(f"no Grand total row after --> Results:\n{chr(10).join(lines[start:][:80])}")
+
+
+def assert_results_table_fits(output: str, width: int = 120) -> None:
+    """Readable runs: every line of the results table fits in ``width`` columns (the details of
+    each step are in its own output, not in its name)."""
+    table = results_table(output)
+    assert table[0].split() == ["Operation", "Hosts", "Success", "Error", "No", "Change"], table[:2]
+    assert len(table) > 10, table                      # a whole run's steps, not an empty table
+    wide = [line for line in table if len(line) > width]
+    assert not wide, f"results table lines wider than {width} columns ({max(map(len, table))}):\n" + "\n".join(wide)
+
+
 def echoed_commands(output: str) -> list[tuple[str, bool]]:
     """Every command pyinfra echoed (needs -vv), with whether it was a fact's: pyinfra logs
     "Loaded fact ..." after a fact's command, before anything else runs."""

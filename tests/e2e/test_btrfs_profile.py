@@ -14,7 +14,8 @@ import subprocess
 import pytest
 
 from tests.e2e.conftest import PYINFRA
-from tests.e2e.helpers import assert_no_changes, executed_commands, gap_report, grand_total, lost_paths, operation_commands
+from tests.e2e.helpers import (assert_no_changes, assert_results_table_fits, executed_commands, gap_report, grand_total,
+                               lost_paths, operation_commands)
 from tools.livevm import PROJECT_DIR
 
 GiB, MiB = 1024**3, 1024**2
@@ -176,10 +177,18 @@ def test_dry_plan_executes_nothing(clean_disks, livevm, passphrase_env):
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     assert "Detected changes" in output
-    for stage in ("GPT partitions on disks.main", "LUKS luks2 container on cryptroot",
-                  "Open cryptroot as /dev/mapper/cryptroot", "btrfs on /dev/mapper/cryptroot",
-                  "vfat on /dev/disk/by-partlabel/EFI", "Btrfs subvolumes on /dev/mapper/cryptroot",
-                  "Mount / at /mnt", "/home at /mnt/home", "Swapfile /mnt/swap/swapfile"):
+    # the steps by their short names, and what each would do in its own output
+    for stage in ("GPT disks.main", "LUKS format cryptroot", "LUKS open cryptroot", "Filesystems",
+                  "Btrfs top level nixos", "Btrfs subvolumes nixos", "Mounts under /mnt",
+                  "Btrfs swapfile /mnt/swap/swapfile",
+                  "a new GPT on /dev/disk/by-id/", ": partitions EFI (ef00, 1GiB), cryptroot (8300, rest)",
+                  "luksFormat /dev/disk/by-partlabel/cryptroot: a luks2 container",
+                  "open /dev/disk/by-partlabel/cryptroot as /dev/mapper/cryptroot",
+                  "make btrfs on /dev/mapper/cryptroot, labelled 'nixos'",
+                  "make vfat on /dev/disk/by-partlabel/EFI, labelled 'EFI'",
+                  "btrfs subvolumes on /dev/mapper/cryptroot: @root, @root-blank (read-only snapshot of the empty @root)",
+                  "mount / at /mnt (btrfs /dev/mapper/cryptroot subvol=@root", "mount /home at /mnt/home",
+                  "swapfile /mnt/swap/swapfile of 256M"):
         assert stage in output, f"plan lacks {stage!r}"
     assert executed_commands(output), "no fact commands echoed at -vv"
     assert operation_commands(output) == []
@@ -201,6 +210,7 @@ def test_install_over_ssh_converges(clean_disks, livevm, target, passphrase_env,
     assert second.returncode == 0, output[-8000:]
     assert_no_changes(output)
     assert identities(livevm) == before
+    assert_results_table_fits(output)     # (at -vv: no debug lines between its rows)
 
     livevm.run("echo kept-home > /mnt/home/marker && echo kept-persist > /mnt/persist/marker && sync")
     third, output = run_over_ssh(run_pyinfra, deploy_args(livevm), "-vv")

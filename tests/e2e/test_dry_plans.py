@@ -1,6 +1,7 @@
 """Dry plans (``pyinfra --dry``) for every profile, in the live VM: on blank disks and with a
-confirmed wipe of a disk holding foreign data. Each plan must show the steps that would run
-(the wipe as a step of its own, naming what it destroys), run no operation's command, and leave
+confirmed wipe of a disk holding foreign data. Each plan must show the steps that would run, by
+their short names, and what each would do, in the steps' own output (the wipe as a step of its
+own, saying what it destroys), run no operation's command, and leave
 every disk byte-identical (checksums of the first 4 MiB and the last MiB). The plan of an
 installed and converged target is checked at the end of each fault chain (tests/e2e/test_faults.py),
 where every profile is installed and converged anyway: every step there shows no change.
@@ -13,6 +14,7 @@ import json
 
 import pytest
 
+from operations import gpt, mounts, zfs
 from operations.profile import load_profile
 from tests.e2e.faults import dry_plan
 from tests import profile_cases
@@ -34,23 +36,34 @@ def args(profile: str, variables: dict, confirm: list[str] | None = None) -> lis
 
 def expected_steps(profile) -> list[str]:
     """Steps every plan from blank (or wiped) disks shows as changes, from the profile itself."""
-    steps = [f"GPT partitions on disks.{key}" for key in profile.disks]
-    steps += ["Mount / at /mnt", "nixos-generate-config", "Host identity in", f"nixos-install {profile.nixos.hostname}"]
+    steps = [f"GPT disks.{key}" for key in profile.disks]
+    steps += ["Mounts under /mnt", "nixos-generate-config", "Persist host identity", f"nixos-install {profile.nixos.hostname}"]
     for pool in profile.pools.values():
-        steps += [f"ZFS: pool {pool.name} imported with its topology", f"ZFS: export pool {pool.name}"]
-        steps += [f"ZFS: dataset {pool.name}/{ds.name}" for ds in pool.datasets]
+        steps += [f"ZFS pool {pool.name}", f"ZFS export {pool.name}"]
+        steps += [f"ZFS dataset {pool.name}/{ds.name}" for ds in pool.datasets]
     for _part, luks in profile.luks_devices():
-        steps.append(f"Open {luks.mapper}")
+        steps.append(f"LUKS open {luks.mapper}")
     return steps
 
 
-def assert_shows(rows: dict[str, bool], steps: list[str]) -> None:
+def expected_details(profile) -> list[str]:
+    """What those steps tell they would do (their own output, printed while the plan is made)."""
+    told = [f"a new GPT on {disk.device}: partitions {gpt.describe(disk)}" for disk in profile.disks.values()]
+    told += [f"mount {mounts.describe(m)}" for m in profile.all_mounts()]
+    told += [f"create pool {pool.name}: {zfs.describe_topology(pool)}" for pool in profile.pools.values()]
+    return told
+
+
+def assert_shows(rows: dict[str, bool], steps: list[str], output: str = "", details: list[str] = ()) -> None:
     # (the NixOS files are rendered once the target's UUIDs exist: planned, with no change yet)
     assert any(name.startswith("NixOS configuration in /mnt/etc/nixos") for name in rows), list(rows)
     for step in steps:
         found = [name for name in rows if name.startswith(step)]
         assert found, f"the plan lacks {step!r}: {list(rows)}"
         assert any(rows[name] for name in found), f"the plan shows {step!r} without change"
+    lines = [line.strip() for line in output.splitlines()]
+    for detail in details:
+        assert any(line.startswith(f"[install-target] {detail}") for line in lines), f"the plan does not tell {detail!r}"
 
 
 @pytest.mark.parametrize("profile_name", profile_cases.profile_names())
@@ -60,8 +73,8 @@ def test_dry_plans_on_blank_disks_and_with_a_confirmed_wipe(profile_name, clean_
     steps = expected_steps(profile)
 
     if profile_name != "zephyrus-btrfs":          # (its blank plan: test_btrfs_profile.py)
-        _output, rows = dry_plan(livevm, args(profile_name, variables), SERIALS)
-        assert_shows(rows, steps)
+        output, rows = dry_plan(livevm, args(profile_name, variables), SERIALS)
+        assert_shows(rows, steps, output, expected_details(profile))
         assert not any(name.startswith("Wipe ") for name in rows)
     assert livevm.run("zpool list -H").stdout.strip() == ""
 
@@ -71,9 +84,12 @@ def test_dry_plans_on_blank_disks_and_with_a_confirmed_wipe(profile_name, clean_
     livevm.run(f"mkfs.ext4 -q -F -L family-photos {disk} && udevadm settle")
     output, rows = dry_plan(livevm, args(profile_name, variables, confirm=[serial]), SERIALS)
     wipes = [name for name in rows if name.startswith("Wipe ")]
-    assert len(wipes) == 1 and rows[wipes[0]], rows
-    assert livevm.stable_path(serial) in wipes[0] and "ext4 filesystem labelled 'family-photos'" in wipes[0], wipes
+    key = next(key for key, d in profile.disks.items() if d.device == livevm.stable_path(serial))
+    assert wipes == [f"Wipe disks.{key}"] and rows[wipes[0]], rows
+    # what it destroys: the step's own output in the plan
+    said = [line for line in output.splitlines() if f"] wipe {livevm.stable_path(serial)} (confirmed), which holds: " in line]
+    assert len(said) == 1 and "ext4 filesystem labelled 'family-photos'" in said[0], said
     # the wipe comes first, then the plan from blank disks
-    assert list(rows).index(wipes[0]) < min(i for i, name in enumerate(rows) if name.startswith("GPT partitions"))
-    assert_shows(rows, steps)
+    assert list(rows).index(wipes[0]) < min(i for i, name in enumerate(rows) if name.startswith("GPT "))
+    assert_shows(rows, steps, output, expected_details(profile))
     assert livevm.run(f"blkid -p -o value -s LABEL {disk}").stdout.strip() == "family-photos"

@@ -65,37 +65,37 @@ def deploy_args(profile: str, variables: dict, **data) -> list[str]:
 # Fault points per profile: (fault, what it interrupts). Operation names are the stages' own.
 CHAINS = {
     "zephyrus-btrfs": [
-        (Fault("kill", op=r"^LUKS luks2 container"), "after partitioning"),
+        (Fault("kill", op=r"^LUKS format cryptroot$"), "after partitioning"),
         (Fault("cut", cmd=r"cryptsetup luksFormat", delay=0.3), "mid luksFormat (SSH cut)"),
-        (Fault("kill", op=r"^Filesystems"), "after luksFormat + open"),
+        (Fault("kill", op=r"^Filesystems$"), "after luksFormat + open"),
         (Fault("cut", cmd=r"mkfs\.btrfs", delay=0.2), "mid mkfs.btrfs (SSH cut)"),
-        (Fault("kill", op=r"^Btrfs subvolumes"), "after mkfs"),
+        (Fault("kill", op=r"^Btrfs subvolumes "), "after mkfs"),
         (Fault("kill", cmd=r"btrfs subvolume create", delay=0.3), "mid subvolumes"),
-        (Fault("kill", op=r"^Mount / at"), "after subvolumes"),
-        (Fault("kill", op=r"^Swapfile"), "after mounts"),
+        (Fault("kill", op=r"^Mounts under /mnt$"), "after subvolumes"),
+        (Fault("kill", op=r"^Btrfs swapfile "), "after mounts"),
         (Fault("cut", cmd=r"fallocate", delay=0.2), "mid swapfile (SSH cut)"),
         (Fault("kill", op=r"^nixos-generate-config"), "after swapfile"),
-        (Fault("cut", op=r"^Host identity", delay=0.5), "mid NixOS/persist stage (SSH cut)"),
+        (Fault("cut", op=r"^Persist host identity$", delay=0.5), "mid NixOS/persist stage (SSH cut)"),
         (Fault("kill", out=r"stand-in: copying the system closure"), "mid nixos-install"),
         (Fault("kill", out=r"installation finished!"), "after nixos-install, before its stamp"),
     ],
     "zfs-raidz1": [
-        (Fault("kill", op=r"^ZFS: pool .* imported"), "after partitioning"),
+        (Fault("kill", op=r"^ZFS pool "), "after partitioning"),
         (Fault("cut", cmd=r"zpool create", delay=0.5), "mid pool create (SSH cut)"),
-        (Fault("kill", op=r"^ZFS: dataset .*/temp/root"), "after pool create"),
+        (Fault("kill", op=r"^ZFS dataset .*/temp/root$"), "after pool create"),
         (Fault("kill", cmd=r"zfs snapshot", delay=0.0), "mid datasets (at an @empty snapshot)"),
         (Fault("kill", cmd=r"mount -t zfs", delay=0.2), "after datasets, mid mounts"),
         (Fault("cut", cmd=r"^sh -c 'nixos-generate-config --root", delay=0.5), "mid nixos-generate-config on a ZFS root (SSH cut)"),
-        (Fault("kill", op=r"^Host identity", delay=1.0), "mid persist on the encrypted dataset"),
+        (Fault("kill", op=r"^Persist host identity$", delay=1.0), "mid persist on the encrypted dataset"),
         (Fault("kill", cmd=r"&& zpool export", delay=0.1), "mid pool export"),
     ],
     "light-tmpfs-f2fs": [
-        (Fault("kill", op=r"^Open local-"), "after luksFormat"),
+        (Fault("kill", op=r"^LUKS open local-"), "after luksFormat"),
         (Fault("cut", cmd=r"mkfs\.f2fs", delay=0.2), "mid mkfs.f2fs (SSH cut)"),
-        (Fault("kill", op=r"^ZFS: dataset .*/remote/system"), "after pool create and encrypted dataset"),
+        (Fault("kill", op=r"^ZFS dataset .*/remote/system$"), "after pool create and encrypted dataset"),
         (Fault("cut", out=r"stand-in: building the flake"), "mid nixos-install (SSH cut)"),
         # (an SSH cut needs a new connection, slower than the export itself: it cannot be aimed inside it)
-        (Fault("kill", op=r"^ZFS: export pool"), "after the install and its stamp, before the pool export"),
+        (Fault("kill", op=r"^ZFS export "), "after the install and its stamp, before the pool export"),
     ],
 }
 # Faults that stop nixos-install before its stamp: each means one more run of it.
@@ -229,7 +229,7 @@ def test_half_written_luks_header_stops_with_advice(clean_disks, livevm, secrets
     """A LUKS2 header whose metadata areas never got written (luksFormat cut short): refused."""
     variables = profile_vars(livevm, "zephyrus-btrfs")
     args = deploy_args("zephyrus-btrfs", variables)
-    run = run_with_fault(livevm, args, Fault("kill", op=r"^LUKS luks2 container"))
+    run = run_with_fault(livevm, args, Fault("kill", op=r"^LUKS format cryptroot$"))
     assert run.fired, strip_ansi(run.output)[-4000:]
     # The first 4 KiB of a real LUKS2 header (magic, version, checksum of the JSON area that
     # follows), nothing after it: what a luksFormat stopped after its first write leaves.

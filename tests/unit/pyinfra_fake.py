@@ -90,3 +90,14 @@ def unjoined(commands: list[str]) -> list[str]:
         else:
             parts.append(text)
     return parts
+
+
+def told(caplog, run) -> list[str]:
+    """The lines an operation told (``roundtrips.tell``: its own output) while ``run()`` ran it."""
+    import logging
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pyinfra"):
+        run()
+    return [record.getMessage() for record in caplog.records
+            if record.name == "pyinfra" and record.levelno == logging.INFO]

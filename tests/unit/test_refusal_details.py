@@ -6,7 +6,10 @@ import pytest
 from operations import disks
 from operations.errors import TabulaError
 from tests.unit.pyinfra_fake import use_fake_host  # noqa: F401 (used through run_guard)
-from tests.unit.test_disks import NVME, facts, installed_table, profile, run_guard, wipes  # noqa: F401
+from tests.unit.pyinfra_fake import told
+from tests.unit.test_disks import BY_ID, NVME, facts, installed_table, profile, run_guard, wipes  # noqa: F401
+
+WIPE = disks.wipe          # the operation itself (the wipes fixture replaces it in the module)
 
 PHOTOS = {"TYPE": "ext4", "LABEL": "family-photos", "UUID": "5c1f7a52-0d8e-4f6b-9d61-3f3c8a1e2b77"}
 VAULT = {"TYPE": "crypto_LUKS", "VERSION": "2", "LABEL": "vault", "UUID": "9a7e2c1d-55aa-4c3b-8e0f-1b2c3d4e5f60"}
@@ -86,10 +89,16 @@ def test_a_refused_disk_in_use_says_what_is_on_it(monkeypatch, wipes):
     assert "ext4 filesystem labelled 'family-photos', UUID 5c1f7a52" in message
 
 
-def test_the_confirmed_wipe_step_names_what_it_destroys(monkeypatch, wipes):
+def test_the_confirmed_wipe_step_says_what_it_destroys(monkeypatch, wipes, caplog):
     run_guard(monkeypatch, profile(), facts("btrfs_lsblk_blank.json", signatures={NVME: PHOTOS}),
               confirm=["TABULA-NVME0"])
-    assert "family-photos" in wipes[0]["name"] and "16.0 GiB" in wipes[0]["name"]
+    [step] = wipes
+    assert step["name"] == "Wipe disks.main"                 # short: the results table stays narrow
+    # what the disk holds is the step's own output: the plan (--dry) and the run print it
+    arguments = {key: value for key, value in step.items() if key != "name"}
+    assert told(caplog, lambda: list(WIPE._inner(**arguments))) == [
+        f"[install-target] wipe {BY_ID} (confirmed), which holds: {NVME}: ext4 filesystem labelled "
+        "'family-photos', UUID 5c1f7a52-0d8e-4f6b-9d61-3f3c8a1e2b77, 16.0 GiB"]
 
 
 def test_sizes_read_as_people_say_them():
