@@ -1,11 +1,12 @@
 """Rendering the NixOS files from profiles: every file parses, values come from the data."""
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from operations import btrfs, nixos
+from operations import btrfs, nixos, zfs
 from operations.errors import TabulaError
 from operations.btrfs import rollback_script as btrfs_rollback_script
 from operations.nixlit import systemd_escape
@@ -105,31 +106,113 @@ def test_configuration_values_come_from_profile(rendered):
     assert imp["m"] is False
 
 
-def test_rollback_service_only_with_blank_snapshot_and_script_is_the_same(rendered):
+# What each profile empties at boot, and how: a btrfs subvolume restored from its blank snapshot,
+# ZFS temp datasets rolled back to @empty, or a tmpfs root that needs no service at all.
+ROLLBACK_SERVICES = {"zephyrus-btrfs": {"rollback"}, "zfs-raidz1": {"tabula-rollback-temp"}, "light-tmpfs-f2fs": set()}
+
+
+def test_the_initrd_rolls_back_exactly_what_the_profile_empties_at_boot(rendered):
     profile, files, folder = rendered
-    targets = btrfs.rollback_targets(profile)
     services = nix_eval(folder, f"(import ./impermanence.nix {MODULE_ARGS}).boot.initrd.systemd.services or {{}}")
-    if not targets:
-        assert "rollback" not in services
-        return
-    service = services["rollback"]
-    assert service["before"] == ["sysroot.mount"]
-    assert "systemd-cryptsetup@cryptroot.service" in service["after"]
-    assert "dev-mapper-cryptroot.device" in service["after"]
-    assert service["unitConfig"] == {"DefaultDependencies": "no"}
-    assert service["wantedBy"] == ["initrd.target"]
-    # What Nix hands to the initrd is exactly the script the e2e test runs.
-    assert service["script"] == btrfs_rollback_script("/dev/mapper/cryptroot", "@root", "@root-blank")
-    assert nix_eval(folder, f"(import ./impermanence.nix {MODULE_ARGS}).boot.initrd.systemd.enable") is True
+    expected = ROLLBACK_SERVICES.get(profile.name)
+    if expected is None:          # a profile added since: derived from its layers
+        expected = ({"rollback"} if len(btrfs.rollback_targets(profile)) == 1 else
+                    {f"rollback-{i + 1}" for i in range(len(btrfs.rollback_targets(profile)))})
+        expected |= {"tabula-rollback-temp"} if zfs.temp_datasets(profile) else set()
+    assert set(services) == expected
+    for name, service in services.items():
+        assert service["before"] == ["sysroot.mount"] and service["wantedBy"] == ["initrd.target"], name
+        assert service["unitConfig"] == {"DefaultDependencies": "no"}, name
+    if services:
+        assert nix_eval(folder, f"(import ./impermanence.nix {MODULE_ARGS}).boot.initrd.systemd.enable") is True
+    # What Nix hands to the initrd is exactly the script the e2e tests run.
+    if "rollback" in services:
+        service = services["rollback"]
+        assert "systemd-cryptsetup@cryptroot.service" in service["after"]
+        assert "dev-mapper-cryptroot.device" in service["after"]
+        assert service["script"] == btrfs_rollback_script("/dev/mapper/cryptroot", "@root", "@root-blank")
+    if "tabula-rollback-temp" in services:
+        service = services["tabula-rollback-temp"]
+        imports = sorted(f"zfs-import-{pool.name}.service" for pool in profile.pools.values())
+        assert service["after"] == service["requires"] == imports
+        assert service["script"] == zfs.rollback_script(profile)
+        assert [line.split()[-1] for line in service["script"].splitlines()[1:]] == \
+            [f"{name}@empty" for name in zfs.temp_datasets(profile)]
 
 
-def test_rollback_script_deletes_nested_first_and_guards_blank():
-    script = btrfs_rollback_script("/dev/mapper/x", "@root", "@root-blank", mountdir="/m")
-    result = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+# A stand-in for btrfs (and mount/umount) over plain folders: a subvolume is a folder holding a
+# .subvol-id file (its ID). "subvolume list" prints them by ID like btrfs does, "subvolume delete"
+# refuses one that still holds a nested subvolume (as btrfs does), "subvolume snapshot" copies.
+BTRFS_STANDIN = r"""#!/bin/bash
+echo "btrfs $*" >> "$STANDIN_LOG"
+case "$1 $2" in
+  "subvolume list")
+    cd "$3" && find . -mindepth 2 -name .subvol-id -printf '%h\n' | while read -r d; do
+      echo "$(cat "$d/.subvol-id") ${d#./}"; done | sort -n | while read -r id path; do
+      echo "ID $id gen 7 top level 5 path $path"; done ;;
+  "subvolume delete")
+    if [ -n "$(find "$3" -mindepth 2 -name .subvol-id -print -quit)" ]; then
+      echo "ERROR: Could not destroy subvolume: Directory not empty" >&2; exit 1; fi
+    rm -rf "$3" ;;
+  "subvolume snapshot")
+    shift 2; [ "$1" = -r ] && shift
+    [ -e "$2" ] && { echo "ERROR: target path already exists: $2" >&2; exit 1; }
+    cp -a "$1" "$2" && echo 999 > "$2/.subvol-id" ;;
+  *) exit 2 ;;
+esac
+"""
+
+
+def subvolume(top: Path, path: str, number: int, files: tuple[str, ...] = ()) -> Path:
+    folder = top / path
+    folder.mkdir(parents=True)
+    (folder / ".subvol-id").write_text(f"{number}\n")
+    for name in files:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("data\n")
+    return folder
+
+
+def run_rollback(tmp_path: Path, top: Path) -> subprocess.CompletedProcess:
+    """The initrd's rollback script, run by a real bash over the folders."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "btrfs").write_text(BTRFS_STANDIN)
+    for name in ("mount", "umount"):
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "$STANDIN_LOG"\n')
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    script = btrfs_rollback_script("/dev/mapper/cryptroot", "@root", "@root-blank", mountdir=str(top))
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "STANDIN_LOG": str(tmp_path / "calls")}
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env)
+
+
+def test_rollback_script_deletes_nested_subvolumes_first_then_restores_the_blank_root(tmp_path):
+    top = tmp_path / "top"
+    subvolume(top, "@root", 256, ("etc/leftover", "var/lib/state"))
+    subvolume(top, "@root-blank", 257)
+    subvolume(top, "@home", 258, ("ada/notes",))
+    subvolume(top, "@rootfs", 259, ("kept",))                        # a name that only starts like @root
+    subvolume(top, "@root/var/lib/machines", 260, ("image",))        # systemd makes this one
+    subvolume(top, "@root/var/lib/machines/inner", 261)              # nested in the nested one
+    result = run_rollback(tmp_path, top)
     assert result.returncode == 0, result.stderr
-    nested = script.index("deleting nested subvolume")
-    assert nested < script.index('btrfs subvolume delete "$mnt/@root"') < script.index("btrfs subvolume snapshot")
-    assert 'if [ -d "$mnt/@root-blank" ]' in script
+    # the root is the blank snapshot again: nothing of the old one is left
+    assert sorted(p.name for p in (top / "@root").iterdir()) == [".subvol-id"]
+    assert (top / "@root-blank").is_dir() and (top / "@home/ada/notes").read_text() == "data\n"
+    assert (top / "@rootfs/kept").exists()
+    deleted = [line.split()[-1] for line in (tmp_path / "calls").read_text().splitlines() if "subvolume delete" in line]
+    assert deleted == [f"{top}/@root/var/lib/machines/inner", f"{top}/@root/var/lib/machines", f"{top}/@root"]
+    assert "restoring @root from @root-blank" in result.stdout
+
+
+def test_rollback_script_without_the_blank_snapshot_leaves_the_root_as_it_is(tmp_path):
+    top = tmp_path / "top"
+    subvolume(top, "@root", 256, ("etc/kept",))
+    result = run_rollback(tmp_path, top)
+    assert (top / "@root/etc/kept").read_text() == "data\n"
+    assert "subvolume delete" not in (tmp_path / "calls").read_text()
+    assert "@root-blank is missing: @root is left as it is" in result.stderr
 
 
 def test_real_uuids_replace_partlabels_and_missing_ids_are_refused():
@@ -172,7 +255,7 @@ def test_password_hashes_only():
 
 def test_review_command_writes_files_and_touches_no_disk(tmp_path):
     out = tmp_path / "review"
-    result = subprocess.run([str(ROOT / ".venv/bin/python"), str(ROOT / "tools/render.py"), "zephyrus-btrfs",
+    result = subprocess.run([sys.executable, str(ROOT / "tools/render.py"), "zephyrus-btrfs",
                              "--host", "g16", "--dmi", "ROG Zephyrus G16 GU605CW_GU605CW", "--out", str(out)],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr

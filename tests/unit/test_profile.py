@@ -25,27 +25,53 @@ def test_host_hash_is_sha256_prefix():
     assert len(host_hash("x")) == 8
 
 
-def test_zephyrus_profile_matches_the_guide():
-    profile = load_profile("zephyrus-btrfs", {"disk": NVME})
-    (disk,) = profile.disks.values()
-    efi, cryptroot = disk.partitions
-    assert (efi.label, efi.type, efi.size_bytes) == ("EFI", "EF00", 1024**3)
-    assert efi.content.format == "vfat" and efi.content.fs_label == "EFI"
-    assert (cryptroot.label, cryptroot.type, cryptroot.size) == ("cryptroot", "8300", "rest")
-    luks = cryptroot.content
-    assert (luks.mapper, luks.luks_type, luks.pbkdf) == ("cryptroot", "luks2", "argon2id")
-    btrfs = luks.content
-    assert btrfs.fs_label == "nixos"
-    assert [s.path for s in btrfs.subvolumes] == ["@root", "@nix", "@home", "@persist", "@log", "@swap"]
-    assert btrfs.subvolumes[0].blank_snapshot == "@root-blank"
-    mounts = {m.mountpoint: m for m in profile.all_mounts()}
-    assert mounts["/"].options == ("subvol=@root", "compress=zstd", "noatime", "discard=async")
-    assert mounts["/swap"].options == ("subvol=@swap", "noatime")
-    assert mounts["/boot"].device == "/dev/disk/by-partlabel/EFI"
-    assert btrfs.subvolumes[-1].swapfile.size_bytes == 32 * 1024**3  # the guide's default
-    # parents mount before children
-    order = [m.mountpoint for m in profile.all_mounts()]
-    assert order[0] == "/" and order.index("/var/log") > order.index("/home")
+TREE = """
+name: tree
+nixos: {hostname: box, user: ada}
+disks:
+  main:
+    device: /dev/disk/by-id/virtio-X
+    partitions:
+      - {label: ESP, type: ef00, size: 512M, content: {type: filesystem, format: vfat, mountpoint: /boot, mount_options: [umask=077]}}
+      - {label: sw, type: "8200", size: 1G, content: {type: swap}}
+      - label: sealed
+        size: rest
+        content:
+          type: luks
+          mapper: vault
+          content:
+            type: filesystem
+            format: btrfs
+            subvolumes:
+              - {path: "@log", mountpoint: /var/log, mount_options: [noatime]}
+              - {path: "@var", mountpoint: /var}
+              - {path: "@root", mountpoint: /, mount_options: [compress=zstd]}
+              - {path: "@swap", mountpoint: /swap, swapfile: {size: 1GiB}}
+mounts:
+  - {type: bind, source: /var/lib/x, mountpoint: /x, options: [nodev]}
+"""
+
+
+def test_the_model_derives_devices_and_mounts_from_the_tree(tmp_path):
+    """What the stages use, derived from the nesting: a partition's device is its partlabel link,
+    what a LUKS container holds is on its mapper, a subvolume mounts with subvol=, a bind with
+    bind, and the mounts come parents first whatever order the YAML lists them in."""
+    profile = load_profile(write_profile(tmp_path, TREE))
+    assert [(device, fs.format) for device, fs in profile.filesystems()] == [
+        ("/dev/disk/by-partlabel/ESP", "vfat"), ("/dev/mapper/vault", "btrfs")]
+    assert [device for device, _ in profile.swaps()] == ["/dev/disk/by-partlabel/sw"]
+    assert [(part.device, luks.mapper) for part, luks in profile.luks_devices()] == [
+        ("/dev/disk/by-partlabel/sealed", "vault")]
+    assert [(m.mountpoint, m.device, m.fstype, m.options) for m in profile.all_mounts()] == [
+        ("/", "/dev/mapper/vault", "btrfs", ("subvol=@root", "compress=zstd")),
+        ("/boot", "/dev/disk/by-partlabel/ESP", "vfat", ("umask=077",)),
+        ("/swap", "/dev/mapper/vault", "btrfs", ("subvol=@swap",)),
+        ("/var", "/dev/mapper/vault", "btrfs", ("subvol=@var",)),
+        ("/x", "/var/lib/x", "none", ("bind", "nodev")),
+        ("/var/log", "/dev/mapper/vault", "btrfs", ("subvol=@log", "noatime")),
+    ]
+    swapfile = next(s.swapfile for _, fs in profile.filesystems() for s in fs.subvolumes if s.swapfile)
+    assert swapfile.size_bytes == 1024**3
 
 
 def test_inventory_vars_override_defaults():
@@ -59,25 +85,16 @@ def test_inventory_vars_override_defaults():
     assert luks.content.subvolumes[-1].swapfile.size_bytes == 256 * 1024**2
 
 
-def test_zfs_profile_labels_carry_the_host_hash():
-    profile = load_profile("zfs-raidz1", ZFS_VARS)
-    h = host_hash("tabula-zfs")
-    labels = [p.label for _, _, p in profile.partitions()]
-    assert labels == [f"boot-{h}", f"swap-{h}", f"rpool-zil-{h}", f"rpool-arc-{h}",
-                      f"rpool-rz1-{h}", f"rpool-rz2-{h}", f"rpool-rz3-{h}"]
-    pool = profile.pools["rpool"]
-    assert pool.name == f"rpool-{h}"
-    assert pool.vdevs[0].mode == "raidz1" and len(pool.vdevs[0].members) == 3
-    assert pool.log == [f"rpool-zil-{h}"] and pool.cache == [f"rpool-arc-{h}"]
-    assert profile.host_id == h
-
-
-def test_light_profile_has_tmpfs_root_and_binds():
-    profile = load_profile("light-tmpfs-f2fs", LIGHT_VARS)
-    mounts = {m.mountpoint: m for m in profile.all_mounts()}
-    assert mounts["/"].fstype == "tmpfs"
-    assert mounts["/nix"].options[0] == "bind" and mounts["/nix"].device == "/.local/nix"
-    assert "compress_algorithm=lz4" in mounts["/.local"].options
+def test_labels_and_pool_names_derive_from_the_host_name():
+    """${hash} is the host's: another host name gives other labels, pool name and hostId, so two
+    machines' disks never clash by partlabel; pool members are found by those labels."""
+    one, other = load_profile("zfs-raidz1", ZFS_VARS), load_profile("zfs-raidz1", ZFS_VARS | {"hostname": "nas-2"})
+    for profile, hostname in ((one, "tabula-zfs"), (other, "nas-2")):
+        h = host_hash(hostname)
+        assert all(p.label.endswith(f"-{h}") for _, _, p in profile.partitions())
+        assert profile.pools["rpool"].name == f"rpool-{h}" and profile.host_id == h
+        assert all(device == f"/dev/disk/by-partlabel/{part.label}" for device, part in profile.pool_members("rpool"))
+    assert not {p.label for _, _, p in one.partitions()} & {p.label for _, _, p in other.partitions()}
 
 
 # --- bad input: each rejected with a message naming the field ------------------------------
