@@ -18,7 +18,7 @@ from operations import disks, gpt, stages
 from operations.profile import available_profiles, load_profile
 from operations.settings import Settings
 from tests.unit.pyinfra_fake import use_fake_host
-from tests.unit.test_nixos_render import VARS
+from tests import profile_cases
 
 WIDTH = 120
 HOST = "install-target"
@@ -76,7 +76,7 @@ def run_names(monkeypatch, profile_name: str) -> list[str]:
     for key, value in SECRETS.items():
         monkeypatch.setenv(key, value)
         monkeypatch.delenv(f"{key}_FILE", raising=False)
-    profile = load_profile(profile_name, VARS[profile_name])
+    profile = load_profile(profile_name, profile_cases.render_vars(profile_name))
     facts, confirm = confirmed_foreign_disks(profile)
     use_fake_host(monkeypatch, disks, facts)
     monkeypatch.setattr(disks, "_is_local_connector", lambda: True)
@@ -111,7 +111,7 @@ def plan_table(names: list[str]) -> list[str]:
 @pytest.mark.parametrize("profile_name", available_profiles())
 def test_the_results_table_fits_in_120_columns(monkeypatch, profile_name):
     names = run_names(monkeypatch, profile_name)
-    profile = load_profile(profile_name, VARS[profile_name])
+    profile = load_profile(profile_name, profile_cases.render_vars(profile_name))
     # every stage is there: the wipes, a partition table per disk, the install
     assert sum(name.startswith("Wipe ") for name in names) == len(profile.disks), names
     assert f"nixos-install {profile.nixos.hostname}" in names, names
