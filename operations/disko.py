@@ -27,6 +27,7 @@ import shlex
 from dataclasses import dataclass
 
 from operations.errors import TabulaError
+from operations.luks import format_args as luks_format_args
 from operations.nixlit import nix_attr, nix_indented_string, nix_string
 from operations.profile import (Bind, Dataset, Disk, Filesystem, Luks, Partition, Pool, Profile, Subvolume, Swap,
                                 Swapfile, Tmpfs, ZfsMember)
@@ -165,21 +166,6 @@ def content_node(content, device: str, part: Partition, profile: Profile, binds:
     if isinstance(content, ZfsMember):
         return zfs_member_node(content, part, profile)
     raise DiskoError(f"partition {part.label}: no disko node for {type(content).__name__}")
-
-
-def luks_format_args(luks: Luks) -> list[str]:
-    """What Tabula's luksFormat is given beyond the device (operations/luks.py format_command)."""
-    args = ["--type", luks.luks_type]
-    if luks.cipher:
-        args += ["--cipher", luks.cipher]
-    if luks.key_size:
-        args += ["--key-size", str(luks.key_size)]
-    args += ["--pbkdf", luks.pbkdf]
-    if luks.pbkdf_iterations:
-        args += ["--pbkdf-force-iterations", str(luks.pbkdf_iterations)]
-    if luks.pbkdf_memory:
-        args += ["--pbkdf-memory", str(luks.pbkdf_memory)]
-    return args
 
 
 def luks_node(luks: Luks, part: Partition, profile: Profile, binds: dict[str, list[Bind]]) -> dict:

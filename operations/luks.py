@@ -150,8 +150,9 @@ def passphrase() -> Secret:
 # --- commands ---------------------------------------------------------------------------------
 
 
-def format_command(device: str, luks: Luks, secret: Secret) -> StringCommand:
-    args: list = ["cryptsetup", "luksFormat", "--batch-mode", "--type", luks.luks_type]
+def format_args(luks: Luks) -> list[str]:
+    """luksFormat's settings from the profile (the disko export gives disko the same)."""
+    args = ["--type", luks.luks_type]
     if luks.cipher:
         args += ["--cipher", luks.cipher]
     if luks.key_size:
@@ -161,6 +162,11 @@ def format_command(device: str, luks: Luks, secret: Secret) -> StringCommand:
         args += ["--pbkdf-force-iterations", str(luks.pbkdf_iterations)]
     if luks.pbkdf_memory:
         args += ["--pbkdf-memory", str(luks.pbkdf_memory)]
+    return args
+
+
+def format_command(device: str, luks: Luks, secret: Secret) -> StringCommand:
+    args: list = ["cryptsetup", "luksFormat", "--batch-mode", *format_args(luks)]
     args.append(shlex.quote(device))
     # Checked again in the same command: udev may have hidden the device while the facts ran
     # (a partition-table re-read after a close), and a header must never be formatted over.
