@@ -24,7 +24,9 @@ from operations.errors import TabulaError
 from operations.mounts import Mounts
 from operations.nixlit import NixFragments, device_units, nix_attr, nix_indented_string, nix_list, nix_string, stable_device
 from operations.profile import Filesystem, Profile, Subvolume, Swapfile
-from operations.target import PRIVATE_MOUNT_ROOT, CanonicalPath, Written, install_path, listing_command, parse_listing
+from operations.settings import Settings
+from operations.target import (PRIVATE_MOUNT_ROOT, CanonicalPath, Written, install_path, listing_command, parse_listing,
+                               read_fact, under)
 
 
 def top_level_path(device: str, fs: Filesystem) -> str:
@@ -476,3 +478,93 @@ def written_since_boot(profile: Profile) -> tuple[list[Written], list[str]]:
                     or blank[path][0].kind != entry.kind]
         how.append(f"btrfs {sub.path} against {sub.blank_snapshot} on {device}")
     return written, how
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def checks(host, settings: Settings, root: str) -> list[str]:
+    """Each btrfs filesystem's subvolumes (top-level, writable), each blank snapshot (read-only,
+    empty, and a snapshot of its subvolume: its parent, or on a booted system, the parent of the
+    subvolume restored from it), and each swapfile (NOCOW, its size, mode 0600, a swap signature;
+    whether it is active is the mounts layer's, which renders swapDevices). One line per mismatch.
+
+    The subvolumes are read from the top level the install keeps mounted; where it is not (the
+    booted system) the top level is mounted read-only for the read, then unmounted.
+
+    + host: a testinfra host (``read_fact`` runs this layer's facts through it)
+    """
+    failures = []
+    for device, fs in _btrfs_filesystems(settings.profile):
+        subvolumes, problem = _read_subvolumes(host, device, fs)
+        if problem:
+            failures.append(problem)
+            continue
+        for sub in fs.subvolumes:
+            have = subvolumes.get(sub.path)
+            if have is None:
+                failures.append(f"{device}: subvolume {sub.path} missing")
+                continue
+            if have["top_level"] != 5:
+                failures.append(f"{device}: subvolume {sub.path} is nested (top level {have['top_level']}), not top-level")
+            if have["ro"]:
+                failures.append(f"{device}: subvolume {sub.path} is read-only")
+            if sub.blank_snapshot:
+                failures += _blank_problems(device, sub, have, subvolumes.get(sub.blank_snapshot))
+    for _, fs in _btrfs_filesystems(settings.profile):
+        for sub in fs.subvolumes:
+            if sub.swapfile and sub.mountpoint:
+                failures += _swapfile_problems(host, under(root, sub.swapfile_path), sub.swapfile)
+    return failures
+
+
+def _read_subvolumes(host, device: str, fs: Filesystem) -> tuple[dict, str | None]:
+    subvolumes = read_fact(host, BtrfsSubvolumes, path=top_level_path(device, fs))
+    if subvolumes:
+        return subvolumes, None
+    top = host.check_output("mktemp -d /run/tabula-verify.XXXXXX")
+    try:
+        mounted = host.run(f"mount -o subvolid=5,ro {shlex.quote(device)} {top}")
+        if mounted.rc != 0:
+            return {}, f"{device}: cannot mount its btrfs top level to read the subvolumes: {mounted.stderr.strip()}"
+        try:
+            return read_fact(host, BtrfsSubvolumes, path=top), None
+        finally:
+            host.run(f"umount {top}")
+    finally:
+        host.run(f"rmdir {top}")
+
+
+def _blank_problems(device: str, sub: Subvolume, have: dict, blank: dict | None) -> list[str]:
+    name = sub.blank_snapshot
+    if blank is None:
+        return [f"{device}: blank snapshot {name} missing"]
+    problems = []
+    if not blank["ro"]:
+        problems.append(f"{device}: blank snapshot {name} is writable")
+    if not blank["empty"]:
+        problems.append(f"{device}: blank snapshot {name} is not empty")
+    # Made from the empty subvolume at install time; at every boot the subvolume is restored from it.
+    if blank["parent_uuid"] != have["uuid"] and have["parent_uuid"] != blank["uuid"]:
+        problems.append(f"{device}: {name} is not a snapshot of {sub.path} (its parent {blank['parent_uuid']}, "
+                        f"{sub.path} is {have['uuid']}) nor is {sub.path} restored from it")
+    return problems
+
+
+def _swapfile_problems(host, path: str, swapfile: Swapfile) -> list[str]:
+    state = read_fact(host, SwapfileState, path=path)
+    if state is None:
+        return [f"{path}: missing"]
+    problems = []
+    if state["type"] != "regular file":
+        problems.append(f"{path}: a {state['type']}, not a regular file")
+    if state["size"] != swapfile.size_bytes:
+        problems.append(f"{path}: {state['size']} bytes, the profile wants {swapfile.size} ({swapfile.size_bytes} bytes)")
+    if not state["nocow"]:
+        problems.append(f"{path}: copy-on-write is not disabled (chattr +C)")
+    if not state["swap"]:
+        problems.append(f"{path}: no swap signature")
+    mode = host.run(f"stat -c %a {shlex.quote(path)}").stdout.strip()     # (PathsState would hash the whole file)
+    if mode != "600":
+        problems.append(f"{path}: mode {mode}, not 600")
+    return problems

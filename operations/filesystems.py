@@ -15,7 +15,8 @@ from operations.errors import TabulaError
 from operations.nixlit import NixFragments
 from operations.profile import Filesystem, Profile, Swap
 from operations.roundtrips import Made, before_wipe, created_this_run, one_command, operation, read_many, record_created, tell
-from operations.target import SIGNATURE_FOUND_ADVICE, WholeDiskSignature
+from operations.target import SIGNATURE_FOUND_ADVICE, WholeDiskSignature, read_fact
+from operations.settings import Settings
 
 # mkfs program and its "label" flag, by format.
 MKFS = {
@@ -138,3 +139,29 @@ def required_tools(profile: Profile) -> dict[str, str]:
         elif isinstance(node, Swap):
             needed["mkswap"] = f"swap partition {part.label}"
     return needed
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def checks(host, settings: Settings, root: str) -> list[str]:
+    """Each filesystem's type and label as blkid probes them on its device, and each swap
+    partition's signature (none to find on a swap with a new random key at every boot). One line
+    per mismatch.
+
+    + host: a testinfra host (``read_fact`` runs this layer's facts through it)
+    """
+    failures = []
+    for device, fs in settings.profile.filesystems():
+        found = read_fact(host, WholeDiskSignature, device=device)
+        if found.get("TYPE") != fs.format:
+            failures.append(f"{device}: filesystem {found.get('TYPE') or 'none'}, the profile wants {fs.format}")
+        elif fs.fs_label and found.get("LABEL") != fs.fs_label:
+            failures.append(f"{device}: label {found.get('LABEL')!r}, the profile wants {fs.fs_label!r}")
+    for device, swap in settings.profile.swaps():
+        if swap.random_encryption:
+            continue
+        found = read_fact(host, WholeDiskSignature, device=device)
+        if found.get("TYPE") != "swap":
+            failures.append(f"{device}: {found.get('TYPE') or 'no signature'}, the profile wants swap")
+    return failures

@@ -16,6 +16,8 @@ from operations.roundtrips import Made, before_wipe, one_command, operation, rea
 
 from operations.errors import TabulaError
 from operations.profile import GPT_TYPE_GUIDS, Disk, Partition, Profile
+from operations.settings import Settings
+from operations.target import WholeDiskSignature, read_fact
 
 TYPE_GUIDS = GPT_TYPE_GUIDS
 # How far a "rest" partition may end before the disk's last usable sector (sgdisk aligns to 1 MiB).
@@ -216,3 +218,37 @@ def settle_command(links: list[str], disk_path: str) -> StringCommand:
 def apply(profile: Profile) -> None:
     for key, disk in profile.disks.items():
         partitions(disk_key=key, disk=disk, name=f"GPT disks.{key}")
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def checks(host, settings: Settings, root: str) -> list[str]:
+    """Each profile disk's partition table as the profile says (labels, type codes, sizes, order),
+    and each partition found by its partlabel with its GPT type GUID. One line per mismatch.
+
+    + host: a testinfra host (``read_fact`` runs this layer's facts through it)
+    """
+    failures = []
+    for key, disk in settings.profile.disks.items():
+        table = read_fact(host, PartitionTable, disk=disk.device)
+        if table is None:
+            failures.append(f"disks.{key} {disk.device}: no GPT partition table (or no such disk)")
+            continue
+        comparison = compare(disk, table)
+        failures += [f"disks.{key} {disk.device}: {problem}" for problem in comparison.problems]
+        if not comparison.problems and comparison.present < len(disk.partitions):
+            missing = ", ".join(p.label for p in disk.partitions[comparison.present:])
+            failures.append(f"disks.{key} {disk.device}: partitions missing: {missing}")
+        for number, part in enumerate(disk.partitions, start=1):
+            probed = read_fact(host, WholeDiskSignature, device=part.device)
+            if not probed:
+                failures.append(f"{part.device}: missing (disks.{key} partition {number})")
+                continue
+            want = type_guid(part.type).lower()
+            have = probed.get("PART_ENTRY_TYPE", "").lower()
+            if have != want:
+                failures.append(f"{part.device}: type GUID {have or 'none'}, the profile wants {want} ({part.type})")
+            if probed.get("PART_ENTRY_NAME") != part.label:
+                failures.append(f"{part.device}: partlabel {probed.get('PART_ENTRY_NAME')!r}, not {part.label!r}")
+    return failures

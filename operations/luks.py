@@ -24,7 +24,8 @@ from operations.errors import TabulaError
 from operations.profile import Luks, Partition, Profile
 from operations.nixlit import NixFragments, nix_string, stable_device
 from operations.secrets import Secret, read_secret
-from operations.target import SIGNATURE_FOUND_ADVICE, CanonicalPath, WholeDiskSignature
+from operations.settings import Settings
+from operations.target import SIGNATURE_FOUND_ADVICE, CanonicalPath, WholeDiskSignature, read_fact
 
 
 # --- facts ------------------------------------------------------------------------------------
@@ -313,3 +314,48 @@ def nix_fragments(profile: Profile, ids: dict | None = None, placeholder: bool =
 def required_tools(profile: Profile) -> dict[str, str]:
     """{command: what needs it} on the target, for the guard's tools check."""
     return {"cryptsetup": f"LUKS container {part.label}" for part, _ in profile.luks_devices()}
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def checks(host, settings: Settings, root: str) -> list[str]:
+    """Each container's LUKS header (version, key derivation, cipher when the profile sets one)
+    and its mapping open on that partition with the profile's flags. One line per mismatch.
+
+    + host: a testinfra host (``read_fact`` runs this layer's facts through it)
+    """
+    failures = []
+    for part, luks in settings.profile.luks_devices():
+        header = read_fact(host, LuksHeader, device=part.device)
+        version = 2 if luks.luks_type == "luks2" else 1
+        if header is None:
+            failures.append(f"{part.device}: no LUKS header (the profile wants {luks.luks_type})")
+        else:
+            if header.get("version") != version:
+                failures.append(f"{part.device}: LUKS version {header.get('version')}, the profile wants {version}")
+            pbkdfs = sorted({slot.get("pbkdf") for slot in header["keyslots"].values() if slot.get("pbkdf")})
+            if version == 2 and pbkdfs != [luks.pbkdf]:
+                failures.append(f"{part.device}: key slots derive keys with {', '.join(pbkdfs) or 'nothing'}, "
+                                f"the profile wants {luks.pbkdf}")
+            if luks.cipher and header.get("cipher") != luks.cipher:
+                failures.append(f"{part.device}: cipher {header.get('cipher')}, the profile wants {luks.cipher}")
+        mapping = read_fact(host, LuksMapping, mapper=luks.mapper)
+        if mapping is None:
+            failures.append(f"/dev/mapper/{luks.mapper}: not open")
+            continue
+        on = read_fact(host, CanonicalPath, path=part.device)
+        if on and mapping.get("device") and read_fact(host, CanonicalPath, path=mapping["device"]) != on:
+            failures.append(f"/dev/mapper/{luks.mapper}: opened from {mapping['device']}, not {part.device} ({on})")
+        wanted = open_flags(luks)
+        missing = [flag for flag in wanted if flag not in mapping["flags"]]
+        if missing:
+            failures.append(f"/dev/mapper/{luks.mapper}: flags {' '.join(mapping['flags']) or 'none'} "
+                            f"lack {' '.join(missing)}")
+    return failures
+
+
+def open_flags(luks: Luks) -> list[str]:
+    """The flags ``cryptsetup status`` shows for a mapping opened as the profile says."""
+    flags = ["discards"] if luks.allow_discards else []
+    return flags + (["no_read_workqueue", "no_write_workqueue"] if luks.bypass_workqueues else [])

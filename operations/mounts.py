@@ -17,8 +17,10 @@ from operations.roundtrips import Made, created_this_run, one_command, operation
 
 from operations.errors import TabulaError
 from operations.nixlit import NixFragments, nix_list, nix_string, stable_device
-from operations.profile import Mount, Profile
-from operations.target import CanonicalPath, Written, decode_octal, install_path, listing_command, parse_listing
+from operations.profile import Mount, Profile, parse_size
+from operations.settings import Settings
+from operations.target import (CanonicalPath, Written, decode_octal, install_path, listing_command, parse_listing, read_fact,
+                               under)
 
 # Options mount(8) consumes itself: never shown in /proc/mounts.
 USERSPACE_OPTIONS = {"bind", "rbind", "defaults", "nofail", "noauto", "auto", "user", "users", "_netdev", "zfsutil"}
@@ -266,3 +268,74 @@ def written_since_boot(profile: Profile, root: str) -> tuple[list[Written], list
             written += [entry for entry, _ in found.values()]
             how.append(f"the files on the tmpfs at {here}")
     return written, how
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def checks(host, settings: Settings, root: str) -> list[str]:
+    """Every mount of the profile where the installed system has it (under ``root``), as the
+    kernel shows it in /proc/mounts: type, source and options (a tmpfs's size bound compared by
+    value); on the booted system (``root`` = /) every swap the profile declares is active. One
+    line per mismatch.
+
+    + host: a testinfra host (``read_fact`` runs this layer's facts through it)
+    """
+    failures = []
+    current = read_fact(host, Mounts)
+    for mount in settings.profile.all_mounts():
+        target = under(root, mount.mountpoint)
+        have = current.get(target)
+        if have is None:
+            failures.append(f"{target}: not mounted (the profile mounts {mount.fstype} {mount.device} there)")
+            continue
+        if "bind" not in mount.options and have["fstype"] != mount.fstype:
+            failures.append(f"{target}: type {have['fstype']}, the profile wants {mount.fstype}")
+        if mount.fstype == "zfs" and have["device"] != mount.device:
+            failures.append(f"{target}: source {have['device']}, the profile wants {mount.device}")
+        elif mount.device.startswith("/dev/") and have["device"] != mount.device:
+            want, found = (read_fact(host, CanonicalPath, path=mount.device),
+                           read_fact(host, CanonicalPath, path=have["device"]))
+            if want != found:
+                failures.append(f"{target}: source {have['device']} ({found}), the profile wants {mount.device} ({want})")
+        missing = option_problems(mount.options, have["options"]) + size_problems(mount.options, have["options"])
+        if missing:
+            failures.append(f"{target}: options {','.join(have['options'])} lack {','.join(missing)}")
+    if root == "/":
+        failures += swap_problems(host, settings.profile)
+    return failures
+
+
+def size_problems(wanted: tuple[str, ...] | list[str], actual: list[str]) -> list[str]:
+    """A tmpfs size bound the kernel shows in KiB (size=2G as size=2097152k) that is not the
+    wanted one (a percentage of RAM is only shown as its value: not compared)."""
+    have = dict(opt.partition("=")[::2] for opt in actual)
+    problems = []
+    for opt in wanted:
+        key, _, value = opt.partition("=")
+        if key != "size" or value.endswith("%") or not have.get("size", "").endswith("k"):
+            continue
+        try:
+            if parse_size(value) != int(have["size"][:-1]) * 1024:
+                problems.append(opt)
+        except ValueError:
+            problems.append(opt)
+    return problems
+
+
+def swap_problems(host, profile: Profile) -> list[str]:
+    """The booted system's swapDevices (this module renders them) active in /proc/swaps."""
+    active = {decode_octal(line.split()[0]) for line in host.run("cat /proc/swaps").stdout.splitlines()[1:]
+              if line.strip()}
+    canonical = {read_fact(host, CanonicalPath, path=path) or path for path in active}
+    problems = []
+    for _, fs in profile.filesystems():
+        for sub in fs.subvolumes:
+            if sub.swapfile and sub.mountpoint and sub.swapfile_path not in active:
+                problems.append(f"{sub.swapfile_path}: not active swap")
+    for device, swap in profile.swaps():
+        if swap.random_encryption:
+            continue        # swapped through a mapping with a new key at every boot
+        if read_fact(host, CanonicalPath, path=device) not in canonical:
+            problems.append(f"{device}: not active swap")
+    return problems

@@ -30,8 +30,9 @@ from operations.nixlit import MissingDeviceIds, nix_attr, nix_string
 from operations.nixpatch import is_valid, patch_hardware_configuration
 from operations.profile import Profile
 from operations.roundtrips import Made, created_this_run, is_fresh, operation, read, read_many, record_created, record_fresh, tell
+from operations.settings import Settings
 from operations.target import (INSTALL_ROOT, BlockDeviceIds, DirectoryDigest, FileText, PathExists,
-                               PathsState, is_file_with, write_files_command)
+                               PathsState, is_file_with, read_fact, under, write_files_command)
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 ROOT = INSTALL_ROOT
@@ -325,3 +326,57 @@ def apply(profile: Profile, settings=None) -> None:
 
 def install(profile: Profile, settings=None) -> None:
     nixos_install(profile.nixos.hostname, name=f"nixos-install {profile.nixos.hostname}", root=ROOT)
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def checks(host, settings: Settings, root: str) -> list[str]:
+    """The generated files in ``<root>/etc/nixos``: each exactly what the profile renders with the
+    target's real UUIDs (hardware-configuration.nix: nixos-generate-config's, its storage the
+    profile's), mode 0644; when the run installs, the installed system's stamp naming these files.
+    One line per mismatch, the first differing line quoted.
+
+    + host: a testinfra host (``read_fact`` runs this module's facts through it)
+    """
+    profile = settings.profile
+    config_dir = under(root, "/etc/nixos")
+    generated = read_fact(host, FileText, path=f"{config_dir}/hardware-configuration.nix")
+    if generated is None:
+        return [f"{config_dir}/hardware-configuration.nix: missing (nixos-generate-config has not run)"]
+    ids = read_fact(host, BlockDeviceIds, devices=id_devices(profile))
+    module, _ = choose_hardware_module(profile, read_fact(host, DmiProductName))
+    rendered = render_files(profile, generated, ids, hardware_module=module)
+    present = read_fact(host, PathsState, paths=[f"{config_dir}/{name}" for name in rendered])
+    failures = []
+    for name, text in rendered.items():
+        path = f"{config_dir}/{name}"
+        if path not in present:
+            failures.append(f"{path}: missing")
+        elif not is_file_with(present[path], text, "644"):
+            have = read_fact(host, FileText, path=path) or ""
+            failures.append(f"{path}: {first_difference(have, text)}" if have != text else
+                            f"{path}: mode {present[path]['mode']}, not 644")
+    if settings.install:
+        stamp = under(root, INSTALL_STAMP.removeprefix(ROOT))
+        installed = (read_fact(host, FileText, path=stamp) or "").strip()
+        if not installed:
+            failures.append(f"{stamp}: missing (nixos-install has not completed)")
+        elif installed != read_fact(host, DirectoryDigest, path=config_dir):
+            failures.append(f"{stamp}: the installed system was built from other files than {config_dir}")
+    return failures
+
+
+def first_difference(have: str, want: str) -> str:
+    """Where a file first differs from the rendered text, quoted: one line."""
+    have_lines, want_lines = have.splitlines(), want.splitlines()
+    for number, (a, b) in enumerate(zip(have_lines, want_lines), start=1):
+        if a != b:
+            return (f"differs from the profile's rendering at line {number}: {_clip(a)!r}, "
+                    f"the profile has {_clip(b)!r}")
+    return (f"differs from the profile's rendering: {len(have_lines)} lines, the profile has {len(want_lines)}")
+
+
+def _clip(line: str, width: int = 70) -> str:
+    line = line.strip()
+    return line if len(line) <= width else line[:width - 1] + "…"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+import shlex
 
 from pyinfra import host, logger
 from pyinfra.api import QuoteString, StringCommand
@@ -23,7 +24,8 @@ from operations.roundtrips import is_fresh, one_command, operation, read, read_m
 from operations.errors import TabulaError
 from operations.profile import Profile
 from operations.secrets import Secret, read_secret
-from operations.target import CONFIG_DIR, INSTALL_ROOT, DirectoryDigest, PathsState
+from operations.settings import Settings
+from operations.target import CONFIG_DIR, INSTALL_ROOT, DirectoryDigest, PathsState, read_fact, under
 
 # crypt(5) hashes as mkpasswd and NixOS's hashedPassword accept them: yescrypt ($y$), sha-512
 # ($6$), sha-256 ($5$), bcrypt ($2b$...), scrypt ($7$), gost-yescrypt ($gy$).
@@ -215,3 +217,69 @@ def copy_configuration(profile: Profile) -> None:
     the first rebuild after boot uses the same inputs, not newer ones."""
     persist = f"{INSTALL_ROOT}{profile.persistence.root}"
     config_copy(CONFIG_DIR, f"{persist}/etc/nixos", name="Persist configuration copy")
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def checks(host, settings: Settings, root: str) -> list[str]:
+    """What the persist stage seeds, with its modes: ``<persist>/secrets`` (0700) with the
+    password hashes (0600, crypt hashes: checked on the target, never read back; required when
+    the run installs), the SSH host keys (ed25519, rsa 4096; private 0600, public 0644), the
+    machine-id (0444, 32 hex digits), the initrd's own SSH host key with remote unlock (0600 in a
+    0700 folder, not one of the system's keys), and the copy of the NixOS configuration. One line
+    per mismatch.
+
+    + host: a testinfra host (``read_fact`` runs this layer's facts through it)
+    """
+    profile = settings.profile
+    persist = under(root, profile.persistence.root)
+    secrets_dir = under(root, profile.secrets_dir)
+    hashes = [under(root, path) for path in profile.password_files.values()]
+    keys = {key_type: f"{persist}/etc/ssh/ssh_host_{key_type}_key" for key_type in ("ed25519", "rsa")}
+    machine_id = f"{persist}/etc/machine-id"
+    initrd_key = under(root, profile.initrd_host_key) if profile.nixos.remote_unlock else None
+    wanted = {secrets_dir: ("directory", "700")}
+    wanted.update({path: ("file", "600") for path in hashes})
+    for path in keys.values():
+        wanted.update({path: ("file", "600"), f"{path}.pub": ("file", "644")})
+    wanted[machine_id] = ("file", "444")
+    if initrd_key:
+        wanted.update({posixpath.dirname(initrd_key): ("directory", "700"), initrd_key: ("file", "600")})
+    state = read_fact(host, PathsState, paths=list(wanted))
+
+    failures = []
+    for path, (kind, mode) in wanted.items():
+        have = state.get(path)
+        if have is None:
+            if path in hashes and not settings.install:
+                continue        # a run that does not install may seed them later
+            failures.append(f"{path}: missing")
+        elif have["type"] != kind or have["mode"] != mode or have["user"] != "root":
+            failures.append(f"{path}: {have['type']} {have['mode']} {have['user']}, the profile wants {kind} {mode} root")
+    for path in hashes:
+        # On the target, so the hash never travels back: a crypt hash, not a plaintext password.
+        if path in state and host.run(f"grep -qE {shlex.quote(_CRYPT_RE.pattern)} {shlex.quote(path)}").rc != 0:
+            failures.append(f"{path}: not a crypt password hash")
+    for key_type, path in keys.items():
+        if path in state:
+            shown = host.run(f"ssh-keygen -lf {shlex.quote(path)}").stdout.split()
+            want = ["4096", "(RSA)"] if key_type == "rsa" else ["(ED25519)"]
+            if not shown or not all(word in shown for word in want):
+                failures.append(f"{path}: {' '.join(shown[:1] + shown[-1:]) or 'not a key'}, the profile wants "
+                                f"{key_type}{' 4096' if key_type == 'rsa' else ''}")
+    if machine_id in state and not re.fullmatch(r"[0-9a-f]{32}", host.run(f"cat {shlex.quote(machine_id)}").stdout.strip()):
+        failures.append(f"{machine_id}: not 32 lower-case hex digits")
+    if initrd_key and initrd_key in state:
+        fingerprint = host.run(f"ssh-keygen -lf {shlex.quote(initrd_key)}").stdout.split()[1:2]
+        system = {host.run(f"ssh-keygen -lf {shlex.quote(p)}").stdout.split()[1:2][0] for p in keys.values()
+                  if p in state}
+        if fingerprint and fingerprint[0] in system:
+            failures.append(f"{initrd_key}: the initrd carries one of the system's host keys")
+    config, copy = under(root, "/etc/nixos"), f"{persist}/etc/nixos"
+    original, copied = read_fact(host, DirectoryDigest, path=config), read_fact(host, DirectoryDigest, path=copy)
+    if not copied:
+        failures.append(f"{copy}: missing (the copy of {config})")
+    elif copied != original:
+        failures.append(f"{copy}: differs from {config}")
+    return failures

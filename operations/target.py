@@ -5,6 +5,9 @@ paths, a file's text, a folder's digest, what blkid probes on a device, the devi
 It imports no layer: layers and stages import it.
 
     from operations.target import INSTALL_ROOT, install_path, CanonicalPath, PathsState
+
+The layers' checks (``checks(host, settings, root)``) read the same facts through a testinfra
+host: ``read_fact(host, PathsState, paths=[...])``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,14 @@ def install_path(mountpoint: str) -> str:
     return INSTALL_ROOT if mountpoint == "/" else f"{INSTALL_ROOT}{mountpoint}"
 
 
+def under(root: str, path: str) -> str:
+    """A path of the installed system as seen from where it is checked: the install root while it
+    is built (``/mnt``: / -> /mnt, /home -> /mnt/home) or ``/`` on the booted system itself."""
+    if root in ("", "/"):
+        return path
+    return root if path == "/" else f"{root.rstrip('/')}{path}"
+
+
 def decode_octal(text: str) -> str:
     r"""/proc/mounts and /proc/swaps escape space, tab, newline and backslash as \040 etc."""
     out, i = [], 0
@@ -48,6 +59,25 @@ def decode_octal(text: str) -> str:
             out.append(text[i])
             i += 1
     return "".join(out)
+
+
+class CheckError(RuntimeError):
+    """A check could not read the target (the fact's command failed); the message says which."""
+
+
+def read_fact(host, fact: type[FactBase], **kwargs):
+    """A fact read through a testinfra ``host`` as pyinfra reads it: the fact's own command (in
+    ``sh``), ``process()`` on its output lines, the fact's default when it printed nothing. The
+    checks read the target with the same facts the deploy uses; testinfra is never imported here."""
+    instance = fact()
+    command = instance.command(**kwargs)
+    if isinstance(command, StringCommand):
+        command = command.get_raw_value()
+    result = host.run(f"sh -c {shlex.quote(command)}")
+    if result.rc != 0:
+        raise CheckError(f"reading {fact.__name__} failed (exit {result.rc}): {result.stderr.strip()[:300]}")
+    lines = result.stdout.splitlines()
+    return instance.process(lines) if lines else instance.default()
 
 
 # --- facts --------------------------------------------------------------------------------------

@@ -36,7 +36,8 @@ from operations.mounts import Mounts, mount_command
 from operations.nixlit import NixFragments, nix_indented_string, nix_list, nix_string
 from operations.profile import Dataset, Mount, Pool, Profile
 from operations.secrets import Secret, read_secret
-from operations.target import Written, decode_octal, install_path
+from operations.settings import Settings
+from operations.target import Written, decode_octal, install_path, read_fact
 
 # Properties that can only be chosen at creation: a difference is reported, never "fixed".
 ONE_TIME_PROPERTIES = frozenset({
@@ -876,3 +877,67 @@ def written_since_boot(profile: Profile, mounts: dict) -> tuple[list[Written], l
                                        _DIFF_KINDS.get(kind, "other")))
             how.append(f"zfs diff {name}@{EMPTY_SNAPSHOT}")
     return written, how
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def checks(host, settings: Settings, root: str) -> list[str]:
+    """Each pool imported with the profile's topology (real member paths), pool options and root
+    properties; each dataset with its properties, ``@empty`` where the profile takes it (and
+    nowhere else), encryption with its key loaded, and every dataset below an encrypted one
+    inheriting its key. One line per mismatch.
+
+    An install exports its pools at the end (``tabula_export_pools``): import them first, or
+    verify after a run that keeps them imported.
+
+    + host: a testinfra host (``read_fact`` runs this layer's facts through it)
+    """
+    failures = []
+    profile = settings.profile
+    for pool_key, pool_def in profile.pools.items():
+        devices = member_devices(profile, pool_key)
+        state = read_fact(host, ZfsPoolState, pool_name=pool_def.name, devices=tuple(devices.values()))
+        if state.get("state") != "imported":
+            failures.append(f"pool {pool_def.name}: not imported (an install exports it at the end: "
+                            f"zpool import -N -R /mnt {pool_def.name}, or run with tabula_export_pools=false)")
+            continue
+        failures += [f"pool {pool_def.name}: {problem}" for problem in topology_differences(pool_def, devices, state)]
+        for key, value in pool_def.options.items():
+            if key == "cachefile":
+                continue
+            have = host.run(f"zpool get -H -o value {shlex.quote(key)} {shlex.quote(pool_def.name)}").stdout.strip()
+            if have != value:
+                failures.append(f"pool {pool_def.name}: {key}={have}, the profile wants {value}")
+        datasets = read_fact(host, ZfsPoolDatasets, pool_name=pool_def.name)
+        failures += _property_problems(pool_def.name, dict(pool_def.root_properties), datasets.get(pool_def.name, {}))
+        roots = [f"{pool_def.name}/{ds.name}" for ds in pool_def.datasets if ds.encryption]
+        for ds in pool_def.datasets:
+            full = f"{pool_def.name}/{ds.name}"
+            current = datasets.get(full)
+            if current is None:
+                failures.append(f"{full}: dataset missing")
+                continue
+            failures += _property_problems(full, dataset_properties(ds), current)
+            has_empty = f"{full}@{EMPTY_SNAPSHOT}" in datasets
+            if has_empty != ds.empty_snapshot:
+                failures.append(f"{full}: " + (f"no @{EMPTY_SNAPSHOT} snapshot" if ds.empty_snapshot else
+                                               f"has an @{EMPTY_SNAPSHOT} snapshot the profile does not take"))
+            if ds.encryption:
+                wanted = {"encryption": ds.encryption.encryption, "keyformat": ds.encryption.keyformat,
+                          "keylocation": ds.encryption.keylocation, "encryptionroot": full, "keystatus": "available"}
+                failures += _property_problems(full, wanted, current)
+            else:
+                above = [r for r in roots if full.startswith(f"{r}/")]
+                if above:
+                    failures += _property_problems(full, {"encryptionroot": max(above, key=len)}, current)
+    return failures
+
+
+def _property_problems(name: str, wanted: dict[str, str], current: dict) -> list[str]:
+    problems = []
+    for key, value in wanted.items():
+        have = current.get(key, (None, None))[0]
+        if have != canonical(key, value):
+            problems.append(f"{name}: {key}={have if have is not None else '(none)'}, the profile wants {value}")
+    return problems

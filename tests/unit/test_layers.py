@@ -10,8 +10,8 @@ PACKAGE = Path(operations.__file__).parent
 SHARED = {"errors", "profile", "roundtrips", "target", "nixlit", "secrets", "nixpatch", "settings"}
 # One module per storage layer: facts, operations, Nix fragment, checks.
 LAYERS = {"gpt", "luks", "filesystems", "btrfs", "zfs", "mounts", "persist"}
-# What orders and assembles the layers.
-STAGES = {"stages", "disks", "nixeval", "nixos", "gaps", "disko"}
+# What orders and assembles the layers (verify runs every layer's checks).
+STAGES = {"stages", "disks", "nixeval", "nixos", "gaps", "disko", "verify"}
 
 
 def imports(path: Path) -> tuple[set[str], list[str]]:
