@@ -1,7 +1,8 @@
 """
 The main job, end to end: boot the live VM (building its image on first use), install the default
 profile onto its blank disks with `pyinfra install-target deploy.py`, run the deploy a second time
-to show it converged, then verify the target against the profile.
+to show it converged, then verify the target against the profile with the verification command
+(`pytest tests/verify --hosts=ssh://install-target`, the README's "Verify a target").
 
     ./dev.sh demo                     # default profile (group_data/all.py)
     ./dev.sh demo --keep-disks        # do not reset the VM's disks first (resume a previous demo)
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import secrets
+import shlex
 import subprocess
 import sys
 import time
@@ -29,9 +31,8 @@ with warnings.catch_warnings():
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from operations.profile import load_profile  # noqa: E402
+from operations import verify  # noqa: E402
 from tests.e2e.helpers import grand_total  # noqa: E402
-from tests.verify.checks import verify_target  # noqa: E402
 from tools.livevm import LiveVM  # noqa: E402
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tabula" / "demo"
@@ -84,7 +85,6 @@ def main() -> int:
         "swap_size": "1G",                               # the VM's disk is 16 GiB
         "luks_pbkdf": "pbkdf2", "luks_pbkdf_iterations": 1000,  # fast key derivation for the VM only
     }
-    profile = load_profile(profile_name, variables)
     env = {**os.environ, **demo_secrets()}
     pyinfra = [str(REPO / ".venv" / "bin" / "pyinfra"), *vm.pyinfra_args(), "deploy.py", "-y",
                "--data", f"tabula_vars={json.dumps(variables)}"]
@@ -111,12 +111,12 @@ def main() -> int:
         return 1
     print("second run: no changes")
 
-    step("verify the target against the profile")
-    failures = verify_target(vm.testinfra_host(), profile)
-    for failure in failures:
-        print(f"FAIL {failure}")
-    print("target matches the profile" if not failures else f"{len(failures)} check(s) failed")
-    return 1 if failures else 0
+    command = verify.command("ssh://install-target", {"tabula_vars": variables}, ssh_config=str(vm.write_ssh_config()))
+    step(f"verify the target against the profile: {shlex.join(command)}")
+    checked = subprocess.run(command, cwd=REPO)
+    print("target matches the profile" if checked.returncode == 0 else
+          "the target does NOT match the profile: one line per mismatch above")
+    return checked.returncode
 
 
 if __name__ == "__main__":

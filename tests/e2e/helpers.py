@@ -1,4 +1,5 @@
-"""Shared helpers for e2e tests: reading pyinfra's output.
+"""Shared helpers for e2e tests: reading pyinfra's output; verifying the target with the
+verification command users run (``pytest tests/verify --hosts=ssh://install-target``).
 
 Run pyinfra with ``-vv`` to use ``assert_no_changes``: at that verbosity pyinfra 3.10 echoes every
 command it runs, facts and operations alike, as ``[host] >>> COMMAND`` on stderr (-v adds the
@@ -7,8 +8,11 @@ noop messages, -vvv the commands' output too).
 from __future__ import annotations
 
 import re
+import subprocess
 
+from operations import verify
 from operations.nixpatch import MARKER, STORAGE_ATTRPATHS, attrpath, module_bindings, parse
+from tools.livevm import PROJECT_DIR
 
 RESULTS_ROW = re.compile(r"^\s*Grand total\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", re.M)
 ECHO = re.compile(r"^\s*\[[^\]]+\] >>> (.*)$")
@@ -153,3 +157,21 @@ def lost_paths(report: list[str]) -> list[str]:
             break
         paths.append(line.split()[0])
     return paths
+
+
+def run_verification(livevm, data: dict, root: str = "auto") -> tuple[subprocess.CompletedProcess, str]:
+    """The README's verification command against the VM, with the deploy's inventory data
+    (``{"tabula_profile": ..., "tabula_vars": {...}, ...}`` as given to ``--data``)."""
+    argv = verify.command("ssh://install-target", data, ssh_config=str(livevm.write_ssh_config()), root=root)
+    result = subprocess.run(argv, cwd=PROJECT_DIR, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                            timeout=900)
+    return result, result.stdout + result.stderr
+
+
+def assert_target_verified(livevm, data: dict, root: str = "auto") -> str:
+    """The verification command passes: every layer's checks hold, and it says where it looked."""
+    result, output = run_verification(livevm, data, root)
+    assert result.returncode == 0, output[-6000:]
+    assert re.search(r"^tabula: ssh://install-target: profile \S+ at /\S* \(.*\): matches the profile$", output, re.M), \
+        output[-3000:]
+    return output

@@ -2,20 +2,23 @@
 subvolumes with @root-blank, mounts under /mnt, swapfile. Every deploy runs twice: the second run
 must change nothing (results table and executed commands) and re-create nothing (identities).
 Over SSH from the controller; the deploy as ``pyinfra @local`` in the guest is proven on the
-tmpfs-root profile (tests/e2e/test_local_install.py)."""
+tmpfs-root profile (tests/e2e/test_local_install.py). The installed target passes the verification
+command users run (``pytest tests/verify``), which fails, one line per mismatch, once the target
+differs from the profile."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shlex
 import subprocess
 
 import pytest
 
 from tests.e2e.conftest import PYINFRA
-from tests.e2e.helpers import (assert_no_changes, assert_results_table_fits, executed_commands, gap_report, grand_total,
-                               lost_paths, operation_commands)
+from tests.e2e.helpers import (assert_no_changes, assert_results_table_fits, assert_target_verified, executed_commands,
+                               gap_report, grand_total, lost_paths, operation_commands, run_verification)
 from tools.livevm import PROJECT_DIR
 
 GiB, MiB = 1024**3, 1024**2
@@ -41,8 +44,12 @@ def nvme_by_id(livevm) -> str:
     return livevm.stable_path(NVME_SERIAL)
 
 
+def profile_vars(livevm, extra_vars=None) -> dict:
+    return {"disk": nvme_by_id(livevm), **TEST_VARS, **(extra_vars or {})}
+
+
 def deploy_args(livevm, extra_vars=None, confirm=None) -> list[str]:
-    data = {"disk": nvme_by_id(livevm), **TEST_VARS, **(extra_vars or {})}
+    data = profile_vars(livevm, extra_vars)
     args = ["deploy.py", "--data", f"tabula_vars={json.dumps(data)}", "--data", "tabula_install=false"]
     if confirm:
         args += ["--data", f"tabula_confirm_wipe={json.dumps(confirm)}"]
@@ -220,7 +227,6 @@ def test_install_over_ssh_converges(clean_disks, livevm, target, passphrase_env,
     assert target.file("/mnt/home/marker").content_string == "kept-home\n"
     assert target.file("/mnt/persist/marker").content_string == "kept-persist\n"
     assert_installed_layout(livevm, target)
-
     # the gap report: written to @root, to a persisted path and to other subvolumes' mounts; only
     # the first are lost at the next boot (compared with @root-blank), and it says how to keep them
     livevm.run("mkdir -p /mnt/var/lib/gaptest /mnt/etc/ssh && echo db > /mnt/var/lib/gaptest/db && "
@@ -236,6 +242,29 @@ def test_install_over_ssh_converges(clean_disks, livevm, target, passphrase_env,
     assert '    environment.persistence."/persist".files = [ "/etc/gaptest.conf" ];' in report
     livevm.run("rm -r /mnt/var/lib/gaptest /mnt/etc/gaptest.conf /mnt/etc/ssh/gaptest_key /mnt/var/log/gaptest.log "
                "/mnt/home/gaptest")
+
+    assert_verification_fails_on_drift(livevm)
+
+
+def assert_verification_fails_on_drift(livevm):
+    """The verification command passes on the installed target, says where it looked, and fails
+    once the target differs: one line per mismatch, under the layer that found it."""
+    data = {"tabula_vars": profile_vars(livevm), "tabula_install": False}
+    output = assert_target_verified(livevm, data)
+    assert "profile zephyrus-btrfs at /mnt (the live system after the install)" in output
+    key = "/mnt/persist/etc/ssh/ssh_host_ed25519_key"
+    livevm.run(f"mount -o remount,strictatime /mnt/home && chmod 0644 {key}")
+    try:
+        result, output = run_verification(livevm, data)
+    finally:
+        livevm.run(f"mount -o remount,noatime /mnt/home && chmod 0600 {key}")
+    assert result.returncode != 0, output[-4000:]
+    home = re.search(r"^/mnt/home: options (\S+) lack noatime$", output, re.M)
+    assert home and "noatime" not in home.group(1).split(","), output[-4000:]
+    assert f"{key}: file 644 root, the profile wants file 600 root" in output.splitlines(), output[-4000:]
+    failed = sorted(re.findall(r"^FAILED tests/verify/test_target\.py::test_(\w+)\[", output, re.M))
+    assert failed == ["mounts", "persist"], output[-4000:]
+    assert "does NOT match the profile" in output
 
 
 def test_interrupted_run_converges(clean_disks, livevm, target, passphrase_env, run_pyinfra):

@@ -16,7 +16,7 @@ after the whole wipe (a few quick commands) has run.
 
 After the last fault a run without fault must complete; then a further run must change nothing
 (ZFS: through a read-only view of the exported pool), the target must verify against the profile
-(ZFS: after a run that keeps the pools imported), no creating command (partition, luksFormat,
+with the verification command (ZFS: after a run that keeps the pools imported), no creating command (partition, luksFormat,
 mkfs, subvolume, pool, dataset, snapshot) may have run twice over the whole chain, and what was
 written to the persistent volumes before a fault must still be there.
 
@@ -37,8 +37,7 @@ from operations.profile import load_profile
 from tests.e2e.faults import Fault, created, creations_of_faulted_run, disk_checksums, duplicated_creations
 from tests.e2e.faults import duplicates, run_with_fault, strip_ansi
 from tests.e2e.faults import changing_commands, dry_plan
-from tests.e2e.helpers import assert_no_changes, executed_commands
-from tests.verify.checks import verify_target
+from tests.e2e.helpers import assert_no_changes, assert_target_verified, executed_commands
 from tests import profile_cases
 
 SERIALS = ("TABULA-NVME0", "TABULA-RZ1", "TABULA-RZ2", "TABULA-RZ3", "TABULA-SSD")
@@ -205,8 +204,7 @@ def converge_through_faults(profile, livevm, target, variables, args, creations,
                         '| sha256sum | cut -d" " -f1').stdout.strip()
     assert stamp == digest, "the stamp does not name the installed configuration"
 
-    failures = verify_target(target, load_profile(profile, variables))
-    assert failures == [], "\n".join(failures)
+    assert_target_verified(livevm, {"tabula_profile": profile, "tabula_vars": variables})
     # ZFS keeps its own record of what really ran (zpool history): a command pyinfra echoed just
     # before a kill may never have reached the target, so pools, datasets and snapshots are
     # counted from the pool's history, everything else from the commands pyinfra executed (the
@@ -297,5 +295,5 @@ def test_confirmed_wipe_interrupted_is_finished_only_while_the_disk_holds_foreig
     again = run_with_fault(livevm, unconfirmed, None)
     assert again.returncode == 0, strip_ansi(again.output)[-6000:]
     assert_no_changes(strip_ansi(again.output))
-    failures = verify_target(livevm.testinfra_host(), load_profile("zephyrus-btrfs", variables))
-    assert failures == [], "\n".join(failures)
+    assert_target_verified(livevm, {"tabula_profile": "zephyrus-btrfs", "tabula_vars": variables,
+                                    "tabula_install": False})

@@ -1,8 +1,9 @@
 """End to end, in the live VM: the zfs-raidz1 and light-tmpfs-f2fs profiles from blank disks.
 
-Each profile: deploy over SSH (pools kept imported so the result can be read back), check the
-real devices (partlabels, pool topology, dataset properties via ``zfs get -H``, @empty, mounts,
-encryption, F2FS compression, the generated hostId); deploy with the defaults (the pool exported
+Each profile: deploy over SSH (pools kept imported so the result can be read back), verify it
+with the verification command users run (``pytest tests/verify``: partlabels, pool topology,
+dataset properties, @empty, encryption, mounts, the seeded persist files, the generated files),
+check F2FS compression and the real nixos-generate-config's file; deploy with the defaults (the pool exported
 cleanly), then again with the defaults: no changes, and the exported pool untouched on disk (same
 active uberblock and txg, same ``zpool history``, read with ``zdb -e`` without importing it) and
 still importable without -f; a run that keeps the pool imports it again with the data written
@@ -22,8 +23,7 @@ from operations import zfs
 from operations.profile import host_hash, load_profile
 from tests.nix.evaluation import evaluate_installed
 from tests.e2e.helpers import (SHOW_HARDWARE_CONFIG, assert_generated_by_real_tool_and_patched, assert_no_changes,
-                               executed_commands, gap_report, grand_total, lost_paths)
-from tests.verify.checks import verify_target
+                               assert_target_verified, executed_commands, gap_report, grand_total, lost_paths)
 from tests.unit.vm_vars import TEST_AUTHORIZED_KEY
 
 LUKS_PASSPHRASE = "tabula-e2e-luks-passphrase"
@@ -84,11 +84,6 @@ def disks_snapshot(target) -> str:
         by_id(target, s) for s in SERIALS))
 
 
-def zfs_props(target, dataset: str, props: str) -> dict[str, str]:
-    out = target.check_output(f"zfs get -H -o property,value {props} {shlex.quote(dataset)}")
-    return dict(line.split("\t") for line in out.splitlines())
-
-
 def mount_options(target, path: str) -> list[str]:
     return target.check_output(f"findmnt -no OPTIONS --mountpoint {path}").split(",")
 
@@ -111,59 +106,13 @@ def rollback_like_the_initrd(target, profile) -> None:
                                 f"{shlex.quote(m.device)} {where}")
 
 
-def check_pool_and_datasets(target, profile) -> None:
-    h = profile.hash
-    (pool,) = profile.pools.values()
-    # partlabels carry the hash
-    labels = set(target.check_output("lsblk -lno PARTLABEL").split())
-    for _, _, part in profile.partitions():
-        assert part.label in labels and h in part.label
-    # topology, read back with real device paths
-    status = target.check_output(f"zpool status -PL {pool.name}")
-    real = {part.label: target.check_output(f"readlink -f {part.device}") for _, part in
-            profile.pool_members(next(iter(profile.pools)))}
-    topology = zfs.parse_zpool_status(status.splitlines())
-    for vdev in pool.vdevs:
-        want = [real[m] for m in vdev.members]
-        if vdev.mode == "stripe":
-            assert all(("stripe", [d]) in topology["vdevs"] for d in want), status
-        else:
-            assert (vdev.mode, want) in topology["vdevs"], status
-    assert topology["log"] == [real[m] for m in pool.log], status
-    assert topology["cache"] == [real[m] for m in pool.cache], status
-    assert target.check_output(f"zpool get -H -o value ashift {pool.name}") == pool.options["ashift"]
-    for key, value in pool.root_properties.items():
-        assert zfs_props(target, pool.name, key)[key] == zfs.canonical(key, value), key
-    # datasets with their properties, @empty snapshots, encryption
-    listed = set(target.check_output(f"zfs list -H -r -t filesystem -o name {pool.name}").split())
-    snapshots = set(target.check_output(f"zfs list -H -r -t snapshot -o name {pool.name}").split())
-    for ds in pool.datasets:
-        full = f"{pool.name}/{ds.name}"
-        assert full in listed
-        wanted = {k: zfs.canonical(k, v) for k, v in zfs.dataset_properties(ds).items()}
-        if wanted:
-            got = zfs_props(target, full, ",".join(wanted))
-            assert got == wanted, full
-        assert (f"{full}@empty" in snapshots) == ds.empty_snapshot, full
-        if ds.encryption:
-            got = zfs_props(target, full, "encryption,keyformat,keylocation,keystatus,encryptionroot")
-            assert got == {"encryption": ds.encryption.encryption, "keyformat": ds.encryption.keyformat,
-                           "keylocation": ds.encryption.keylocation, "keystatus": "available",
-                           "encryptionroot": full}
-    for ds in pool.datasets:
-        if ds.name.startswith("remote/"):
-            assert zfs_props(target, f"{pool.name}/{ds.name}", "encryptionroot")["encryptionroot"] == f"{pool.name}/remote"
+def verification_data(profile_name: str, variables: dict) -> dict:
+    """The deploy's inventory data, for the verification command."""
+    return {"tabula_profile": profile_name, "tabula_vars": variables, "tabula_install": INSTALL}
 
 
-def check_mounts_and_config(target, profile, evaluation_dir) -> None:
-    failures = verify_target(target, profile)
-    assert failures == [], failures
-    for m in profile.all_mounts():
-        where = "/mnt" + (m.mountpoint if m.mountpoint != "/" else "")
-        options = mount_options(target, where)
-        for opt in ("nosuid", "nodev", "noatime"):
-            if opt in m.options:
-                assert opt in options, (where, options)
+def check_config(target, profile, evaluation_dir) -> None:
+    assert all(profile.hash in part.label for _, _, part in profile.partitions())
     if INSTALL:
         generated = target.check_output("cat /mnt/etc/nixos/configuration.nix")
         assert f'networking.hostId = "{profile.host_id}";' in generated
@@ -301,8 +250,8 @@ def test_zfs_raidz1_from_blank_disks(clean_disks, target, run_pyinfra, tmp_path)
 
     result, output = deploy(run_pyinfra, "zfs-raidz1", variables)
     assert result.returncode == 0, output
-    check_pool_and_datasets(target, profile)
-    check_mounts_and_config(target, profile, tmp_path)
+    assert_target_verified(clean_disks, verification_data("zfs-raidz1", variables))
+    check_config(target, profile, tmp_path)
     check_access_and_pins(target, profile)
 
     kept = ["/mnt/local", "/mnt/remote", "/mnt/nix", "/mnt/var/log"]
@@ -336,8 +285,8 @@ def test_light_tmpfs_f2fs_from_blank_disks(clean_disks, target, run_pyinfra, tmp
 
     result, output = deploy(run_pyinfra, "light-tmpfs-f2fs", variables)
     assert result.returncode == 0, output
-    check_pool_and_datasets(target, profile)
-    check_mounts_and_config(target, profile, tmp_path)
+    assert_target_verified(clean_disks, verification_data("light-tmpfs-f2fs", variables))
+    check_config(target, profile, tmp_path)
     check_access_and_pins(target, profile)
     assert target.check_output("findmnt -no FSTYPE --mountpoint /mnt") == "tmpfs"
     # one bounded tmpfs: / with the profile's size (the kernel shows it in KiB), /tmp a folder on it

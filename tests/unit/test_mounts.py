@@ -120,11 +120,3 @@ def test_mounted_differently_is_drift_and_nothing_is_mounted(monkeypatch, btrfs_
     with pytest.raises(TabulaError, match="/mnt/home is already mounted, but differently.*lack subvol=@home"):
         run_op(monkeypatch, mounts, mounts.mounted, {mounts.Mounts: installed, CanonicalPath: "/dev/dm-0"},
                mounts=list(btrfs_mounts.values()))
-
-
-def test_verification_reads_the_kernels_spelling_of_options():
-    from tests.verify.checks import option_present
-    assert option_present("size=2G", ["rw", "size=2097152k", "mode=755"])
-    assert not option_present("size=1G", ["rw", "size=2097152k"])        # a wrong bound is a mismatch
-    assert option_present("subvol=@home", ["subvol=/@home"])
-    assert option_present("compress=zstd", ["compress=zstd:3"])
