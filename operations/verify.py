@@ -4,7 +4,7 @@ through a testinfra host. What ``pytest tests/verify --hosts=ssh://install-targe
 tests/verify/conftest.py and the README's "Verify a target").
 
     settings = settings_from_inventory("install-target", data={"tabula_vars": {...}})
-    root = install_root(host)                      # /mnt after the install, / on the booted system
+    root = install_root(host, settings.root)       # /mnt after the install, / on the booted system
     failures = verify(host, settings, root)        # {"gpt": [], "luks": ["..."], ...}
 
 The profile and its vars come from the same inventory data as the deploy's (inventory.py,
@@ -28,7 +28,7 @@ from pyinfra_cli.util import parse_cli_arg
 from operations import btrfs, filesystems, gpt, luks, mounts, nixos, persist, zfs
 from operations.errors import TabulaError
 from operations.settings import Settings, load_settings
-from operations.target import INSTALL_ROOT, CheckError
+from operations.target import INSTALL_ROOT, CheckError, read_fact
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -76,13 +76,12 @@ def settings_from_inventory(host_name: str, inventory: str = "inventory.py", dat
 
 
 def install_root(host, wanted: str = "auto") -> str:
-    """Where the installed system is: ``/mnt`` while the live system has it mounted there after
-    the install, else ``/`` (the installed system itself, booted). ``wanted`` forces one."""
+    """Where the installed system is, by the rule gaps.py follows: ``/mnt`` while the live system
+    has something mounted there (after the install), else ``/`` (the installed system, booted).
+    ``wanted`` (inventory data ``tabula_root``: "auto", "/mnt" or "/") decides when not "auto"."""
     if wanted != "auto":
-        if wanted not in ROOTS:
-            raise TabulaError(f"--tabula-root {wanted!r}: give auto, {INSTALL_ROOT} or /")
         return wanted
-    return INSTALL_ROOT if host.run(f"mountpoint -q {INSTALL_ROOT}").rc == 0 else "/"
+    return INSTALL_ROOT if INSTALL_ROOT in read_fact(host, mounts.Mounts) else "/"
 
 
 def describe(settings: Settings, root: str) -> str:
@@ -102,14 +101,13 @@ def verify(host, settings: Settings, root: str) -> dict[str, list[str]]:
     return {name: check_layer(check, host, settings, root) for name, check in LAYERS}
 
 
-def command(hosts: str, data: dict[str, Any], ssh_config: str | None = None, root: str = "auto") -> list[str]:
+def command(hosts: str, data: dict[str, Any], ssh_config: str | None = None) -> list[str]:
     """The verification command (argv, run from the project folder) for a testinfra ``hosts``
-    string and inventory ``data`` given as a deploy's ``--data`` (non-strings as JSON)."""
+    string and inventory ``data`` given as a deploy's ``--data`` (non-strings as JSON; e.g.
+    ``tabula_root`` to say where the installed system is)."""
     argv = [sys.executable, "-m", "pytest", "tests/verify", f"--hosts={hosts}", "-p", "no:cacheprovider"]
     if ssh_config:
         argv.append(f"--ssh-config={ssh_config}")
     for key, value in data.items():
         argv += ["--tabula-data", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
-    if root != "auto":
-        argv.append(f"--tabula-root={root}")
     return argv

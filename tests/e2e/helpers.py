@@ -159,18 +159,18 @@ def lost_paths(report: list[str]) -> list[str]:
     return paths
 
 
-def run_verification(livevm, data: dict, root: str = "auto") -> tuple[subprocess.CompletedProcess, str]:
+def run_verification(livevm, data: dict) -> tuple[subprocess.CompletedProcess, str]:
     """The README's verification command against the VM, with the deploy's inventory data
     (``{"tabula_profile": ..., "tabula_vars": {...}, ...}`` as given to ``--data``)."""
-    argv = verify.command("ssh://install-target", data, ssh_config=str(livevm.write_ssh_config()), root=root)
+    argv = verify.command("ssh://install-target", data, ssh_config=str(livevm.write_ssh_config()))
     result = subprocess.run(argv, cwd=PROJECT_DIR, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                             timeout=900)
     return result, result.stdout + result.stderr
 
 
-def assert_target_verified(livevm, data: dict, root: str = "auto") -> str:
+def assert_target_verified(livevm, data: dict) -> str:
     """The verification command passes: every layer's checks hold, and it says where it looked."""
-    result, output = run_verification(livevm, data, root)
+    result, output = run_verification(livevm, data)
     assert result.returncode == 0, output[-6000:]
     assert re.search(r"^tabula: ssh://install-target: profile \S+ at /\S* \(.*\): matches the profile$", output, re.M), \
         output[-3000:]

@@ -170,11 +170,12 @@ def test_a_check_that_cannot_read_the_target_says_so(settings):
 
 
 def test_the_install_root_is_found_or_given():
-    assert verify.install_root(FakeTestinfraHost([(r"mountpoint -q /mnt", Result(0, ""))])) == "/mnt"
-    assert verify.install_root(FakeTestinfraHost([(r"mountpoint -q /mnt", Result(32, ""))])) == "/"
+    installed = captured("btrfs_proc_mounts_installed.txt")
+    assert verify.install_root(FakeTestinfraHost([(r"cat /proc/mounts", installed)])) == "/mnt"
+    booted = "\n".join(line for line in installed.splitlines() if " /mnt" not in line)
+    assert verify.install_root(FakeTestinfraHost([(r"cat /proc/mounts", booted)])) == "/"
     assert verify.install_root(FakeTestinfraHost([]), "/") == "/"
-    with pytest.raises(TabulaError, match="--tabula-root"):
-        verify.install_root(FakeTestinfraHost([]), "/srv")
+    assert verify.settings_from_inventory("nas-live", data={"tabula_root": "/"}).root == "/"
 
 
 def test_settings_come_from_the_inventory_as_the_deploys_do():
@@ -193,9 +194,9 @@ def test_settings_come_from_the_inventory_as_the_deploys_do():
 
 
 def test_the_command_is_testinfras():
-    argv = verify.command("ssh://install-target", {"tabula_profile": "zfs-raidz1", "tabula_vars": {"hostname": "n"}},
-                          ssh_config="/tmp/ssh_config", root="/")
+    argv = verify.command("ssh://install-target", {"tabula_profile": "zfs-raidz1", "tabula_vars": {"hostname": "n"},
+                                                   "tabula_root": "/"}, ssh_config="/tmp/ssh_config")
     assert argv[1:6] == ["-m", "pytest", "tests/verify", "--hosts=ssh://install-target", "-p"]
     assert argv[argv.index("--ssh-config=/tmp/ssh_config") + 1:] == [
         "--tabula-data", "tabula_profile=zfs-raidz1", "--tabula-data", 'tabula_vars={"hostname": "n"}',
-        "--tabula-root=/"]
+        "--tabula-data", "tabula_root=/"]

@@ -12,9 +12,10 @@ does, so a deploy's ``--data`` arguments can be given again as they are:
     .venv/bin/python -m pytest tests/verify --hosts=ssh://install-target \\
         --tabula-data tabula_vars='{"disk": "/dev/disk/by-id/nvme-..."}'
 
-``--tabula-root`` says where the installed system is: ``/mnt`` (the live system after the
-install), ``/`` (the installed system, booted), or ``auto`` (the default: ``/mnt`` when something
-is mounted there). The run prints which. One test per layer (gpt, luks, filesystems, zfs, btrfs,
+Where the installed system is comes from the same data as for gaps.py, ``tabula_root``: ``/mnt``
+(the live system after the install), ``/`` (the installed system, booted), or ``auto`` (the
+default: ``/mnt`` when something is mounted there); ``--tabula-data tabula_root=/`` says it. The
+run prints which. One test per layer (gpt, luks, filesystems, zfs, btrfs,
 mounts, nixos, persist); a layer that fails prints one line per mismatch. testinfra's own options
 apply (``--ssh-config``, ``--ssh-identity-file``, ``--sudo``, ``--connection``).
 """
@@ -42,8 +43,6 @@ def pytest_addoption(parser):
                     help="the inventory file (default: inventory.py)")
     group.addoption("--tabula-host", default=None, metavar="NAME",
                     help="the inventory host whose data to use (default: the testinfra host's name)")
-    group.addoption("--tabula-root", default="auto", choices=["auto", "/mnt", "/"],
-                    help="where the installed system is: /mnt after the install, / booted (default: auto)")
 
 
 def pytest_configure(config):
@@ -83,7 +82,7 @@ def target(host, request, ssh_control_dir) -> Target:
     try:
         settings = settings_from_inventory(name, config.getoption("tabula_inventory"),
                                            parse_data(config.getoption("tabula_data")))
-        root = install_root(host, config.getoption("tabula_root"))
+        root = install_root(host, settings.root)
     except TabulaError as error:
         pytest.fail(f"{name}: {error}", pytrace=False)
     description = f"{host.backend.get_pytest_id()}: {describe(settings, root)}"
