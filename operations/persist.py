@@ -271,10 +271,12 @@ def checks(host, settings: Settings, root: str) -> list[str]:
     if machine_id in state and not re.fullmatch(r"[0-9a-f]{32}", host.run(f"cat {shlex.quote(machine_id)}").stdout.strip()):
         failures.append(f"{machine_id}: not 32 lower-case hex digits")
     if initrd_key and initrd_key in state:
-        fingerprint = host.run(f"ssh-keygen -lf {shlex.quote(initrd_key)}").stdout.split()[1:2]
-        system = {host.run(f"ssh-keygen -lf {shlex.quote(p)}").stdout.split()[1:2][0] for p in keys.values()
-                  if p in state}
-        if fingerprint and fingerprint[0] in system:
+        fingerprints = {path: host.run(f"ssh-keygen -lf {shlex.quote(path)}").stdout.split()[1:2]
+                        for path in [initrd_key, *keys.values()] if path in state}
+        initrd = fingerprints.pop(initrd_key)
+        if not initrd:
+            failures.append(f"{initrd_key}: not a key")
+        elif initrd in fingerprints.values():
             failures.append(f"{initrd_key}: the initrd carries one of the system's host keys")
     config, copy = under(root, "/etc/nixos"), f"{persist}/etc/nixos"
     original, copied = read_fact(host, DirectoryDigest, path=config), read_fact(host, DirectoryDigest, path=copy)
