@@ -1,7 +1,7 @@
 """
 Verification of a target against its profile: every layer's ``checks``, in stage order, read
 through a testinfra host. What ``pytest tests/verify --hosts=ssh://install-target`` runs (see
-tests/verify/conftest.py and the README's "Verify a target").
+tests/verify/conftest.py and the README's "Day two: is the machine what the profile says?").
 
     settings = settings_from_inventory("install-target", data={"tabula_vars": {...}})
     root = install_root(host, settings.root)       # /mnt after the install, / on the booted system

@@ -3,12 +3,14 @@ captured in the VM: an installed target gives no line, a target that differs giv
 mismatch naming it; the verification's settings come from the inventory as the deploy's do."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 from dataclasses import dataclass
 
 import pytest
 
-from operations import btrfs, gpt, luks, mounts, persist, verify
+from operations import btrfs, gpt, luks, mounts, nixos, persist, verify
 from operations.errors import TabulaError
 from operations.profile import load_profile
 from operations.settings import Settings
@@ -200,3 +202,32 @@ def test_the_command_is_testinfras():
     assert argv[argv.index("--ssh-config=/tmp/ssh_config") + 1:] == [
         "--tabula-data", "tabula_profile=zfs-raidz1", "--tabula-data", 'tabula_vars={"hostname": "n"}',
         "--tabula-data", "tabula_root=/"]
+
+
+def test_generated_files_as_rendered_match_and_a_changed_line_is_quoted(settings):
+    """nixos.checks renders the profile with the target's generated hardware configuration, UUIDs
+    and DMI name (the real nixos-generate-config's file and ids captured in the VM) and compares."""
+    ids_text = captured("nixos/real-zephyrus-btrfs.ids.txt")
+    ids = nixos.BlockDeviceIds().process(ids_text.splitlines())
+    generated = captured("nixos/real-zephyrus-btrfs.nix")
+    module, _ = nixos.choose_hardware_module(settings.profile, "Standard PC (Q35 + ICH9, 2009)")
+    on_target = nixos.render_files(settings.profile, generated, ids, hardware_module=module)
+
+    def host_with(files: dict[str, str]) -> FakeTestinfraHost:
+        def filetext(name):
+            return "present\n" + base64.b64encode(files[name].encode()).decode() + "\n"
+        state = "".join(f"file\t644 root\t{hashlib.sha256(text.encode()).hexdigest()}\t/mnt/etc/nixos/{name}\n"
+                        for name, text in files.items())
+        return FakeTestinfraHost([
+            (r"filetext /mnt/etc/nixos/hardware-configuration.nix", filetext("hardware-configuration.nix")),
+            (r"filetext /mnt/etc/nixos/configuration.nix", filetext("configuration.nix")),
+            (r"blkid -o export", ids_text), (r"product_name", "Standard PC (Q35 + ICH9, 2009)\n"),
+            (r"stat -c", state)])
+
+    assert nixos.checks(host_with(on_target), settings, "/mnt") == []
+    edited = dict(on_target, **{"configuration.nix": on_target["configuration.nix"].replace(
+        'time.timeZone = "America/New_York";', 'time.timeZone = "UTC";')})
+    problems = nixos.checks(host_with(edited), settings, "/mnt")
+    assert len(problems) == 1 and problems[0].startswith(
+        "/mnt/etc/nixos/configuration.nix: differs from the profile's rendering at line "), problems
+    assert "'time.timeZone = \"UTC\";', the profile has 'time.timeZone = \"America/New_York\";'" in problems[0]
