@@ -2,7 +2,8 @@
 The main job, end to end: boot the live VM (building its image on first use), install the default
 profile onto its blank disks with `pyinfra install-target deploy.py`, run the deploy a second time
 to show it converged, then verify the target against the profile with the verification command
-(`pytest tests/verify --hosts=ssh://install-target`, the README's "Verify a target").
+(`pytest tests/verify --hosts=ssh://install-target`, the README's "Day two: is the machine what the
+profile says?").
 
     ./dev.sh demo                     # default profile (group_data/all.py)
     ./dev.sh demo --keep-disks        # do not reset the VM's disks first (resume a previous demo)

@@ -17,12 +17,12 @@ import json
 import re
 import shlex
 
+from operations.gpt import type_guid
 from operations.nixos import INSTALL_STAMP
 from operations.profile import load_profile
 from tests import profile_cases
-from tests.e2e.helpers import assert_no_changes, executed_commands, grand_total
+from tests.e2e.helpers import assert_no_changes, assert_target_verified, executed_commands, grand_total
 from tests.nix.evaluation import evaluate_installed
-from tests.verify.checks import TYPE_GUIDS, verify_target
 from tools.livevm import GUEST_SRC, GUEST_VENV
 
 PROFILE = "tmpfs-root"
@@ -80,18 +80,20 @@ def identities(livevm, profile) -> dict:
     }
 
 
-def assert_layout(livevm, target, profile) -> None:
-    """The profile's layout on the real devices, verify_target's checks and this profile's own."""
-    assert verify_target(target, profile) == []
+def assert_layout(livevm, target, profile, variables: dict | None = None) -> None:
+    """The profile's layout on the real devices: this profile's own checks, and with ``variables``
+    the verification command users run (``pytest tests/verify``, over SSH from the controller)."""
+    if variables is not None:
+        assert_target_verified(livevm, {"tabula_profile": PROFILE, "tabula_vars": variables})
     h = profile.hash
     parts = {}
     for part in (f"boot-{h}", f"crypted-{h}"):
         probe = guest(livevm, f"blkid -p -o export /dev/disk/by-partlabel/{part}")
         parts[part] = dict(line.split("=", 1) for line in probe.splitlines() if "=" in line)
-    assert parts[f"boot-{h}"]["PART_ENTRY_TYPE"] == TYPE_GUIDS["EF00"]
+    assert parts[f"boot-{h}"]["PART_ENTRY_TYPE"] == type_guid("EF00").lower()
     assert parts[f"boot-{h}"]["TYPE"] == "vfat"
     assert int(parts[f"boot-{h}"]["PART_ENTRY_SIZE"]) * 512 == 1024 * MiB
-    assert parts[f"crypted-{h}"]["PART_ENTRY_TYPE"] == TYPE_GUIDS["8300"]
+    assert parts[f"crypted-{h}"]["PART_ENTRY_TYPE"] == type_guid("8300").lower()
     assert parts[f"crypted-{h}"]["TYPE"] == "crypto_LUKS" and parts[f"crypted-{h}"]["VERSION"] == "2"
     assert livevm.run(f"cryptsetup isLuks --type luks2 /dev/disk/by-partlabel/crypted-{h}", check=False).returncode == 0
     assert "discards" in guest(livevm, "cryptsetup status crypted")
@@ -126,7 +128,7 @@ def test_local_install_of_tmpfs_root_converges(clean_disks, livevm, target, tmp_
     first, output = run_local(livevm, variables)
     assert first.returncode == 0, output[-8000:]
     assert grand_total(output)[1] != "-"
-    assert_layout(livevm, target, profile)
+    assert_layout(livevm, target, profile, variables)
 
     # installed once, with the profile's host; the persistent root seeded
     host = profile.nixos.hostname
