@@ -4,7 +4,9 @@ import os
 
 
 def pytest_configure(config):
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    # only in a worker itself (a pytest it starts, e.g. the verification command, inherits the
+    # worker's environment but is not a worker)
+    worker = getattr(config, "workerinput", {}).get("workerid")
     if worker:
         base = os.environ.get("TABULA_VM_INSTANCE", "default")
         os.environ["TABULA_VM_INSTANCE"] = f"{base}-{worker}"
