@@ -2,7 +2,7 @@
 # Tabula developer entry point. Every sub-command first makes sure the machine has what it needs
 # (Debian packages, a Python venv in .venv), so on a fresh Debian 12 machine one command is enough.
 #   ./dev.sh demo    full install of the default profile into the live VM, then verification
-#   ./dev.sh test    all tests: unit, Nix evaluation, end-to-end in the live VM (two workers, two VMs)
+#   ./dev.sh test    all tests: unit, Nix evaluation, end-to-end in the live VM (two lanes, two VMs)
 #   ./dev.sh setup   only the set-up
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -33,9 +33,8 @@ cmd="${1:-}"; shift || true
 case "$cmd" in
     setup) setup ;;
     demo) setup; exec .venv/bin/python tools/demo.py "$@" ;;
-    # Two workers (TABULA_TEST_WORKERS), each with a live VM of its own: a test file runs whole on
-    # one worker (its fixtures stay together), and a VM under emulation leaves a core idle
-    # most of the time, so two halve the wall time of the end-to-end suites.
-    test) setup; exec .venv/bin/python -m pytest -n "${TABULA_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
+    # tools/testrun.py: the unit and Nix tests, then the e2e files on two lanes, each with a live
+    # VM of its own (with paths given: plain pytest on them)
+    test) setup; exec .venv/bin/python tools/testrun.py "$@" ;;
     *) echo "usage: $0 {demo|test|setup} [args]" >&2; exit 2 ;;
 esac
