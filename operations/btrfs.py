@@ -15,10 +15,10 @@ from __future__ import annotations
 import re
 import shlex
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import (Made, created_this_run, is_fresh, one_command, operation, read, record_created,
-                                   record_fresh, tell)
+from operations.roundtrips import (Made, created_this_run, is_fresh, one_command, operation, read, read_many,
+                                   record_created, record_fresh, tell)
 
 from operations.errors import TabulaError
 from operations.mounts import Mounts
@@ -27,6 +27,7 @@ from operations.profile import Filesystem, Profile, Subvolume, Swapfile
 from operations.settings import Settings
 from operations.target import (PRIVATE_MOUNT_ROOT, CanonicalPath, Written, install_path, listing_command, parse_listing,
                                read_fact, under)
+from operations.target import describe_leftovers, install_footprint, leftovers_script, parse_leftovers
 
 
 def top_level_path(device: str, fs: Filesystem) -> str:
@@ -478,6 +479,157 @@ def written_since_boot(profile: Profile) -> tuple[list[Written], list[str]]:
                     or blank[path][0].kind != entry.kind]
         how.append(f"btrfs {sub.path} against {sub.blank_snapshot} on {device}")
     return written, how
+
+
+# --- rescue -------------------------------------------------------------------------------------
+# From the live system, for a machine that no longer boots: the subvolume with a blank snapshot
+# (@root) back to a copy of that snapshot (@root-blank), its nested subvolumes deleted first, as
+# the initrd's rollback does at boot. Nothing but that subvolume is ever touched.
+
+
+class BtrfsRootLeftovers(FactBase):
+    """
+    What a subvolume (seen through the mounted top level) holds beyond the install's own
+    footprint: the mount points of the filesystems mounted below it, and etc/nixos. At most
+    ``target.LEFTOVER_LIMIT`` entries, as ``[(type, path)]`` (find's %y: f, d, l...); empty when
+    it holds nothing else; None when the subvolume is not there (or the top level not mounted).
+
+    + path: the subvolume through the top level, e.g. /run/tabula/btrfs/nixos/@root
+    + folders, config: ``target.install_footprint`` of the subvolume's mount point
+
+    .. code:: python
+
+        [("f", "junk-file"), ("d", "srv")]
+    """
+
+    def command(self, path: str, folders: list[str], config: str | None) -> str:
+        return (f"if [ -d {shlex.quote(path)} ]; then echo present; {leftovers_script(path, folders, config)}; "
+                "else echo absent; fi")
+
+    def process(self, output):
+        return parse_root_leftovers(output)
+
+
+def parse_root_leftovers(lines) -> list[tuple[str, str]] | None:
+    lines = list(lines)
+    if not lines or lines[0] != "present":
+        return None
+    return parse_leftovers(lines[1:])
+
+
+def restore_command(top: str, subvolume: str, blank: str, unmount: tuple[str, ...] = ()) -> StringCommand:
+    """The shell that puts ``subvolume`` back to a writable copy of ``blank``. It checks again,
+    before deleting anything, that the blank snapshot is there, read-only and empty; unmounts
+    ``unmount`` (where the old subvolume is mounted, and what is mounted below); deletes the
+    nested subvolumes deepest first (a subvolume holding one cannot be deleted), then the
+    subvolume; snapshots the blank."""
+    refuse = 'echo "tabula: refusing to restore $sub: $1; nothing was changed" >&2; exit 1'
+    script = (
+        f'set -e; top={shlex.quote(top)}; sub={shlex.quote(subvolume)}; blank={shlex.quote(blank)}\n'
+        f'refuse() {{ {refuse}; }}\n'
+        '[ -d "$top/$blank" ] || refuse "its blank snapshot $blank is missing"\n'
+        '[ "$(btrfs property get -ts "$top/$blank" ro)" = ro=true ] || refuse "its blank snapshot $blank is writable"\n'
+        '[ -z "$(ls -A "$top/$blank")" ] || refuse "its blank snapshot $blank is not empty"\n'
+        + "".join(f'if mountpoint -q {shlex.quote(t)}; then echo "unmounting {t}"; umount -R {shlex.quote(t)}; fi\n'
+                  for t in unmount) +
+        # nested: the paths below $sub/, deepest first
+        'btrfs subvolume list "$top" | awk -v s="$sub/" \'{ p = $0; sub(/^.* path /, "", p); '
+        'if (index(p, s) == 1) print gsub("/", "/", p) "\\t" p }\' | sort -rn | cut -f2- |\n'
+        'while IFS= read -r p; do echo "deleting nested subvolume $p"; btrfs subvolume delete "$top/$p" >/dev/null || exit 1; done\n'
+        'if [ -e "$top/$sub" ]; then echo "deleting $sub"; btrfs subvolume delete "$top/$sub" >/dev/null; fi\n'
+        'echo "restoring $sub from $blank"; btrfs subvolume snapshot "$top/$blank" "$top/$sub" >/dev/null\n'
+    )
+    return StringCommand("sh", "-c", QuoteString(script))
+
+
+@operation()
+def restored(top: str, subvolume: Subvolume, device: str, mountpoints: tuple[str, ...] = ()):
+    """
+    Put a subvolume with a blank snapshot back to a copy of it: nested subvolumes deleted, the
+    subvolume deleted and snapshotted again from the read-only blank (the initrd's rollback).
+    Refused when the blank snapshot is missing, writable or not empty. Nothing to do when the
+    subvolume holds no nested subvolume and nothing but the install's footprint (its mount
+    points and etc/nixos).
+
+    + top: where the filesystem's top level is mounted (``top_level``)
+    + subvolume: the profile's Subvolume (with ``blank_snapshot``)
+    + device: the filesystem's block device
+    + mountpoints: every mount point of the installed system (for the footprint)
+
+    **Example:**
+
+    .. code:: python
+
+        btrfs.restored(top="/run/tabula/btrfs/nixos", subvolume=Subvolume(path="@root", mountpoint="/",
+                       blank_snapshot="@root-blank"), device="/dev/mapper/cryptroot", mountpoints=("/", "/nix"))
+    """
+    sub, blank_name = subvolume.path, subvolume.blank_snapshot
+    mounts = read(Mounts)
+    if top not in mounts:
+        if host.state.is_executing:
+            raise TabulaError(f"the top level of {device} is not mounted at {top}: cannot restore {sub}")
+        # Planning with the container still closed: nothing to read yet; the command checks again.
+        logger.info(f"{host.print_prefix}{sub} on {device}: read once {device} is open; if it holds more than "
+                    f"the install left, its nested subvolumes and {sub} are deleted and {sub} restored from "
+                    f"{blank_name} (refused if {blank_name} is missing, writable or not empty)")
+        record_created(Made.subvolume(device, sub))
+        yield restore_command(top, sub, blank_name)
+        return
+    folders, config = install_footprint(subvolume.mountpoint or "/", list(mountpoints))
+    path = f"{top}/{sub}"
+    existing, leftovers = read_many([(BtrfsSubvolumes, {"path": top}),
+                                     (BtrfsRootLeftovers, {"path": path, "folders": folders, "config": config})])
+    blank = existing.get(blank_name)
+    if blank is None:
+        raise TabulaError(f"refusing to restore {sub} on {device}: its blank snapshot {blank_name} is missing, so "
+                          "there is no empty state to restore; nothing was changed")
+    if not blank["ro"]:
+        raise TabulaError(f"refusing to restore {sub} on {device}: its blank snapshot {blank_name} is writable, so "
+                          f"it may not be blank any more; nothing was changed. Check it (ls -A {top}/{blank_name}), "
+                          f"then set it read-only: btrfs property set -ts {top}/{blank_name} ro true")
+    if not blank["empty"]:
+        raise TabulaError(f"refusing to restore {sub} on {device}: its blank snapshot {blank_name} is not empty; "
+                          "nothing was changed")
+    nested = sorted(p for p in existing if p.startswith(f"{sub}/"))
+    current = existing.get(sub)
+    if current is not None and not current["ro"] and not nested and leftovers == []:
+        host.noop(f"{sub} holds no nested subvolume and nothing but the install's mount points"
+                  + (f" and {config}" if config else "") + f": as restored from {blank_name}")
+        return
+    found = []
+    if current is None:
+        found.append(f"{sub} is missing")
+    elif current["ro"]:
+        found.append(f"{sub} is read-only")
+    if nested:
+        found.append(f"nested subvolumes {', '.join(nested)}")
+    if leftovers:
+        found.append(f"{sub} holds {describe_leftovers(leftovers)}")
+    logger.info(f"{host.print_prefix}{sub} on {device}: {'; '.join(found)}: restoring it from {blank_name}")
+    # Where the old subvolume is mounted (the install tree under /mnt) goes first.
+    target = install_path(subvolume.mountpoint) if subvolume.mountpoint else None
+    mounted = mounts.get(target) if target else None
+    unmount = (target,) if mounted and mounted["fstype"] == "btrfs" and any(
+        o.removeprefix("subvol=").lstrip("/") == sub for o in mounted["options"] if o.startswith("subvol=")) else ()
+    record_created(Made.subvolume(device, sub))     # a copy of the blank: empty
+    yield restore_command(top, sub, blank_name, unmount)
+
+
+def rescue(profile: Profile) -> None:
+    """The top level mounted, each subvolume with a blank snapshot restored from it."""
+    mountpoints = tuple(m.mountpoint for m in profile.all_mounts())
+    for device, fs in _btrfs_filesystems(profile):
+        targets = [sub for sub in fs.subvolumes if sub.blank_snapshot]
+        if not targets:
+            continue
+        top = top_level_path(device, fs)
+        first = next((s for s in fs.subvolumes if s.mountpoint), None)
+        options = tuple(o for o in (first.mount_options if first else ()) if not o.startswith(("subvol", "ro")))
+        name = top.rsplit("/", 1)[-1]          # the filesystem's label (or its device's name)
+        top_level(device=device, path=top, options=options, name=f"Btrfs top level {name}")
+        for sub in targets:
+            restored(top=top, subvolume=sub, device=device, mountpoints=mountpoints,
+                     name=f"Btrfs restore {sub.path} from {sub.blank_snapshot}")
 
 
 # --- checks -------------------------------------------------------------------------------------

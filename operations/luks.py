@@ -316,6 +316,17 @@ def required_tools(profile: Profile) -> dict[str, str]:
     return {"cryptsetup": f"LUKS container {part.label}" for part, _ in profile.luks_devices()}
 
 
+# --- rescue -------------------------------------------------------------------------------------
+
+
+def rescue(profile: Profile) -> None:
+    """Open each container with the passphrase on stdin, as the install does; never luksFormat."""
+    if profile.luks_devices():
+        passphrase()        # read and checked while the run is prepared, as in apply()
+    for part, luks in profile.luks_devices():
+        mapping(device=part.device, luks=luks, name=f"LUKS open {luks.mapper}")
+
+
 # --- checks -------------------------------------------------------------------------------------
 
 

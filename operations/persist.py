@@ -219,6 +219,47 @@ def copy_configuration(profile: Profile) -> None:
     config_copy(CONFIG_DIR, f"{persist}/etc/nixos", name="Persist configuration copy")
 
 
+# --- rescue -------------------------------------------------------------------------------------
+
+
+@operation()
+def config_restored(source: str, dest: str):
+    """
+    /etc/nixos of the install root put back from its copy on the persistent root (``cp -a``),
+    after a rescue restored the root: the install wrote it there, and the files must be the
+    same for the install deploy to find nothing to do. Refused inside the command when the copy
+    is missing or empty.
+
+    + source: the persisted copy, e.g. /mnt/persist/etc/nixos
+    + dest: e.g. /mnt/etc/nixos
+
+    .. code:: python
+
+        persist.config_restored("/mnt/persist/etc/nixos", "/mnt/etc/nixos")
+    """
+    # Below a root this run has just restored (empty) and mounted there is nothing to compare.
+    if not is_fresh(dest):
+        wanted, present = read_many([(DirectoryDigest, {"path": source}), (DirectoryDigest, {"path": dest})])
+        if wanted and wanted == present:
+            host.noop(f"{dest} already holds the same files as {source}")
+            return
+    record_fresh(dest, False)
+    yield StringCommand("sh", "-c", QuoteString(RESTORE_CONFIG_SCRIPT), "restore", QuoteString(source), QuoteString(dest))
+
+
+RESTORE_CONFIG_SCRIPT = (
+    'if [ ! -d "$1" ] || [ -z "$(ls -A "$1")" ]; then echo "tabula: $1 is missing or empty: nothing to put back '
+    'into $2; run the install deploy (deploy.py) to write it again" >&2; exit 1; fi; '
+    'rm -rf "$2" && mkdir -p "$(dirname "$2")" && cp -a "$1" "$2"'
+)
+
+
+def restore_configuration(profile: Profile) -> None:
+    """After a rescue: /mnt/etc/nixos from <persist>/etc/nixos, as the install left it."""
+    persist = f"{INSTALL_ROOT}{profile.persistence.root}"
+    config_restored(f"{persist}/etc/nixos", CONFIG_DIR, name="Persist configuration restore")
+
+
 # --- checks -------------------------------------------------------------------------------------
 
 

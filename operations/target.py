@@ -318,3 +318,67 @@ def parse_listing(lines, prefix: str = "/") -> dict[str, tuple[Written, str]]:
         what = "subvolume" if kind == "d" and inode == "256" else _KINDS.get(kind, "other")
         found[path] = (Written(path, what, link), f"{size} {mtime}")
     return found
+
+
+# --- rescue -------------------------------------------------------------------------------------
+# What the install itself leaves on an ephemeral root (a btrfs subvolume with a blank snapshot, a
+# ZFS temp dataset with @empty): the mount points of the filesystems mounted below it, and
+# /etc/nixos (written there by the install, copied to the persistent root, bound back at boot).
+# A root holding nothing else is as the install (or a rescue) left it.
+
+LEFTOVER_LIMIT = 20     # at most this many leftovers are listed: enough to show what is there
+
+
+def install_footprint(root_mountpoint: str, mountpoints: list[str]) -> tuple[list[str], str | None]:
+    """(folders the install makes on the root mounted at ``root_mountpoint``: each mount point
+    below it and the folders above them; the configuration folder relative to the root, or None
+    when /etc/nixos is not on this root), all relative to the root."""
+    base = root_mountpoint.rstrip("/")
+
+    def relative(path: str) -> str | None:
+        if path == root_mountpoint or not path.startswith(base + "/"):
+            return None
+        return path[len(base) + 1:]
+
+    folders: set[str] = set()
+    for mountpoint in mountpoints:
+        rel = relative(mountpoint)
+        if rel:
+            parts = rel.split("/")
+            folders.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    config = relative(CONFIG_DIR.removeprefix(INSTALL_ROOT))
+    if config:
+        parts = config.split("/")
+        folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
+    return sorted(folders), config
+
+
+def leftovers_script(path: str, folders: list[str], config: str | None, prefix: str = "") -> str:
+    """Shell lines printing ``<prefix>TYPE<tab>PATH`` for each entry below ``path`` (this
+    filesystem only: a nested subvolume or a mount is listed, not entered) that is not the
+    install's footprint (``install_footprint``), at most LEFTOVER_LIMIT of them. TYPE is find's
+    %y (f file, d folder, l link...). Nothing printed: nothing but the footprint is there."""
+    allowed = "\\n".join(f.replace("\\", "\\\\") for f in folders)
+    return (f"find {shlex.quote(path)} -xdev -mindepth 1 -printf '%y\\t%P\\n' 2>/dev/null | "
+            f"awk -F '\\t' -v ok={shlex.quote(allowed)} -v keep={shlex.quote(config or '')} "
+            f"-v prefix={shlex.quote(prefix)} -v limit={LEFTOVER_LIMIT} "
+            "'BEGIN { n = split(ok, a, \"\\n\"); for (i = 1; i <= n; i++) if (a[i] != \"\") allowed[a[i]] = 1 } "
+            "{ p = substr($0, 3) } "
+            "($1 == \"d\" && (p in allowed)) || (keep != \"\" && (p == keep || index(p, keep \"/\") == 1)) { next } "
+            "{ print prefix $0; if (++count >= limit) exit }'")
+
+
+def parse_leftovers(lines) -> list[tuple[str, str]]:
+    """``leftovers_script``'s output as [(type, relative path)]."""
+    found = []
+    for line in lines:
+        kind, sep, path = line.partition("\t")
+        if sep and path:
+            found.append((kind, path))
+    return found
+
+
+def describe_leftovers(found: list[tuple[str, str]]) -> str:
+    """'junk-file, srv/ (and more)' for a message."""
+    shown = ", ".join(path + ("/" if kind == "d" else "") for kind, path in found)
+    return shown + (" (and more)" if len(found) >= LEFTOVER_LIMIT else "")

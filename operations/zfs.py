@@ -26,7 +26,7 @@ import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.api import FactBase, QuoteString, StringCommand
 from operations.roundtrips import (Made, before_first_change, cancel_before_first_change, created_this_run, forget,
                                    operation, read, record_created, tell)
@@ -38,6 +38,7 @@ from operations.profile import Dataset, Mount, Pool, Profile
 from operations.secrets import Secret, read_secret
 from operations.settings import Settings
 from operations.target import Written, decode_octal, install_path, read_fact
+from operations.target import INSTALL_ROOT, describe_leftovers, install_footprint, leftovers_script, parse_leftovers
 
 # Properties that can only be chosen at creation: a difference is reported, never "fixed".
 ONE_TIME_PROPERTIES = frozenset({
@@ -877,6 +878,210 @@ def written_since_boot(profile: Profile, mounts: dict) -> tuple[list[Written], l
                                        _DIFF_KINDS.get(kind, "other")))
             how.append(f"zfs diff {name}@{EMPTY_SNAPSHOT}")
     return written, how
+
+
+# --- rescue -------------------------------------------------------------------------------------
+# From the live system, for a machine that no longer boots: the pool imported (never created),
+# its keys loaded, every temp dataset (those with @empty) rolled back to @empty, as the initrd's
+# rollback does at boot. No other dataset is ever touched.
+
+
+class ZfsTempState(FactBase):
+    """
+    The temp datasets of one pool as a rescue sees them: whether the pool is imported; for each
+    dataset whether it and its ``@empty`` exist, the bytes written since ``@empty``
+    (``written@empty``) and, when it is mounted at its place under the install root, what it
+    holds beyond the install's footprint (``target.install_footprint``: the mount points below
+    it, etc/nixos), at most ``target.LEFTOVER_LIMIT`` entries.
+
+    + pool_name: the pool
+    + temps: ``((dataset, its mount point under /mnt or "", footprint folders, config folder), ...)``
+
+    .. code:: python
+
+        {"imported": True, "datasets": {"rpool-x/temp/root": {"state": "ok", "written": 73728,
+         "mounted": "/mnt", "leftovers": [("f", "junk")]}, "rpool-x/temp/tmp": {"state": "nosnapshot", ...}}}
+    """
+
+    default = dict
+
+    def command(self, pool_name: str, temps: tuple) -> str:
+        p = shlex.quote(pool_name)
+        lines = [f"if test -e /sys/module/zfs && zpool list -H -o name {p} >/dev/null 2>&1; then echo 'pool\timported'; "
+                 "else echo 'pool\tabsent'; exit 0; fi"]
+        for name, target, folders, config in temps:
+            d, s = shlex.quote(name), shlex.quote(f"{name}@{EMPTY_SNAPSHOT}")
+            line = (f"if ! zfs list -H -o name {d} >/dev/null 2>&1; then printf 'state\\t%s\\tabsent\\n' {d}; "
+                    f"elif ! zfs list -H -o name {s} >/dev/null 2>&1; then printf 'state\\t%s\\tnosnapshot\\n' {d}; "
+                    f"else printf 'state\\t%s\\t%s\\n' {d} \"$(zfs get -H -p -o value written@{EMPTY_SNAPSHOT} {d})\"")
+            if target:
+                t = shlex.quote(target)
+                line += (f"; if awk -v d={d} -v t={t} '$1 == d && $2 == t && $3 == \"zfs\" {{ f = 1 }} END {{ exit !f }}' "
+                         f"/proc/mounts; then printf 'mounted\\t%s\\t%s\\n' {d} {t}; "
+                         f"{leftovers_script(target, folders, config, prefix=f'left{chr(9)}{name}{chr(9)}')}; fi")
+            lines.append(line + "; fi")
+        return "\n".join(lines)
+
+    def process(self, output):
+        return parse_temp_state(output)
+
+
+def parse_temp_state(lines) -> dict:
+    found: dict = {"imported": False, "datasets": {}}
+    for line in lines:
+        fields = line.split("\t")
+        if fields[0] == "pool" and len(fields) == 2:
+            found["imported"] = fields[1] == "imported"
+        elif fields[0] == "state" and len(fields) == 3:
+            state = fields[2] if fields[2] in ("absent", "nosnapshot") else "ok"
+            found["datasets"][fields[1]] = {"state": state, "mounted": None, "leftovers": [],
+                                            "written": int(fields[2]) if fields[2].isdigit() else None}
+        elif fields[0] == "mounted" and len(fields) == 3 and fields[1] in found["datasets"]:
+            found["datasets"][fields[1]]["mounted"] = fields[2]
+        elif fields[0] == "left" and len(fields) >= 4 and fields[1] in found["datasets"]:
+            found["datasets"][fields[1]]["leftovers"] += parse_leftovers(["\t".join(fields[2:])])
+    return found
+
+
+@operation()
+def present(pool: Pool, devices: dict[str, str]):
+    """
+    Refuse a rescue (TabulaError) when the pool is neither imported nor found on its members'
+    folder: a rescue imports a pool, it never creates one.
+
+    + pool: the profile's Pool
+    + devices: partlabel -> member device (``member_devices``)
+    """
+    if not read(ZfsModuleLoaded) and not host.state.is_executing:
+        host.noop(f"pool {pool.name}: looked for once the zfs module is loaded")
+        return
+    search_dirs = tuple(sorted({path.rsplit("/", 1)[0] for path in devices.values()}))
+    if read(ZfsPoolState, pool_name=pool.name, devices=tuple(devices.values())).get("state") == "imported":
+        host.noop(f"pool {pool.name} is imported")
+    elif pool.name in read(ZfsImportablePools, search_dirs=search_dirs):
+        host.noop(f"pool {pool.name} is found on {', '.join(search_dirs)}, ready to import")
+    else:
+        raise ZfsError(f"refusing to rescue pool {pool.name}: it is neither imported nor found on "
+                       f"{', '.join(search_dirs)} (zpool import -d {search_dirs[0]} lists none); a rescue never "
+                       "creates a pool, the install deploy does; nothing was changed")
+    yield from ()       # (a check only: it never runs a command)
+
+
+@operation()
+def keys_loaded(pool_name: str, roots: tuple[str, ...]):
+    """
+    Load the key of each encryption root whose key is not loaded, from stdin (pass it with
+    ``_stdin=``, never argv), so its datasets can be mounted.
+
+    + pool_name: the pool
+    + roots: the encryption roots, e.g. ``("rpool-2790ee34/remote",)``
+    """
+    datasets = read(ZfsPoolDatasets, pool_name=pool_name)
+    if not datasets:
+        if host.state.is_executing:
+            raise ZfsError(f"pool {pool_name} is not imported: cannot load the keys of {', '.join(roots)}")
+        yield StringCommand("sh", "-c", QuoteString(_load_keys_script(roots)))   # (planned: read once imported)
+        return
+    unavailable = tuple(r for r in roots if datasets.get(r, {}).get("keystatus", ("",))[0] != "available")
+    if not unavailable:
+        host.noop(f"the key of {', '.join(roots)} is loaded")
+        return
+    yield StringCommand("sh", "-c", QuoteString(_load_keys_script(unavailable)))
+
+
+def rollback_command(pool_name: str, datasets: list[str]) -> StringCommand:
+    """Every mount of the pool unmounted (the datasets rolled back, and what is mounted on or
+    below them), then each dataset rolled back to @empty (-r: and later snapshots destroyed),
+    after checking again that every @empty is there."""
+    lines = ["set -e"]
+    for name in datasets:
+        snap = shlex.quote(f"{name}@{EMPTY_SNAPSHOT}")
+        lines.append(f"zfs list -H -o name {snap} >/dev/null 2>&1 || {{ echo {shlex.quote(f'tabula: refusing to roll back {name}: its snapshot {name}@{EMPTY_SNAPSHOT} is missing; nothing was changed')} >&2; exit 1; }}")
+    lines.append(_unmount_pool_script(pool_name))
+    for name in datasets:
+        lines.append(f"echo {shlex.quote(f'rolling back {name} to @{EMPTY_SNAPSHOT}')}; "
+                     f"zfs rollback -r {shlex.quote(f'{name}@{EMPTY_SNAPSHOT}')}")
+    return StringCommand("sh", "-c", QuoteString("\n".join(lines) + "\n"))
+
+
+@operation()
+def rolled_back(pool_name: str, temps: tuple[tuple[str, str | None], ...], mountpoints: tuple[str, ...] = ()):
+    """
+    Roll each temp dataset back to its ``@empty`` snapshot, unless nothing was written to it
+    since (``written@empty`` is 0) or it holds nothing but the install's footprint (the mount
+    points below it and etc/nixos). Refused when a dataset or its ``@empty`` is missing.
+
+    + pool_name: the pool
+    + temps: ``((dataset, mount point of the installed system or None), ...)``
+    + mountpoints: every mount point of the installed system (for the footprint)
+
+    **Example:**
+
+    .. code:: python
+
+        zfs.rolled_back("rpool-2790ee34", (("rpool-2790ee34/temp/root", "/"), ("rpool-2790ee34/temp/tmp", "/tmp")),
+                        mountpoints=("/", "/tmp", "/nix"))
+    """
+    names = [name for name, _ in temps]
+    request = tuple((name, install_path(mp), *install_footprint(mp, list(mountpoints))) if mp else (name, "", [], None)
+                    for name, mp in temps)
+    state = read(ZfsTempState, pool_name=pool_name, temps=request)
+    if not state.get("imported"):
+        if host.state.is_executing:
+            raise ZfsError(f"pool {pool_name} is not imported: cannot roll back {', '.join(names)}")
+        logger.info(f"{host.print_prefix}{', '.join(names)}: read once {pool_name} is imported; rolled back to "
+                    f"@{EMPTY_SNAPSHOT} if written since (refused if a snapshot is missing)")
+        record_created(*(Made.dataset(name) for name in names))
+        yield rollback_command(pool_name, names)
+        return
+    dirty, clean = [], []
+    for name in names:
+        found = state["datasets"].get(name, {"state": "absent"})
+        if found["state"] == "absent":
+            raise ZfsError(f"refusing to roll back {name}: the dataset is missing in pool {pool_name}; nothing was changed")
+        if found["state"] == "nosnapshot":
+            raise ZfsError(f"refusing to roll back {name}: its snapshot {name}@{EMPTY_SNAPSHOT} is missing, so there "
+                           "is no empty state to go back to; nothing was changed")
+        if found["written"] == 0:
+            clean.append(f"{name} has nothing written since @{EMPTY_SNAPSHOT}")
+        elif found["mounted"] and not found["leftovers"]:
+            clean.append(f"{name} holds nothing but the install's mount points"
+                         + (" and etc/nixos" if found["mounted"] == INSTALL_ROOT else "") + f" since @{EMPTY_SNAPSHOT}")
+        else:
+            dirty.append(name)
+            held = describe_leftovers(found["leftovers"]) if found["leftovers"] else (
+                f"{found['written']} bytes written since @{EMPTY_SNAPSHOT}")
+            logger.info(f"{host.print_prefix}{name}: {held}: rolling it back to @{EMPTY_SNAPSHOT}")
+    if not dirty:
+        host.noop("; ".join(clean))
+        return
+    record_created(*(Made.dataset(name) for name in dirty))     # empty again, as made
+    yield rollback_command(pool_name, dirty)
+
+
+def rescue(profile: Profile, settings=None) -> None:
+    """Each pool imported (read-only while nothing needs writing, when the run exports it at the
+    end), never created; keys loaded; temp datasets rolled back to @empty."""
+    if not profile.pools:
+        return
+    needs_key = any(ds.encryption for pool in profile.pools.values() for ds in pool.datasets)
+    key = read_secret("ZFS_KEY") if needs_key else None
+    mountpoints = tuple(m.mountpoint for m in profile.all_mounts())
+    kernel_module(name="ZFS kernel module")
+    for pool_key, pool_def in profile.pools.items():
+        devices = member_devices(profile, pool_key)
+        roots = tuple(f"{pool_def.name}/{ds.name}" for ds in pool_def.datasets if ds.encryption)
+        present(pool_def, devices, name=f"ZFS pool {pool_def.name} found")
+        view = PoolView(mounts=tuple(profile.all_mounts()), encryption_roots=roots, key=key,
+                        exported_at_end=bool(getattr(settings, "export_pools", False)))
+        pool(pool_def, devices, view=view, name=f"ZFS pool {pool_def.name}", **view.stdin())
+        if roots:
+            keys_loaded(pool_def.name, roots, name=f"ZFS keys {pool_def.name}", _stdin=key.reveal())
+        temps = tuple((f"{pool_def.name}/{ds.name}", ds.mountpoint) for ds in ordered_datasets(pool_def)
+                      if ds.empty_snapshot)
+        if temps:
+            rolled_back(pool_def.name, temps, mountpoints,
+                        name=f"ZFS rollback to @{EMPTY_SNAPSHOT}: {', '.join(n.split('/', 1)[1] for n, _ in temps)}")
 
 
 # --- checks -------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ check F2FS compression and the real nixos-generate-config's file; deploy with th
 cleanly), then again with the defaults: no changes, and the exported pool untouched on disk (same
 active uberblock and txg, same ``zpool history``, read with ``zdb -e`` without importing it) and
 still importable without -f; a run that keeps the pool imports it again with the data written
-before the export; prove the rollback the initrd runs.
+before the export; prove the rollback the initrd runs. zfs-raidz1's install (a module-scoped
+fixture) is then rescued (rescue.py) after writing into its temp datasets.
 Refusals (a foreign disk carrying the host hash, a disk smaller than declared) change nothing.
 """
 
@@ -22,8 +23,10 @@ import pytest
 from operations import zfs
 from operations.profile import host_hash, load_profile
 from tests.nix.evaluation import evaluate_installed
+from tests.e2e.faults import dry_plan
 from tests.e2e.helpers import (SHOW_HARDWARE_CONFIG, assert_generated_by_real_tool_and_patched, assert_no_changes,
-                               assert_target_verified, executed_commands, gap_report, grand_total, lost_paths)
+                               assert_target_verified, executed_commands, gap_report, grand_total, lost_paths,
+                               operation_commands)
 from tests.unit.vm_vars import TEST_AUTHORIZED_KEY
 
 LUKS_PASSPHRASE = "tabula-e2e-luks-passphrase"
@@ -244,13 +247,25 @@ def check_access_and_pins(target, profile) -> None:
         assert {"nixpkgs", "impermanence", "nixos-hardware", "disko"} <= set(nodes)
 
 
-def test_zfs_raidz1_from_blank_disks(clean_disks, target, run_pyinfra, tmp_path):
-    variables = zfs_vars(target)
-    profile = load_profile("zfs-raidz1", variables)
-
-    result, output = deploy(run_pyinfra, "zfs-raidz1", variables)
+@pytest.fixture(scope="module")
+def raidz1_installed(livevm, target, run_pyinfra):
+    """zfs-raidz1 installed from blank disks, the pool kept imported: (vars, profile, output).
+    Shared by the tests of this profile: the install checks, then the rescue."""
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in (("LUKS_PASSPHRASE", LUKS_PASSPHRASE), ("ZFS_KEY", ZFS_KEY),
+                            ("ROOT_PASSWORD_HASH", ROOT_HASH), ("USER_PASSWORD_HASH", USER_HASH)):
+            env.setenv(f"TABULA_{name}", value)
+            env.delenv(f"TABULA_{name}_FILE", raising=False)
+        livevm.reset_disks()
+        variables = zfs_vars(target)
+        result, output = deploy(run_pyinfra, "zfs-raidz1", variables)
     assert result.returncode == 0, output
-    assert_target_verified(clean_disks, verification_data("zfs-raidz1", variables))
+    return variables, load_profile("zfs-raidz1", variables), output
+
+
+def test_zfs_raidz1_from_blank_disks(raidz1_installed, livevm, target, run_pyinfra, tmp_path):
+    variables, profile, _output = raidz1_installed
+    assert_target_verified(livevm, verification_data("zfs-raidz1", variables))
     check_config(target, profile, tmp_path)
     check_access_and_pins(target, profile)
 
@@ -277,6 +292,117 @@ def test_zfs_raidz1_from_blank_disks(clean_disks, target, run_pyinfra, tmp_path)
     assert_marks(target, kept + [home], "kept")
     # after the rollback nothing is lost: what the install and the marks left is gone
     assert lost_paths(gaps(run_pyinfra, "zfs-raidz1", variables)) == []
+
+
+# --- rescue (rescue.py) on the same install ------------------------------------------------------
+
+KEPT = ["/mnt/local", "/mnt/remote", "/mnt/nix", "/mnt/var/log", "/mnt/home"]
+
+
+def rescue(run_pyinfra, variables: dict, *flags: str):
+    """rescue.py with the install's inventory data and secrets (the defaults: the pool exported at the end)."""
+    args = [*flags, "--data", "tabula_profile=zfs-raidz1", "--data", f"tabula_vars={json.dumps(variables)}", "rescue.py"]
+    result = run_pyinfra(args)
+    output = result.stdout + result.stderr
+    for secret in SECRETS:
+        assert secret not in output, "a secret leaked into pyinfra's output"
+        assert all(secret not in cmd for cmd in executed_commands(output)), "a secret in argv"
+    return result, output
+
+
+def kept_state(livevm, places: list[str]) -> str:
+    """Every file, folder and link below the persistent mounts: path, type, mode, owner, size, sha256."""
+    return livevm.run(" && ".join(f"cd {p} && echo '== {p}' && find . -printf '%p %y %m %U %s\\n' | LC_ALL=C sort && "
+                                  "find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum" for p in places)).stdout
+
+
+def open_read_only(livevm, profile) -> None:
+    """The exported pool imported read-only (nothing written), its key loaded from stdin, the
+    profile's mounts mounted read-only under /mnt, as the install's view does."""
+    (pool,) = profile.pools.values()
+    roots = tuple(f"{pool.name}/{ds.name}" for ds in pool.datasets if ds.encryption)
+    livevm.run(f"zpool import -N -o readonly=on -o cachefile=none -d /dev/disk/by-partlabel {pool.name}")
+    livevm.run(["sh", "-c", zfs._load_keys_script(roots)], input=ZFS_KEY + "\n")
+    for mount in profile.all_mounts():
+        command = zfs.read_only_mount_command(mount)
+        if command:
+            livevm.run(f"mkdir -p /mnt{mount.mountpoint.rstrip('/')} 2>/dev/null; {command}")
+
+
+def close_pool(livevm, pool_name: str) -> None:
+    livevm.run(f"umount -R /mnt 2>/dev/null; zpool export {pool_name}")
+
+
+def test_zfs_raidz1_rescue(raidz1_installed, livevm, target, run_pyinfra):
+    """Written into the temp datasets, the pool exported (a live system booted afresh): rescued
+    back to @empty, the persistent datasets byte-identical, the install converged."""
+    variables, profile, _output = raidz1_installed
+    pool_name = profile.pools["rpool"].name
+    temps = [f"{pool_name}/temp/root", f"{pool_name}/temp/tmp"]
+    assert target.run(f"zpool list {pool_name}").rc == 0          # as the install (test) left it: imported
+    livevm.run(f"mkdir -p {home_of(profile)}")
+    kept = kept_state(livevm, KEPT)
+    livevm.run("set -e; echo junk > /mnt/tabula-junk; mkdir -p /mnt/var/lib/junk /mnt/etc/nixos; "
+               "echo junk > /mnt/var/lib/junk/file; echo junk > /mnt/tmp/tabula-junk; "
+               "echo broken > /mnt/etc/nixos/configuration.nix; sync")
+    close_pool(livevm, pool_name)
+    exported = on_disk_state(target, pool_name)
+
+    # --dry: the plan; the pool read through a read-only import and left exported, untouched
+    output, rows = dry_plan(livevm, ["-vv", "--data", "tabula_profile=zfs-raidz1",
+                                     "--data", f"tabula_vars={json.dumps(variables)}", "rescue.py"], SERIALS)
+    for step in ("ZFS rollback to @empty: temp/root, temp/tmp", "Persist configuration restore",
+                 f"ZFS export {pool_name}"):
+        assert rows.get(step), (step, rows)
+    found = {line.split("] ", 1)[1].split(": ")[0]: set(line.split(": ")[1].split(", ")) for line in output.splitlines()
+             if line.endswith(": rolling it back to @empty")}
+    # (etc/NIXOS: nixos-install's mark, gone after every boot too; etc/nixos, edited, is put back)
+    assert found == {temps[0]: {"tabula-junk", "var/lib/", "var/lib/junk/", "var/lib/junk/file", "etc/NIXOS"},
+                     temps[1]: {"tabula-junk"}}, output[-6000:]
+    assert on_disk_state(target, pool_name) == exported
+
+    result, output = rescue(run_pyinfra, variables, "-vv")
+    assert result.returncode == 0, output[-8000:]
+    assert_exported_cleanly(target, pool_name)
+
+    again, output = rescue(run_pyinfra, variables, "-vv")
+    assert again.returncode == 0, output[-8000:]
+    assert_no_changes(output)
+    assert (f"{temps[0]} holds nothing but the install's mount points and etc/nixos since @empty; "
+            f"{temps[1]} has nothing written since @empty") in output
+    install, output = deploy(run_pyinfra, "zfs-raidz1", variables, export=None)
+    assert install.returncode == 0, output[-8000:]
+    assert_no_changes(output)
+
+    open_read_only(livevm, profile)
+    try:
+        assert target.check_output(f"zfs get -H -p -o value written@empty {temps[1]}") == "0"
+        listing = set(target.check_output("find /mnt -xdev -mindepth 1 -printf '%P\\n'").splitlines())
+        config = {name for name in listing if name.startswith("etc/nixos/")}
+        assert listing - config == {"boot", "etc", "etc/nixos", "home", "local", "nix", "remote", "tmp", "var",
+                                    "var/log"}, sorted(listing)
+        assert target.check_output("cd /mnt/etc/nixos && sha256sum * && stat -c '%n %a %U' *") == \
+            target.check_output("cd /mnt/remote/etc/nixos && sha256sum * && stat -c '%n %a %U' *")
+        assert target.check_output("ls -A /mnt/tmp") == ""
+        assert kept_state(livevm, KEPT) == kept
+    finally:
+        close_pool(livevm, pool_name)
+
+    # @empty missing: refused from the facts (the pool read-only), no command run, nothing written
+    livevm.run(f"zpool import -N -d /dev/disk/by-partlabel {pool_name} && zfs rename {temps[1]}@empty {temps[1]}@away "
+               f"&& zpool export {pool_name}")
+    before = on_disk_state(target, pool_name)
+    try:
+        refused, output = rescue(run_pyinfra, variables, "-vv")
+        assert refused.returncode != 0
+        assert f"refusing to roll back {temps[1]}: its snapshot {temps[1]}@empty is missing" in output
+        assert operation_commands(output) == []
+        close_pool(livevm, pool_name)       # (the refused run leaves its read-only view open)
+        assert on_disk_state(target, pool_name) == before
+    finally:
+        livevm.run(f"umount -R /mnt 2>/dev/null; zpool export {pool_name} 2>/dev/null; "
+                   f"zpool import -N -d /dev/disk/by-partlabel {pool_name} && zfs rename {temps[1]}@away {temps[1]}@empty "
+                   f"&& zpool export {pool_name}")
 
 
 def test_light_tmpfs_f2fs_from_blank_disks(clean_disks, target, run_pyinfra, tmp_path):
