@@ -9,6 +9,14 @@ for a matching operation, echoes ``>>> COMMAND`` for a matching command, or prin
 line of a command's streamed output (nixos-install's), after ``delay`` seconds. "kill" SIGKILLs the pyinfra process on the controller; "cut" kills, from a second SSH
 connection, the guest's sshd processes that serve pyinfra's connection (whatever runs in the
 guest at that moment loses its controller, like on a dropped link).
+
+A kill at an operation's start races the operation's first command: pyinfra sends it within
+milliseconds of the banner, and a fast one (luksFormat with test key derivation) can finish in the
+guest before the kill lands. ``hold="PROGRAM [SUBCOMMAND]"`` makes the boundary exact: the guest's
+PROGRAM is shadowed for the run by a wrapper whose first (SUBCOMMAND) call waits; the fault fires
+once that call is waiting, and the call is then released to exit without running:
+
+    run = run_with_fault(livevm, args, Fault("kill", op=r"^LUKS format ", hold="cryptsetup luksFormat"))
 """
 from __future__ import annotations
 
@@ -57,11 +65,13 @@ class Fault:
     cmd: str | None = None    # regex on an executed command (fires when pyinfra echoes it)
     delay: float = 0.0        # seconds after the trigger
     out: str | None = None    # regex on any line pyinfra prints (a streamed command's output)
+    hold: str | None = None   # "PROGRAM [SUBCOMMAND]": fire only once that call waits in the guest (never runs)
 
     def describe(self) -> str:
         where = (f"operation /{self.op}/" if self.op else f"command /{self.cmd}/" if self.cmd
                  else f"output /{self.out}/")
-        return f"{self.kind} {self.delay:g}s after {where}"
+        held = f", with {self.hold!r} held" if self.hold else ""
+        return f"{self.kind} {self.delay:g}s after {where}{held}"
 
 
 @dataclass
@@ -98,9 +108,66 @@ def cut_ssh(livevm, spare: set[int]) -> str:
     return livevm.run(script, timeout=60).stdout
 
 
+HOLD_DIR = "/run/tabula-hold"
+HOLD_WRAPPER_DIR = "/usr/local/sbin"        # ahead of /usr/sbin and /sbin in root's PATH over SSH
+
+
+def hold_wrapper(hold: str, real: str, hold_dir: str = HOLD_DIR) -> str:
+    """The wrapper script that shadows PROGRAM: its first call with SUBCOMMAND (any call, without
+    one) while ``hold_dir/armed`` exists marks itself ``hold_dir/held``, waits until that mark is
+    removed, then exits 75 without running; every other call runs ``real``."""
+    _program, _, subcommand = hold.partition(" ")
+    pattern = f"{shlex.quote(subcommand + ' ')}*" if subcommand else "*"
+    return ("#!/bin/sh\n"
+            f"# a test hold (tests/e2e/faults.py): the first '{hold}' waits here, then exits unrun\n"
+            f"case \"$* \" in {pattern})\n"
+            f"    if rm {hold_dir}/armed 2>/dev/null; then\n"
+            f"        : > {hold_dir}/held\n"
+            f"        while [ -e {hold_dir}/held ]; do sleep 0.1; done\n"
+            "        exit 75\n"
+            "    fi;;\n"
+            "esac\n"
+            f"exec {real} \"$@\"\n")
+
+
+def arm_hold(livevm, hold: str) -> None:
+    """Shadow the guest's PROGRAM with ``hold_wrapper`` for one run."""
+    program = hold.partition(" ")[0]
+    real = livevm.run(f"PATH=/usr/sbin:/usr/bin:/sbin:/bin command -v {program}").stdout.strip()
+    livevm.run(f"mkdir -p {HOLD_DIR} && rm -f {HOLD_DIR}/held && : > {HOLD_DIR}/armed && "
+               f"install -m 0755 /dev/stdin {HOLD_WRAPPER_DIR}/{program}", input=hold_wrapper(hold, real))
+
+
+def release_hold(livevm, hold: str) -> None:
+    """Remove the wrapper, then let a waiting call exit (it runs nothing)."""
+    program = hold.split(" ", 1)[0]
+    livevm.run(f"rm -f {HOLD_WRAPPER_DIR}/{program} {HOLD_DIR}/armed {HOLD_DIR}/held", timeout=60)
+
+
+def wait_until_held(livevm, proc, seconds: float = 600) -> bool:
+    """True once the held call waits in the guest; False if pyinfra ended first."""
+    deadline = time.monotonic() + seconds
+    while proc.poll() is None and time.monotonic() < deadline:
+        if livevm.run(f"[ -e {HOLD_DIR}/held ]", check=False, timeout=60).returncode == 0:
+            return True
+        time.sleep(0.3)
+    return False
+
+
 def run_with_fault(livevm, args: list[str], fault: Fault | None, env: dict | None = None,
                    timeout: float = 1800, grace: float = 60) -> FaultRun:
     """pyinfra over SSH with output streamed; the fault (if any) fires at its trigger."""
+    if fault and fault.hold:
+        arm_hold(livevm, fault.hold)
+        try:
+            return run_with_armed_fault(livevm, args, fault, env, timeout, grace)
+        finally:
+            release_hold(livevm, fault.hold)
+    return run_with_armed_fault(livevm, args, fault, env, timeout, grace)
+
+
+def run_with_armed_fault(livevm, args: list[str], fault: Fault | None, env: dict | None,
+                         timeout: float, grace: float) -> FaultRun:
     spare = sshd_session_pids(livevm) if fault and fault.kind == "cut" else set()
     environment = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     environment = {k: v for k, v in environment.items() if v is not None}   # None: unset
@@ -115,6 +182,8 @@ def run_with_fault(livevm, args: list[str], fault: Fault | None, env: dict | Non
     def fire(line: str) -> None:
         if fault.delay:
             time.sleep(fault.delay)
+        if fault.hold and not wait_until_held(livevm, proc):
+            return
         if proc.poll() is not None:
             return
         fired_at.append(line)

@@ -61,17 +61,19 @@ def deploy_args(profile: str, variables: dict, **data) -> list[str]:
             *extra, "deploy.py"]
 
 
-# Fault points per profile: (fault, what it interrupts). Operation names are the stages' own.
+# Fault points per profile: (fault, what it interrupts). Operation names are the stages' own. A kill
+# at an operation whose next fault point lies inside it holds the operation's first command in the
+# guest (faults.py: a fast command could otherwise finish before the kill lands, as luksFormat did).
 CHAINS = {
     "zephyrus-btrfs": [
-        (Fault("kill", op=r"^LUKS format cryptroot$"), "after partitioning"),
+        (Fault("kill", op=r"^LUKS format cryptroot$", hold="cryptsetup luksFormat"), "after partitioning"),
         (Fault("cut", cmd=r"cryptsetup luksFormat", delay=0.3), "mid luksFormat (SSH cut)"),
-        (Fault("kill", op=r"^Filesystems$"), "after luksFormat + open"),
+        (Fault("kill", op=r"^Filesystems$", hold="mkfs.vfat"), "after luksFormat + open"),
         (Fault("cut", cmd=r"mkfs\.btrfs", delay=0.2), "mid mkfs.btrfs (SSH cut)"),
-        (Fault("kill", op=r"^Btrfs subvolumes "), "after mkfs"),
+        (Fault("kill", op=r"^Btrfs subvolumes ", hold="btrfs subvolume create"), "after mkfs"),
         (Fault("kill", cmd=r"btrfs subvolume create", delay=0.3), "mid subvolumes"),
         (Fault("kill", op=r"^Mounts under /mnt$"), "after subvolumes"),
-        (Fault("kill", op=r"^Btrfs swapfile "), "after mounts"),
+        (Fault("kill", op=r"^Btrfs swapfile ", hold="truncate"), "after mounts"),
         (Fault("cut", cmd=r"fallocate", delay=0.2), "mid swapfile (SSH cut)"),
         (Fault("kill", op=r"^nixos-generate-config"), "after swapfile"),
         (Fault("cut", op=r"^Persist host identity$", delay=0.5), "mid NixOS/persist stage (SSH cut)"),
@@ -79,7 +81,7 @@ CHAINS = {
         (Fault("kill", out=r"installation finished!"), "after nixos-install, before its stamp"),
     ],
     "zfs-raidz1": [
-        (Fault("kill", op=r"^ZFS pool "), "after partitioning"),
+        (Fault("kill", op=r"^ZFS pool ", hold="zpool create"), "after partitioning"),
         (Fault("cut", cmd=r"zpool create", delay=0.5), "mid pool create (SSH cut)"),
         (Fault("kill", op=r"^ZFS dataset .*/temp/root$"), "after pool create"),
         (Fault("kill", cmd=r"zfs snapshot", delay=0.0), "mid datasets (at an @empty snapshot)"),
@@ -227,7 +229,7 @@ def test_half_written_luks_header_stops_with_advice(clean_disks, livevm, secrets
     """A LUKS2 header whose metadata areas never got written (luksFormat cut short): refused."""
     variables = profile_vars(livevm, "zephyrus-btrfs")
     args = deploy_args("zephyrus-btrfs", variables)
-    run = run_with_fault(livevm, args, Fault("kill", op=r"^LUKS format cryptroot$"))
+    run = run_with_fault(livevm, args, Fault("kill", op=r"^LUKS format cryptroot$", hold="cryptsetup luksFormat"))
     assert run.fired, strip_ansi(run.output)[-4000:]
     # The first 4 KiB of a real LUKS2 header (magic, version, checksum of the JSON area that
     # follows), nothing after it: what a luksFormat stopped after its first write leaves.
