@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from operations import verify  # noqa: E402
-from tests.e2e.helpers import grand_total  # noqa: E402
+from tools.results import grand_total  # noqa: E402
 from tools.livevm import LiveVM  # noqa: E402
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tabula" / "demo"

@@ -13,19 +13,11 @@ import subprocess
 from operations import verify
 from operations.nixpatch import MARKER, STORAGE_ATTRPATHS, attrpath, module_bindings, parse
 from tools.livevm import PROJECT_DIR
+from tools.results import grand_total  # noqa: F401  (the e2e tests import it from here)
 
-RESULTS_ROW = re.compile(r"^\s*Grand total\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", re.M)
 ECHO = re.compile(r"^\s*\[[^\]]+\] >>> (.*)$")
 FACT_LOADED = re.compile(r"^\s*\[[^\]]+\] Loaded fact ")
 OP_START = re.compile(r"^--> Starting operation: ")
-
-
-def grand_total(output: str) -> tuple[str, str, str, str]:
-    """(operations, success, error, no change) of pyinfra's results row ('-': none). "Success"
-    counts operations that ran commands, i.e. changed something."""
-    match = RESULTS_ROW.search(output)
-    assert match, f"no results table in pyinfra output:\n{output[-4000:]}"
-    return match.groups()
 
 
 def results_table(output: str) -> list[str]:
