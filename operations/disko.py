@@ -187,14 +187,23 @@ def _mkfs_args(fs: Filesystem) -> list[str]:
     return [*fs.mkfs_options, *([LABEL_FLAGS[fs.format], fs.fs_label] if fs.fs_label else [])]
 
 
-def filesystem_node(fs: Filesystem, binds: dict[str, list[Bind]]) -> dict:
-    node = {"type": "filesystem", "format": fs.format}
+def _mounted(mountpoint: str | None, options) -> dict:
+    """disko's mountpoint and mountOptions of a node (nothing for one that is not mounted)."""
+    if not mountpoint:
+        return {}
+    return {"mountpoint": mountpoint, **({"mountOptions": list(options)} if options else {})}
+
+
+def _formatted(node: dict, fs: Filesystem) -> dict:
+    """A filesystem node's mkfs arguments and own mount."""
     if _mkfs_args(fs):
         node["extraArgs"] = _mkfs_args(fs)
-    if fs.mountpoint:
-        node["mountpoint"] = fs.mountpoint
-        if fs.mount_options:
-            node["mountOptions"] = list(fs.mount_options)
+    node.update(_mounted(fs.mountpoint, fs.mount_options))
+    return node
+
+
+def filesystem_node(fs: Filesystem, binds: dict[str, list[Bind]]) -> dict:
+    node = _formatted({"type": "filesystem", "format": fs.format}, fs)
     node.update(_mount_hooks([fs.mountpoint] if fs.mountpoint else [], binds))
     return node
 
@@ -212,11 +221,7 @@ def swapfile_node(swapfile: Swapfile) -> dict:
 
 
 def subvolume_node(sub: Subvolume) -> dict:
-    node = {}
-    if sub.mountpoint:
-        node["mountpoint"] = sub.mountpoint
-        if sub.mount_options:
-            node["mountOptions"] = list(sub.mount_options)
+    node = _mounted(sub.mountpoint, sub.mount_options)
     if sub.swapfile:
         node["swap"] = swapfile_node(sub.swapfile)
     return node
@@ -250,13 +255,7 @@ def blank_snapshot_hooks(device: str, subs: list[Subvolume]) -> dict:
 
 
 def btrfs_node(fs: Filesystem, device: str, binds: dict[str, list[Bind]]) -> dict:
-    node = {"type": "btrfs"}
-    if _mkfs_args(fs):
-        node["extraArgs"] = _mkfs_args(fs)
-    if fs.mountpoint:
-        node["mountpoint"] = fs.mountpoint
-        if fs.mount_options:
-            node["mountOptions"] = list(fs.mount_options)
+    node = _formatted({"type": "btrfs"}, fs)
     node["subvolumes"] = {sub.path: subvolume_node(sub) for sub in fs.subvolumes}
     node.update(blank_snapshot_hooks(device, [s for s in fs.subvolumes if s.blank_snapshot]))
     mountpoints = [m for m in [fs.mountpoint, *(s.mountpoint for s in fs.subvolumes)] if m]
