@@ -168,15 +168,24 @@ def config_copy(source: str, dest: str):
 
         persist.config_copy("/mnt/etc/nixos", "/mnt/persist/etc/nixos")
     """
+    yield from _copied_unless_same(source, dest, StringCommand(
+        "sh", "-c", QuoteString('rm -rf "$2" && mkdir -p "$(dirname "$2")" && cp -a "$1" "$2"'),
+        "copy", QuoteString(source), QuoteString(dest)),
+        plan=f"copy {source} to {dest} (with the flake.lock the install wrote)")
+
+
+def _copied_unless_same(source: str, dest: str, command: StringCommand, plan: str | None = None):
+    """The body of config_copy and config_restored: nothing when ``dest`` holds the same files
+    as ``source`` (by digest; not read below a root this run has just made), else ``command``."""
     if not is_fresh(dest):
         wanted, present = read_many([(DirectoryDigest, {"path": source}), (DirectoryDigest, {"path": dest})])
         if wanted and wanted == present:
             host.noop(f"{dest} already holds the same files as {source}")
             return
-    tell(f"copy {source} to {dest} (with the flake.lock the install wrote)")
+    if plan:
+        tell(plan)
     record_fresh(dest, False)
-    yield StringCommand("sh", "-c", QuoteString('rm -rf "$2" && mkdir -p "$(dirname "$2")" && cp -a "$1" "$2"'),
-                        "copy", QuoteString(source), QuoteString(dest))
+    yield command
 
 
 def password_hashes(profile: Profile, required: bool) -> dict[str, str]:
@@ -237,14 +246,9 @@ def config_restored(source: str, dest: str):
 
         persist.config_restored("/mnt/persist/etc/nixos", "/mnt/etc/nixos")
     """
-    # Below a root this run has just restored (empty) and mounted there is nothing to compare.
-    if not is_fresh(dest):
-        wanted, present = read_many([(DirectoryDigest, {"path": source}), (DirectoryDigest, {"path": dest})])
-        if wanted and wanted == present:
-            host.noop(f"{dest} already holds the same files as {source}")
-            return
-    record_fresh(dest, False)
-    yield StringCommand("sh", "-c", QuoteString(RESTORE_CONFIG_SCRIPT), "restore", QuoteString(source), QuoteString(dest))
+    # (below a root this run has just restored, empty, and mounted there is nothing to compare)
+    yield from _copied_unless_same(source, dest, StringCommand(
+        "sh", "-c", QuoteString(RESTORE_CONFIG_SCRIPT), "restore", QuoteString(source), QuoteString(dest)))
 
 
 RESTORE_CONFIG_SCRIPT = (
