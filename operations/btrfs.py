@@ -21,7 +21,7 @@ from operations.roundtrips import (Made, created_this_run, is_fresh, one_command
                                    record_created, record_fresh, tell)
 
 from operations.errors import TabulaError
-from operations.mounts import Mounts
+from operations.mounts import Mounts, subvolume_option
 from operations.nixlit import NixFragments, device_units, nix_attr, nix_indented_string, nix_list, nix_string, stable_device
 from operations.profile import Filesystem, Profile, Subvolume, Swapfile
 from operations.settings import Settings
@@ -609,8 +609,7 @@ def restored(top: str, subvolume: Subvolume, device: str, mountpoints: tuple[str
     # Where the old subvolume is mounted (the install tree under /mnt) goes first.
     target = install_path(subvolume.mountpoint) if subvolume.mountpoint else None
     mounted = mounts.get(target) if target else None
-    unmount = (target,) if mounted and mounted["fstype"] == "btrfs" and any(
-        o.removeprefix("subvol=").lstrip("/") == sub for o in mounted["options"] if o.startswith("subvol=")) else ()
+    unmount = (target,) if mounted and mounted["fstype"] == "btrfs" and subvolume_option(mounted["options"]) == sub else ()
     record_created(Made.subvolume(device, sub))     # a copy of the blank: empty
     yield restore_command(top, sub, blank_name, unmount)
 

@@ -158,13 +158,19 @@ def mounted(mounts: list[Mount]):
         host.noop(f"{', '.join(present)} {'are' if len(present) > 1 else 'is'} already mounted as the profile says")
 
 
+def subvolume_option(options) -> str | None:
+    """The btrfs subvolume a mount's options name (``subvol=@home`` in a profile, ``subvol=/@home``
+    in /proc/mounts: both "@home"), or None."""
+    return next((o.split("=", 1)[1].lstrip("/") for o in options if o.startswith("subvol=")), None)
+
+
 def is_empty_when_mounted(mount: Mount) -> bool:
     """Whether this mount shows an empty filesystem: a tmpfs, or a filesystem, btrfs subvolume or
     ZFS dataset this same run just created (the later steps then have nothing to read below it)."""
     if mount.fstype == "tmpfs":
         return True
     if mount.fstype == "btrfs":
-        subvol = next((o.split("=", 1)[1] for o in mount.options if o.startswith("subvol=")), None)
+        subvol = subvolume_option(mount.options)
         return subvol is not None and created_this_run(Made.subvolume(mount.device, subvol))
     if mount.fstype == "zfs":
         return created_this_run(Made.dataset(mount.device))
