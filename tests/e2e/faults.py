@@ -140,7 +140,7 @@ def arm_hold(livevm, hold: str) -> None:
 
 def release_hold(livevm, hold: str) -> None:
     """Remove the wrapper, then let a waiting call exit (it runs nothing)."""
-    program = hold.split(" ", 1)[0]
+    program = hold.partition(" ")[0]
     livevm.run(f"rm -f {HOLD_WRAPPER_DIR}/{program} {HOLD_DIR}/armed {HOLD_DIR}/held", timeout=60)
 
 
