@@ -51,10 +51,12 @@ def nix_cases() -> list[tuple[str, str | None]]:
     return [(name, module) for name in profile_names() for module in hardware_modules(name)]
 
 
-def vm_vars(profile: str, stable_path: Callable[[str], str]) -> dict:
-    """tabula_vars for the live VM; ``stable_path(serial)`` gives a VM disk's by-id path."""
+def vm_vars(profile: str, stable_path: Callable[[str], str], snapshot: bool = False) -> dict:
+    """tabula_vars for the live VM; ``stable_path(serial)`` gives a VM disk's by-id path.
+    ``snapshot``: the disks of the profile's installed state (``snapshot_disks``, else ``disks``)."""
     vm = _entry(profile)["vm"]
-    return {**{var: stable_path(serial) for var, serial in vm["disks"].items()}, **vm.get("vars", {})}
+    disks = vm.get("snapshot_disks", vm["disks"]) if snapshot else vm["disks"]
+    return {**{var: stable_path(serial) for var, serial in disks.items()}, **vm.get("vars", {})}
 
 
 def foreign_disk(profile: str) -> str:

@@ -6,7 +6,7 @@ pristine cached image (through a throw-away qcow2 overlay) and sees five empty t
 identified by serial like the real machines' disks.
 
     .venv/bin/python tools/livevm.py build|up|down|status|ssh [CMD..]|disks|ssh-config|
-                                     reset-disks|push-project|install-standins
+                                     reset-disks|push-project|install-standins|save NAME|load NAME|states
 
 Stdlib only, so it runs before the project's venv exists. TABULA_VM_INSTANCE selects the VM.
 """
@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shlex
@@ -54,8 +55,12 @@ TARGET_DISKS = (
     ("TABULA-RZ3", "4G", "virtio-blk-pci"),
     ("TABULA-SSD", "8G", "virtio-blk-pci"),
 )
+# The NVMe controller's QEMU device id and the PCIe slot it is plugged into (unplugged around snapshots).
+NVME_ID, NVME_SLOT = "nvme-laptop", "nvme-slot"
 VM_MEMORY = "4096"
-VM_CPUS = "2"
+VM_CPUS = os.environ.get("TABULA_VM_CPUS", "2")
+VM_CPU_MODEL = os.environ.get("TABULA_VM_CPU_MODEL", "qemu64")
+VM_TCG = os.environ.get("TABULA_VM_TCG", "tcg,thread=multi")
 SSH_TIMEOUT = 300
 GUEST_SRC = "/opt/tabula/src"
 GUEST_VENV = "/opt/tabula/venv"
@@ -267,6 +272,63 @@ def port_is_free(port: int) -> bool:
             return False
 
 
+def nvme_device(index: int, serial: str) -> dict[str, str]:
+    """QEMU's properties of the NVMe controller of target disk ``index`` (driver first)."""
+    return {"driver": "nvme", "id": NVME_ID, "bus": NVME_SLOT, "drive": f"target{index}", "serial": serial}
+
+
+def qcow2_snapshots(disk: Path) -> list[str]:
+    """The names of the internal snapshots of a qcow2 file."""
+    info = json.loads(run(["qemu-img", "info", "-U", "--output=json", str(disk)],
+                          capture_output=True, text=True).stdout)
+    return [snapshot["name"] for snapshot in info.get("snapshots", [])]
+
+
+class QMP:
+    """The QEMU machine protocol on the VM's unix socket (stdlib only): one connection per use.
+
+        with QMP(path) as qmp:
+            qmp.hmp("savevm installed")
+    """
+
+    def __init__(self, path: Path, timeout: float = 900):
+        self.path, self.timeout = path, timeout
+
+    def __enter__(self) -> "QMP":
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(str(self.path))
+        self.stream = self.sock.makefile("rwb")
+        self._answer()                       # the greeting
+        self.execute("qmp_capabilities")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stream.close()
+        self.sock.close()
+
+    def _answer(self) -> dict:
+        while True:
+            line = self.stream.readline()
+            if not line:
+                raise LiveVMError(f"QMP {self.path}: QEMU closed the connection")
+            message = json.loads(line)
+            if "event" not in message:      # events come whenever they happen: not an answer
+                return message
+
+    def execute(self, command: str, **arguments):
+        self.stream.write(json.dumps({"execute": command, "arguments": arguments}).encode() + b"\n")
+        self.stream.flush()
+        answer = self._answer()
+        if "error" in answer and command != "qmp_capabilities" or "QMP" in answer:
+            raise LiveVMError(f"QMP {command}: {answer}")
+        return answer.get("return")
+
+    def hmp(self, line: str) -> str:
+        """A human monitor command (savevm, loadvm, delvm, info snapshots): its printed answer."""
+        return self.execute("human-monitor-command", **{"command-line": line})
+
+
 class LiveVM:
     """One QEMU instance; its state lives in ~/.cache/tabula/vm/<instance>/."""
 
@@ -276,6 +338,8 @@ class LiveVM:
         self.pidfile = self.state_dir / "qemu.pid"
         self.serial_log = self.state_dir / "serial.log"
         self.ssh_config_path = self.state_dir / "ssh_config"
+        self.qmp_socket = self.state_dir / "qmp.sock"
+        self.control_path = self.state_dir / "ssh-control"
         self.started_here = False      # did ensure_up() boot it (tests shut down only those)
 
     # -- state
@@ -321,6 +385,11 @@ class LiveVM:
             "    LogLevel ERROR\n"
             "    ConnectTimeout 10\n"
             "    ServerAliveInterval 15\n"
+            # one SSH connection shared by the test bed's commands (opened by open_connection):
+            # a new connection costs a key exchange in an emulated guest. pyinfra (paramiko)
+            # ignores this and connects as a user's pyinfra does.
+            f"    ControlPath {self.control_path}\n"
+            "    ControlMaster no\n"
         )
         return self.ssh_config_path
 
@@ -332,9 +401,22 @@ class LiveVM:
         return ["ssh", "-F", str(self.ssh_config_path), "-o", "BatchMode=yes", *options,
                 "install-target", *command]
 
+    def open_connection(self) -> None:
+        """The shared SSH connection, in the background, if it is not open (ssh falls back to a
+        connection of its own while there is none). Its output goes nowhere: a master that kept
+        a caller's pipes would keep that caller waiting."""
+        if self.control_path.exists() or not self.is_running():
+            return
+        subprocess.run(self.ssh_argv("-o", "ControlMaster=yes", "-o", "ControlPersist=1800", "-f", "-N"),
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=120, check=False)
+
     def run(self, cmd, check: bool = True, input=None, timeout: float | None = 600,
-            binary: bool = False) -> subprocess.CompletedProcess:
-        """Run a shell command (str) or argv (list) in the guest as root."""
+            binary: bool = False, shared: bool = True) -> subprocess.CompletedProcess:
+        """Run a shell command (str) or argv (list) in the guest as root (``shared``: over the
+        shared connection, opened first if need be)."""
+        if shared:
+            self.open_connection()
         command = cmd if isinstance(cmd, str) else shlex.join(cmd)
         result = subprocess.run(self.ssh_argv("--", command), input=input,
                                 capture_output=True, text=not binary, timeout=timeout)
@@ -351,8 +433,10 @@ class LiveVM:
 
     def testinfra_host(self):
         import testinfra   # only the tests need it; the CLI stays stdlib-only
-        return testinfra.get_host("paramiko://install-target",
-                                  ssh_config=str(self.write_ssh_config()))
+        # OpenSSH through the shared connection of the ssh_config (controlpersist=0: testinfra's
+        # own master is not used), so it survives a state put back (load_state)
+        return testinfra.get_host("ssh://install-target", ssh_config=str(self.write_ssh_config()),
+                                  controlpersist=0)
 
     # -- lifecycle
     def ensure_up(self) -> None:
@@ -375,7 +459,9 @@ class LiveVM:
             f"(port {self.port})")
 
     def prepare_disks(self, image: Path) -> None:
-        """Fresh overlay over the pristine image; target disks are kept if they exist."""
+        """Fresh overlay over the pristine image; target disks are kept if they exist, without the
+        VM snapshots of an earlier boot (a snapshot holds a guest's RAM: it fits only its own boot).
+        Every disk is qcow2, so the whole VM can be snapshotted (``save_state``)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         overlay = self.state_dir / "live-overlay.qcow2"
         overlay.unlink(missing_ok=True)
@@ -384,37 +470,53 @@ class LiveVM:
         for serial, size, _device in TARGET_DISKS:
             disk = self.disk_file(serial)
             if not disk.exists():
-                run(["truncate", "-s", size, str(disk)])
+                run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), size])
+            for name in qcow2_snapshots(disk):
+                run(["qemu-img", "snapshot", "-d", name, str(disk)])
 
     def disk_file(self, serial: str) -> Path:
-        return self.state_dir / f"{serial.lower()}.raw"
+        return self.state_dir / f"{serial.lower()}.qcow2"
 
-    def qemu_argv(self, image: Path) -> list[str]:
+    def qemu_argv(self, image: Path, load: str | None = None) -> list[str]:
+        """QEMU's command line: booting the image, or (``load``) starting from a VM snapshot."""
         if not port_is_free(self.port):
             (self.state_dir / "port").unlink()     # taken by someone else: pick another
         self.write_ssh_config()
         argv = [
             "qemu-system-x86_64", "-name", f"tabula-{self.instance}",
-            "-machine", "q35", "-accel", "tcg,thread=multi", "-m", VM_MEMORY, "-smp", VM_CPUS,
+            "-machine", "q35", "-accel", VM_TCG, "-cpu", VM_CPU_MODEL, "-m", VM_MEMORY, "-smp", VM_CPUS,
             "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
-            "-append", f"root=LABEL={IMAGE_LABEL} console=ttyS0 rw",
+            "-append", f"root=LABEL={IMAGE_LABEL} console=ttyS0 rw {os.environ.get('TABULA_VM_APPEND', '')}",
             # -nographic minus the stdio serial console, which -daemonize cannot keep.
-            "-display", "none", "-serial", f"file:{self.serial_log}", "-monitor", "none",
+            "-display", "none", "-chardev", f"file,id=serial0,path={self.serial_log},append=on",
+            "-serial", "chardev:serial0", "-monitor", "none",
+            "-qmp", f"unix:{self.qmp_socket},server=on,wait=off",
             "-daemonize", "-pidfile", str(self.pidfile),
             "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.port}-:22",
             "-device", "virtio-net-pci,netdev=net0",
             "-drive", f"if=none,id=live,format=qcow2,file={self.state_dir / 'live-overlay.qcow2'}",
             "-device", "virtio-blk-pci,drive=live,serial=TABULA-LIVE-IMAGE",
         ]
+        if load is not None:
+            argv += ["-loadvm", load]
         for index, (serial, _size, device) in enumerate(TARGET_DISKS):
-            drive = f"target{index}"
-            argv += ["-drive", f"if=none,id={drive},format=raw,discard=unmap,"
-                               f"file={self.disk_file(serial)}",
-                     "-device", f"{device},drive={drive},serial={serial}"]
+            # -blockdev, not -drive: the disk's node outlives its device's unplug (save_state)
+            argv += ["-blockdev", f"driver=qcow2,node-name=target{index},discard=unmap,"
+                                  f"file.driver=file,file.filename={self.disk_file(serial)}"]
+            if device == "nvme":
+                # QEMU's NVMe controller cannot be saved in a VM snapshot: it sits in a slot of
+                # its own, unplugged while the VM is saved or loaded, and plugged back after
+                argv += ["-device", f"pcie-root-port,id={NVME_SLOT},chassis=1"]
+                if load is None:        # (loaded: plugged in once the snapshot runs)
+                    properties = nvme_device(index, serial)
+                    argv += ["-device", ",".join([properties.pop("driver"), *(f"{k}={v}" for k, v in properties.items())])]
+            else:
+                argv += ["-device", f"{device},drive=target{index},serial={serial}"]
         return argv
 
     def start_qemu(self, image: Path) -> None:
         self.serial_log.unlink(missing_ok=True)
+        self.close_connections()
         log(f"booting VM '{self.instance}' (TCG, serial log {self.serial_log})")
         run(self.qemu_argv(image))
 
@@ -424,7 +526,7 @@ class LiveVM:
             if not self.is_running():
                 raise LiveVMError(f"QEMU exited during boot; serial log:\n{self.serial_tail()}")
             try:
-                probe = self.run("true", check=False, timeout=60)
+                probe = self.run("true", check=False, timeout=60, shared=False)
                 if probe.returncode == 0:
                     return
                 last_error = probe.stderr.strip()
@@ -450,7 +552,8 @@ class LiveVM:
             return
         # A clean poweroff flushes the guest's writes to the target disks.
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.run("systemctl poweroff", check=False, timeout=15)
+            self.close_connections()
+            self.run("systemctl poweroff", check=False, timeout=15, shared=False)
         if not self.wait_for_exit(60):
             os.kill(pid, 15)
             if not self.wait_for_exit(10):
@@ -465,6 +568,101 @@ class LiveVM:
                 return True
             time.sleep(1)
         return False
+
+    # -- whole-VM snapshots: RAM, devices and every disk, inside the qcow2 files
+    def states(self) -> list[str]:
+        """The names of this boot's VM snapshots."""
+        with QMP(self.qmp_socket) as qmp:
+            listing = qmp.hmp("info snapshots")
+        # "ID  TAG  VM SIZE  DATE  VM CLOCK  ICOUNT" rows; only snapshots every disk holds are listed
+        return [row.split()[1] for row in listing.splitlines()
+                if row.split()[:1] and row.split()[0].isdigit() and len(row.split()) > 1]
+
+    def save_state(self, name: str) -> float:
+        """Snapshot the running VM as ``name`` (replacing one of that name): the guest's RAM and
+        devices and all its disks, so ``load_state`` puts back exactly this moment. The NVMe disk
+        must hold nothing in use (QEMU cannot save its controller: it is unplugged meanwhile, and
+        its disk is saved as the guest last wrote it). Seconds taken."""
+        started = time.monotonic()
+        # Page cache and freed memory saved as zero pages cost nothing; a live SSH session in the
+        # saved RAM would outlive its client: both gone first.
+        self.run("sync; echo 3 > /proc/sys/vm/drop_caches", timeout=120)
+        self.unplug_nvme()
+        self.close_connections()
+        with QMP(self.qmp_socket) as qmp:
+            answer = qmp.hmp(f"savevm {name}")
+        if answer.strip():
+            raise LiveVMError(f"savevm {name}: {answer.strip()}")
+        self.plug_nvme()
+        return time.monotonic() - started
+
+    def load_state(self, name: str) -> float:
+        """Put the VM back to the snapshot ``name``, running, its guest clock set to now. QEMU is
+        started afresh on the snapshot (whatever the guest was doing), the NVMe plugged in after."""
+        started = time.monotonic()
+        self.close_connections()
+        if self.is_running():
+            with contextlib.suppress(OSError, LiveVMError), QMP(self.qmp_socket, timeout=30) as qmp:
+                qmp.execute("quit")
+            if not self.wait_for_exit(30):
+                os.kill(self.pid(), 9)
+                self.wait_for_exit(10)
+        run(self.qemu_argv(image_dir(), load=name))
+        self.wait_for_ssh(time.monotonic())
+        # the guest's clock stood still in the snapshot: a file written now must not look older
+        # than one written before the snapshot was taken
+        self.run(f"date -u -s @{time.time():.3f} >/dev/null", timeout=60)
+        self.plug_nvme()
+        return time.monotonic() - started
+
+    def delete_state(self, name: str) -> None:
+        with QMP(self.qmp_socket) as qmp:
+            answer = qmp.hmp(f"delvm {name}")
+        if answer.strip():
+            raise LiveVMError(f"delvm {name}: {answer.strip()}")
+
+    def nvme_plugged(self) -> bool:
+        with QMP(self.qmp_socket) as qmp:
+            return any(d["name"] == NVME_ID for d in qmp.execute("qom-list", path="/machine/peripheral"))
+
+    def unplug_nvme(self) -> None:
+        """Take the NVMe controller out of the guest (ACPI eject), refusing while its disk is used."""
+        if not self.nvme_plugged():
+            return
+        serial = next(serial for serial, _size, device in TARGET_DISKS if device == "nvme")
+        used = self.run(f"d=$(readlink -f /dev/disk/by-id/nvme-*_{serial}); "
+                        "lsblk -nro NAME,MOUNTPOINTS $d | awk 'NR > 1 || $2 != \"\"'; "
+                        "for h in /sys/block/${d#/dev/}/holders/* /sys/block/${d#/dev/}/*/holders/*; do "
+                        "[ -e \"$h\" ] && echo held by ${h##*/}; done; swapon --show=NAME --noheadings | "
+                        "grep \"^$d\" || true").stdout.strip()
+        if used:
+            raise LiveVMError(f"cannot snapshot the VM while its NVMe disk is in use (QEMU cannot save an "
+                              f"NVMe controller): {used}")
+        with QMP(self.qmp_socket) as qmp:
+            qmp.execute("device_del", id=NVME_ID)
+        deadline = time.monotonic() + 60
+        while self.nvme_plugged():
+            if time.monotonic() > deadline:
+                raise LiveVMError("the guest did not release the NVMe controller within 60 s")
+            time.sleep(0.2)
+
+    def plug_nvme(self) -> None:
+        """Plug the NVMe controller back in; back once the guest shows its disk by id."""
+        index, serial = next((i, serial) for i, (serial, _size, device) in enumerate(TARGET_DISKS)
+                             if device == "nvme")
+        if not self.nvme_plugged():
+            with QMP(self.qmp_socket) as qmp:
+                qmp.execute("device_add", **nvme_device(index, serial))
+        self.run(f"for i in $(seq 300); do [ -e /dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_{serial} ] && exit 0; "
+                 "sleep 0.1; done; exit 1", timeout=120)
+        self.run("udevadm settle", timeout=120)
+
+    def close_connections(self) -> None:
+        """End the shared SSH connection (the next command opens a new one)."""
+        if self.control_path.exists():
+            subprocess.run(["ssh", "-F", str(self.write_ssh_config()), "-O", "exit", "install-target"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.control_path.unlink(missing_ok=True)
 
     def status(self) -> str:
         if not self.is_running():
@@ -600,6 +798,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("push-project", help="copy the project and a venv into the guest")
     sub.add_parser("install-standins", help="the real nixos-generate-config and tools/guest/standins/* "
                                             "to /usr/local/bin")
+    save = sub.add_parser("save", help="snapshot the whole running VM (RAM, devices, disks) under a name")
+    save.add_argument("state")
+    load = sub.add_parser("load", help="put the VM back to a snapshot")
+    load.add_argument("state")
+    sub.add_parser("states", help="list this boot's snapshots")
     ssh = sub.add_parser("ssh", help="command (or shell) in the guest as root")
     ssh.add_argument("cmd", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -633,6 +836,12 @@ def run_command(args) -> int:
         vm.push_project()
     elif args.command == "install-standins":
         vm.install_standins()
+    elif args.command == "save":
+        log(f"saved {args.state} in {vm.save_state(args.state):.1f} s")
+    elif args.command == "load":
+        log(f"loaded {args.state} in {vm.load_state(args.state):.1f} s")
+    elif args.command == "states":
+        print("\n".join(vm.states()))
     elif args.command == "ssh":
         if not args.cmd:
             return subprocess.call(vm.ssh_argv("-t"))

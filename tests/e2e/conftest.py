@@ -1,6 +1,9 @@
-"""Fixtures for the end-to-end tests: one live VM (tools/livevm.py) per test session.
+"""Fixtures for the end-to-end tests: one live VM (tools/livevm.py) per test session, and the
+states tests start from (tests/e2e/states.py: blank disks, a profile installed), each made once
+per VM boot and put back from a whole-VM snapshot.
 
-TABULA_VM_INSTANCE picks the VM; TABULA_KEEP_VM=1 leaves a VM this session booted running.
+TABULA_VM_INSTANCE picks the VM; TABULA_KEEP_VM=1 leaves a VM this session booted running (with
+its states, for the next session).
 No QEMU means failure, not skip: these tests are the point of the test bed.
 """
 import os
@@ -11,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.e2e import states
 from tools.livevm import GUEST_SRC, GUEST_VENV, PROJECT_DIR, LiveVM
 
 PYINFRA = Path(sys.executable).parent / "pyinfra"
@@ -27,7 +31,8 @@ def pytest_collection_modifyitems(items):
 def livevm():
     vm = LiveVM()
     vm.ensure_up()
-    vm.install_standins()   # the real nixos-generate-config, the nixos-install stand-in: deploy.py calls them
+    # the real nixos-generate-config, the nixos-install stand-in (deploy.py calls them), blank disks
+    states.blank(vm)
     yield vm
     if vm.started_here and os.environ.get("TABULA_KEEP_VM") != "1":
         vm.down()
@@ -35,14 +40,22 @@ def livevm():
 
 @pytest.fixture
 def clean_disks(livevm):
-    """The five target disks, blank: whatever the previous test left is wiped in place."""
-    livevm.reset_disks()
+    """The VM as freshly booted with five blank target disks (the ``blank`` state put back):
+    nothing a test before left, on the disks or in the live system, reaches this one."""
+    states.blank(livevm)
     return livevm
+
+
+@pytest.fixture
+def installed(livevm):
+    """installed(profile) -> states.Installed: the VM put back to "profile installed by Tabula"."""
+    return lambda profile: states.installed(livevm, profile)
 
 
 @pytest.fixture(scope="session")
 def target(livevm):
-    """testinfra host for the guest."""
+    """testinfra host for the guest (OpenSSH over the test bed's shared connection: it outlives
+    a state put back)."""
     return livevm.testinfra_host()
 
 
