@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import states
+from tests.e2e.timing import summary, timed
 from tools.livevm import GUEST_SRC, GUEST_VENV, PROJECT_DIR, LiveVM
 
 PYINFRA = Path(sys.executable).parent / "pyinfra"
@@ -25,6 +26,25 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if e2e_dir in Path(item.fspath).parents:
             item.add_marker(pytest.mark.e2e)
+
+
+def pytest_sessionstart(session):
+    # the test bed's own steps, timed (tests/e2e/timing.py); the summary ends the session's report
+    for method, kind in (("run", "guest command"), ("load_state", "state put back"), ("save_state", "state saved")):
+        original = getattr(LiveVM, method)
+
+        def wrapper(self, *args, _original=original, _kind=kind, **kwargs):
+            with timed(_kind):
+                return _original(self, *args, **kwargs)
+        setattr(LiveVM, method, wrapper)
+
+
+def pytest_terminal_summary(terminalreporter):
+    rows = summary()
+    if rows:
+        terminalreporter.section("where the e2e time went")
+        for row in rows:
+            terminalreporter.write_line(row)
 
 
 @pytest.fixture(scope="session")
@@ -71,8 +91,9 @@ def run_pyinfra(livevm):
     def run(args, local=False, timeout=1800):
         if not local:
             argv = [str(PYINFRA), "-y", *livevm.pyinfra_args(), *args]
-            return subprocess.run(argv, cwd=PROJECT_DIR, capture_output=True, text=True,
-                                  stdin=subprocess.DEVNULL, timeout=timeout)
+            with timed("pyinfra run"):
+                return subprocess.run(argv, cwd=PROJECT_DIR, capture_output=True, text=True,
+                                      stdin=subprocess.DEVNULL, timeout=timeout)
         if not pushed:
             livevm.push_project()
             pushed.append(True)

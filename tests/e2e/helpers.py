@@ -12,6 +12,7 @@ import subprocess
 
 from operations import verify
 from operations.nixpatch import MARKER, STORAGE_ATTRPATHS, attrpath, module_bindings, parse
+from tests.e2e.timing import timed
 from tools.livevm import PROJECT_DIR
 from tools.results import grand_total  # noqa: F401  (the e2e tests import it from here)
 
@@ -155,8 +156,9 @@ def run_verification(livevm, data: dict) -> tuple[subprocess.CompletedProcess, s
     """The README's verification command against the VM, with the deploy's inventory data
     (``{"tabula_profile": ..., "tabula_vars": {...}, ...}`` as given to ``--data``)."""
     argv = verify.command("ssh://install-target", data, ssh_config=str(livevm.write_ssh_config()))
-    result = subprocess.run(argv, cwd=PROJECT_DIR, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                            timeout=900)
+    with timed("verification command"):
+        result = subprocess.run(argv, cwd=PROJECT_DIR, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                                timeout=900)
     return result, result.stdout + result.stderr
 
 
