@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from operations import verify  # noqa: E402
+from tools import nixkit  # noqa: E402
 from tools.results import grand_total  # noqa: E402
 from tools.livevm import LiveVM  # noqa: E402
 
@@ -73,6 +74,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep-disks", action="store_true", help="do not reset the VM's disks first")
     args = parser.parse_args()
+    missing = nixkit.missing_kit()      # the VM's nixos-generate-config comes from the kit
+    if missing:
+        print(f"./dev.sh demo: {missing}", file=sys.stderr)
+        return 2
 
     step("live VM: build (or reuse) the image and boot")
     vm = LiveVM()

@@ -8,6 +8,7 @@ and an unchanged one is reused.
 
     .venv/bin/python tools/nixkit.py paths                   # JSON: input name -> unpacked folder
     .venv/bin/python tools/nixkit.py generate-config > x.pl  # the real nixos-generate-config, substituted
+    .venv/bin/python tools/nixkit.py check                   # is the kit there? (what is missing, how to point at one)
 
 Stdlib only, like tools/livevm.py. TABULA_NIX_KIT points at another kit folder.
 """
@@ -79,6 +80,31 @@ class KitError(RuntimeError):
 
 def kit_dir() -> Path:
     return Path(os.environ.get("TABULA_NIX_KIT") or PROJECT_DIR.parent / "shared" / "nix")
+
+
+def kit_files() -> list[str]:
+    """Every file the tests and the test bed take from the kit."""
+    stems = sorted({*INPUTS_2024.values(), *INPUTS_2026.values()})
+    return [f"{stem}.tar.xz" for stem in stems] + [COMPAT_GRAPHICS, COMPAT_TUNED]
+
+
+def missing_kit() -> str | None:
+    """None when the kit is complete; else one message saying what the kit is, where it was
+    looked for and how to point at one."""
+    folder = kit_dir()
+    missing = [name for name in kit_files() if not (folder / name).is_file()]
+    if not missing:
+        return None
+    where = ("TABULA_NIX_KIT" if os.environ.get("TABULA_NIX_KIT")
+             else "../shared/nix beside the project (TABULA_NIX_KIT is not set)")
+    found = "it does not exist" if not folder.is_dir() else f"it lacks {', '.join(missing)}"
+    return (f"The offline NixOS evaluation kit was not found at {folder} ({where}): {found}.\n"
+            "The kit is nixpkgs 24.05, impermanence, nixos-hardware and disko as tarballs, and two compat "
+            "modules: the tests evaluate every generated configuration against it, and the live VM takes the "
+            "real nixos-generate-config from its nixpkgs.\n"
+            f"Point TABULA_NIX_KIT at a folder holding {', '.join(kit_files())}, e.g.\n"
+            "    TABULA_NIX_KIT=/path/to/nix-kit ./dev.sh test\n"
+            "Without it, the unit tests that need no Nix still run: ./dev.sh test tests/unit")
 
 
 def cache_root() -> Path:
@@ -175,6 +201,10 @@ def main(argv: list[str]) -> int:
         stems = sorted({*INPUTS_2024.values(), *INPUTS_2026.values()})
         print(json.dumps({stem: str(unpacked(stem)) for stem in stems}, indent=2))
         return 0
+    if argv[:1] == ["check"]:
+        message = missing_kit()
+        print(message or f"kit complete at {kit_dir()}", file=sys.stderr if message else sys.stdout)
+        return 1 if message else 0
     if argv[:1] == ["generate-config"]:
         sys.stdout.write(generate_config_script())
         return 0

@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))
+
+from tools import nixkit  # noqa: E402
 # The end-to-end files, longest first (measured 2026-12-02), so the lanes end close together;
 # a file not named here runs last.
 E2E_ORDER = ["test_faults", "test_bad_input", "test_zfs_profiles", "test_btrfs_profile", "test_local_install",
@@ -85,7 +88,12 @@ class Lanes:
 def main(argv: list[str]) -> int:
     if any(not arg.startswith("-") for arg in argv):
         # paths (or an option's value) given: the user's own selection, as plain pytest runs it
+        # (without the kit, tests/conftest.py skips what needs it, saying why)
         os.execv(sys.executable, [sys.executable, "-m", "pytest", *argv])
+    missing = nixkit.missing_kit()
+    if missing:
+        print(f"./dev.sh test: {missing}", file=sys.stderr)
+        return 2
     lanes = Lanes(argv, max(1, int(os.environ.get("TABULA_TEST_LANES", "2"))))
     started = time.monotonic()
     threads = [threading.Thread(target=lanes.lane, args=(n,)) for n in range(1, lanes.lanes + 1)]
