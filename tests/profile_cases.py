@@ -8,6 +8,8 @@ from typing import Callable
 
 import yaml
 
+from operations.profile import load_profile
+
 CASES_FILE = Path(__file__).with_name("profile_cases.yaml")
 # hardware_modules absent: one Nix case with the module the profile itself chooses
 PROFILE_DEFAULT = "profile's own"
@@ -59,6 +61,13 @@ def vm_vars(profile: str, stable_path: Callable[[str], str], snapshot: bool = Fa
     return {**{var: stable_path(serial) for var, serial in disks.items()}, **vm.get("vars", {})}
 
 
+def vm_disks(profile: str) -> dict[str, str]:
+    """The profile's disk keys (as in its ``disks:``) -> the serial of the VM disk each one is."""
+    variables = vm_vars(profile, lambda serial: f"/dev/disk/by-id/virtio-{serial}")
+    by_path = {f"/dev/disk/by-id/virtio-{serial}": serial for serial in vm_serials(profile)}
+    return {key: by_path[disk.device] for key, disk in load_profile(profile, variables).disks.items()}
+
+
 def foreign_disk(profile: str) -> str:
     """Serial of the VM disk the dry-plan test puts foreign data on (one of the profile's)."""
     return _entry(profile)["vm"]["foreign_disk"]
@@ -66,3 +75,8 @@ def foreign_disk(profile: str) -> str:
 
 def vm_serials(profile: str) -> list[str]:
     return list(_entry(profile)["vm"]["disks"].values())
+
+
+def dry_plan(profile: str) -> dict:
+    """The hand-written dry plan from blank disks: {"steps": [...], "tells": [...]}."""
+    return dict(_entry(profile)["vm"]["plan"])

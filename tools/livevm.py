@@ -64,7 +64,6 @@ VM_TCG = os.environ.get("TABULA_VM_TCG", "tcg,thread=multi")
 SSH_TIMEOUT = 300
 GUEST_SRC = "/opt/tabula/src"
 GUEST_VENV = "/opt/tabula/venv"
-GUEST_WHEELS = "/opt/tabula/wheels"
 
 
 class LiveVMError(RuntimeError):
@@ -705,21 +704,33 @@ class LiveVM:
                  input=tar, binary=True)
 
     def push_project(self) -> None:
-        """Project source to /opt/tabula/src and its dependencies into /opt/tabula/venv."""
-        wheelhouse = build_wheelhouse()
-        marker = f"{GUEST_WHEELS}/.{wheelhouse.name}"
+        """Project source to /opt/tabula/src and its dependencies into /opt/tabula/venv.
+
+        The dependencies are installed on the controller, from the wheelhouse, into a folder that
+        becomes the guest venv's site-packages (pip itself would take minutes in the emulated
+        guest): both Pythons are CPython 3.11 on x86_64 Linux, so the wheels are the guest's."""
+        packages = build_site_packages()
+        marker = f"{GUEST_VENV}/.{packages.name}"
         if self.run(f"test -e {marker}", check=False).returncode != 0:
-            log(f"pushing wheelhouse {wheelhouse.name} and creating {GUEST_VENV}")
-            self.push_tar(wheelhouse, sorted(p.name for p in wheelhouse.iterdir()),
-                          GUEST_WHEELS, replace=True)
-            requirements = " ".join(shlex.quote(d) for d in project_dependencies())
-            self.run(f"rm -rf {GUEST_VENV} && python3 -m venv {GUEST_VENV} && "
-                     f"{GUEST_VENV}/bin/pip install -q --no-index --find-links {GUEST_WHEELS} "
-                     f"{requirements} && touch {marker} && "
-                     # The source tree on sys.path, like the editable install on the host.
-                     f"echo {GUEST_SRC} > $({GUEST_VENV}/bin/python -c "
-                     "'import sysconfig; print(sysconfig.get_path(\"purelib\"))')/tabula-src.pth",
-                     timeout=900)
+            guest_python = self.run("python3 -c 'import sys; print(*sys.version_info[:2])'").stdout.split()
+            if tuple(map(int, guest_python)) != sys.version_info[:2]:
+                raise LiveVMError(f"the guest's Python {'.'.join(guest_python)} is not the controller's "
+                                  f"{sys.version_info.major}.{sys.version_info.minor}: the wheels would not fit")
+            log(f"pushing site-packages {packages.name} into a new {GUEST_VENV}")
+            tar = subprocess.run(["tar", "-C", str(packages), "-cf", "-", "."], capture_output=True,
+                                 check=True).stdout
+            script = "\n".join([
+                "set -e",
+                f"rm -rf {GUEST_VENV}; python3 -m venv --without-pip {GUEST_VENV}",
+                f"site=$({GUEST_VENV}/bin/python -c 'import sysconfig; print(sysconfig.get_path(\"purelib\"))')",
+                'tar -xf - -C "$site" --no-same-owner',
+                # The source tree on sys.path, like the editable install on the host.
+                f'echo {GUEST_SRC} > "$site/tabula-src.pth"',
+                f"printf '%s\\n' '#!{GUEST_VENV}/bin/python' 'import sys' 'from pyinfra_cli.main import main' "
+                f"'sys.exit(main())' > {GUEST_VENV}/bin/pyinfra",
+                f"chmod 755 {GUEST_VENV}/bin/pyinfra && touch {marker}",
+            ])
+            self.run(["sh", "-c", script], input=tar, binary=True, timeout=900)
         files = project_files()
         self.push_tar(PROJECT_DIR, files, GUEST_SRC, replace=True)
         log(f"pushed {len(files)} project files to {GUEST_SRC}")
@@ -772,6 +783,23 @@ def build_wheelhouse() -> Path:
     shutil.rmtree(wheelhouse, ignore_errors=True)
     tmp.rename(wheelhouse)
     return wheelhouse
+
+
+def build_site_packages() -> Path:
+    """The project's dependencies installed from the wheelhouse into a folder of their own (what a
+    venv's site-packages holds), rebuilt only when pyproject.toml changes."""
+    wheelhouse = build_wheelhouse()
+    target = cache_root() / "site-packages" / f"{wheelhouse.name}-py{sys.version_info.major}{sys.version_info.minor}"
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="site-", dir=target.parent))
+    run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheelhouse),
+         "--target", str(tmp), *project_dependencies()])
+    (tmp / ".complete").touch()
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
 
 
 def project_files() -> list[str]:

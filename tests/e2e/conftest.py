@@ -81,19 +81,21 @@ def target(livevm):
 
 @pytest.fixture(scope="session")
 def run_pyinfra(livevm):
-    """run_pyinfra(args, local=False) -> CompletedProcess (stdout+stderr captured, no check).
+    """run_pyinfra(args, local=False, env=None) -> CompletedProcess (stdout+stderr captured, no check).
 
-    local=False: pyinfra on the controller, deploying over SSH to the host `install-target`.
+    local=False: pyinfra on the controller, deploying over SSH to the host `install-target`, with
+    the controller's environment changed by ``env`` (None: a variable unset).
     local=True: pyinfra inside the guest as `@local`, from the pushed copy of the project.
     """
     pushed = []
 
-    def run(args, local=False, timeout=1800):
+    def run(args, local=False, timeout=1800, env=None):
         if not local:
             argv = [str(PYINFRA), "-y", *livevm.pyinfra_args(), *args]
             with timed("pyinfra run"):
                 return subprocess.run(argv, cwd=PROJECT_DIR, capture_output=True, text=True,
-                                      stdin=subprocess.DEVNULL, timeout=timeout)
+                                      stdin=subprocess.DEVNULL, timeout=timeout,
+                                      env=states.with_env(env or {}))
         if not pushed:
             livevm.push_project()
             pushed.append(True)

@@ -12,11 +12,15 @@ guest at that moment loses its controller, like on a dropped link).
 
 A kill at an operation's start races the operation's first command: pyinfra sends it within
 milliseconds of the banner, and a fast one (luksFormat with test key derivation) can finish in the
-guest before the kill lands. ``hold="PROGRAM [SUBCOMMAND]"`` makes the boundary exact: the guest's
-PROGRAM is shadowed for the run by a wrapper whose first (SUBCOMMAND) call waits; the fault fires
-once that call is waiting, and the call is then released to exit without running:
+guest before the kill lands; a kill or cut aimed into a command by a delay races the command's end.
+``hold="PROGRAM [SUBCOMMAND]"`` makes every such point exact: the guest's PROGRAM is shadowed for
+the run by a wrapper whose ``call``-th (SUBCOMMAND) call waits, ``held="before"`` it runs (released,
+it exits without running) or ``held="after"`` it ran to its end (released, it exits with its real
+status, which the run died before learning); the fault fires once that call is waiting:
 
     run = run_with_fault(livevm, args, Fault("kill", op=r"^LUKS format ", hold="cryptsetup luksFormat"))
+    run = run_with_fault(livevm, args, Fault("cut", cmd=r"mkfs\.btrfs", hold="mkfs.btrfs", held="after"))
+    run = run_with_fault(livevm, args, Fault("kill", cmd=r"subvolume create", hold="btrfs subvolume create", call=2))
 """
 from __future__ import annotations
 
@@ -66,12 +70,15 @@ class Fault:
     cmd: str | None = None    # regex on an executed command (fires when pyinfra echoes it)
     delay: float = 0.0        # seconds after the trigger
     out: str | None = None    # regex on any line pyinfra prints (a streamed command's output)
-    hold: str | None = None   # "PROGRAM [SUBCOMMAND]": fire only once that call waits in the guest (never runs)
+    hold: str | None = None   # "PROGRAM [SUBCOMMAND]": fire only once that call waits in the guest
+    held: str = "before"      # the call waits "before" it runs (then never runs) or "after" it ran
+    call: int = 1             # which matching call is held (the first, the second, ...)
+    match: str | None = None  # a shell pattern on the held program's arguments (default: "SUBCOMMAND *")
 
     def describe(self) -> str:
         where = (f"operation /{self.op}/" if self.op else f"command /{self.cmd}/" if self.cmd
                  else f"output /{self.out}/")
-        held = f", with {self.hold!r} held" if self.hold else ""
+        held = f", with call {self.call} of {self.hold!r} held {self.held} it ran" if self.hold else ""
         return f"{self.kind} {self.delay:g}s after {where}{held}"
 
 
@@ -113,36 +120,49 @@ HOLD_DIR = "/run/tabula-hold"
 HOLD_WRAPPER_DIR = "/usr/local/sbin"        # ahead of /usr/sbin and /sbin in root's PATH over SSH
 
 
-def hold_wrapper(hold: str, real: str, hold_dir: str = HOLD_DIR) -> str:
-    """The wrapper script that shadows PROGRAM: its first call with SUBCOMMAND (any call, without
-    one) while ``hold_dir/armed`` exists marks itself ``hold_dir/held``, waits until that mark is
-    removed, then exits 75 without running; every other call runs ``real``."""
+def hold_wrapper(hold: str, real: str, hold_dir: str = HOLD_DIR, after: bool = False, call: int = 1,
+                 match: str | None = None) -> str:
+    """The wrapper script that shadows PROGRAM. While ``hold_dir/armed`` exists, its ``call``-th
+    matching call marks itself ``hold_dir/held`` and waits until that mark is removed: before
+    running (``after`` false; it then exits 75 without running), or once ``real`` has run to its
+    end (``after``: it then exits with the real exit status, which the run that called it may no
+    longer be there to learn). Every other call runs ``real``. A call matches when its arguments
+    (joined, with a space after) match ``match``, a shell pattern; by default when they start with
+    SUBCOMMAND (any call, without one)."""
     _program, _, subcommand = hold.partition(" ")
-    pattern = f"{shlex.quote(subcommand + ' ')}*" if subcommand else "*"
+    pattern = match or (f"{shlex.quote(subcommand + ' ')}*" if subcommand else "*")
+    wait = (f"        : > {hold_dir}/held\n"
+            f"        while [ -e {hold_dir}/held ]; do sleep 0.1; done\n")
+    held = (f"        {real} \"$@\"; status=$?\n{wait}        exit $status\n" if after
+            else f"{wait}        exit 75\n")
     return ("#!/bin/sh\n"
-            f"# a test hold (tests/e2e/faults.py): the first '{hold}' waits here, then exits unrun\n"
+            f"# a test hold (tests/e2e/faults.py): call {call} of '{hold}' waits here "
+            f"{'after it ran' if after else 'and exits unrun'}\n"
             f"case \"$* \" in {pattern})\n"
-            f"    if rm {hold_dir}/armed 2>/dev/null; then\n"
-            f"        : > {hold_dir}/held\n"
-            f"        while [ -e {hold_dir}/held ]; do sleep 0.1; done\n"
-            "        exit 75\n"
+            f"    if [ -e {hold_dir}/armed ]; then\n"
+            f"        echo x >> {hold_dir}/calls\n"
+            f"        if [ \"$(wc -l < {hold_dir}/calls)\" -eq {call} ] && rm {hold_dir}/armed 2>/dev/null; then\n"
+            f"{held}"
+            "        fi\n"
             "    fi;;\n"
             "esac\n"
             f"exec {real} \"$@\"\n")
 
 
-def arm_hold(livevm, hold: str) -> None:
+def arm_hold(livevm, fault: "Fault") -> None:
     """Shadow the guest's PROGRAM with ``hold_wrapper`` for one run."""
-    program = hold.partition(" ")[0]
+    program = fault.hold.partition(" ")[0]
     real = livevm.run(f"PATH=/usr/sbin:/usr/bin:/sbin:/bin command -v {program}").stdout.strip()
-    livevm.run(f"mkdir -p {HOLD_DIR} && rm -f {HOLD_DIR}/held && : > {HOLD_DIR}/armed && "
-               f"install -m 0755 /dev/stdin {HOLD_WRAPPER_DIR}/{program}", input=hold_wrapper(hold, real))
+    livevm.run(f"mkdir -p {HOLD_DIR} && rm -f {HOLD_DIR}/held {HOLD_DIR}/calls && : > {HOLD_DIR}/armed && "
+               f"install -m 0755 /dev/stdin {HOLD_WRAPPER_DIR}/{program}",
+               input=hold_wrapper(fault.hold, real, after=fault.held == "after", call=fault.call,
+                                  match=fault.match))
 
 
 def release_hold(livevm, hold: str) -> None:
     """Remove the wrapper, then let a waiting call exit (it runs nothing)."""
     program = hold.partition(" ")[0]
-    livevm.run(f"rm -f {HOLD_WRAPPER_DIR}/{program} {HOLD_DIR}/armed {HOLD_DIR}/held", timeout=60)
+    livevm.run(f"rm -f {HOLD_WRAPPER_DIR}/{program} {HOLD_DIR}/armed {HOLD_DIR}/held {HOLD_DIR}/calls", timeout=60)
 
 
 def wait_until_held(livevm, proc, seconds: float = 600) -> bool:
@@ -165,7 +185,7 @@ def run_with_fault(livevm, args: list[str], fault: Fault | None, env: dict | Non
 def _run_with_fault(livevm, args: list[str], fault: Fault | None, env: dict | None, timeout: float,
                     grace: float) -> FaultRun:
     if fault and fault.hold:
-        arm_hold(livevm, fault.hold)
+        arm_hold(livevm, fault)
         try:
             return run_with_armed_fault(livevm, args, fault, env, timeout, grace)
         finally:

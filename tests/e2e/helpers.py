@@ -169,3 +169,16 @@ def assert_target_verified(livevm, data: dict) -> str:
     assert re.search(r"^tabula: ssh://install-target: profile \S+ at /\S* \(.*\): matches the profile$", output, re.M), \
         output[-3000:]
     return output
+
+
+def run_with_secrets(run_pyinfra, args: list[str], secrets: dict[str, str], *flags: str):
+    """pyinfra with these arguments and secrets (the controller's environment, ``*_FILE`` unset):
+    (result, output), no secret in its output or in any command it ran."""
+    from tests.e2e.states import secrets_env
+
+    result = run_pyinfra([*args, *flags], env=secrets_env(secrets))
+    output = result.stdout + result.stderr
+    for secret in secrets.values():
+        assert secret not in output, "a secret leaked into pyinfra's output"
+        assert all(secret not in cmd for cmd in executed_commands(output)), "a secret in argv"
+    return result, output

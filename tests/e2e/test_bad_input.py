@@ -1,8 +1,8 @@
 """Bad input, end to end: ``pyinfra install-target deploy.py`` against the live VM with one thing
 wrong per case. Every case must be refused before any state-changing command runs (pyinfra -vv
 echoes every executed command), with a message naming the field or device and what to do, a
-non-zero exit, and every target disk byte-for-byte unchanged (sha256 of its first 4 MiB and of
-its last MiB, where the backup GPT lives).
+non-zero exit, and every target disk unchanged where data lives (tests/e2e/faults.disk_checksums:
+the GPT areas, every partition's first and last MiB). Every case starts from the blank state.
 
 The unit tests (tests/unit/test_profile.py) cover the model's validation in depth; this matrix
 proves the refusals reach the user through the real entry point, against real disks.
@@ -10,9 +10,7 @@ proves the refusals reach the user through the real entry point, against real di
 from __future__ import annotations
 
 import json
-import os
 import re
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,6 +19,7 @@ import pytest
 import yaml
 
 from operations.profile import PROFILE_DIR
+from tests.e2e import states
 from tests.e2e.faults import disk_checksums, run_with_fault, strip_ansi
 from tests.e2e.faults import changing_commands
 from tests.e2e.helpers import executed_commands
@@ -85,8 +84,8 @@ class Case:
     edit: Callable | None = None                  # (data) -> None: a profile edit
     data: dict = field(default_factory=dict)      # extra --data
     env: dict = field(default_factory=dict)       # controller environment (None: unset)
-    prepare: Callable | None = None               # (livevm) -> None: state in the guest before the run
-    cleanup: Callable | None = None               # (livevm) -> None: undo what prepare did beyond the disks
+    prepare: Callable | None = None               # (livevm) -> None: state in the guest before the run (undone by
+                                                  # putting the blank state back after the case)
 
 
 def vars_with(**extra):
@@ -152,11 +151,6 @@ def installer_tools_aside(livevm):
                "mv /usr/sbin/cryptsetup /usr/sbin/cryptsetup.aside")
 
 
-def installer_tools_back(livevm):
-    livevm.run("mv /usr/local/bin/nixos-install.aside /usr/local/bin/nixos-install; "
-               "mv /usr/sbin/cryptsetup.aside /usr/sbin/cryptsetup; true")
-
-
 def passphrase_file(mode: int, content: str = PASSPHRASE + "\n") -> str:
     path = Path(f"/tmp/tabula-bad-input-passphrase-{mode:o}")
     path.write_text(content)
@@ -216,7 +210,7 @@ CASES = [
          prepare=nvme_exported_pool_member),
     Case("target-lacks-installer-tools", r"lacks what this profile's stages need, so nothing was touched:\s+"
          r"cryptsetup \(for LUKS container cryptroot\)\s+nixos-install \(for the install \(tabula_install\)\).*NixOS installer",
-         data={"tabula_install": "true"}, prepare=installer_tools_aside, cleanup=installer_tools_back),
+         data={"tabula_install": "true"}, prepare=installer_tools_aside),
     Case("passphrase-missing", r"no luks passphrase: set TABULA_LUKS_PASSPHRASE or TABULA_LUKS_PASSPHRASE_FILE",
          env={"TABULA_LUKS_PASSPHRASE": None}),
     Case("passphrase-file-unreadable", r"TABULA_LUKS_PASSPHRASE_FILE=/nonexistent/passphrase: cannot read the file",
@@ -233,15 +227,16 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def blank_disks(livevm):
-    livevm.reset_disks()
-    livevm.install_standins()
-    return livevm
+def blank_sums(livevm):
+    """The target disks' digests in the blank state, which every case starts from: a case that
+    prepares something puts the blank state back after it, and every other case is refused with
+    the disks unchanged (asserted), so its "before" is this."""
+    states.blank(livevm)
+    return disk_checksums(livevm, SERIALS)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_refused_before_any_change(case: Case, blank_disks, tmp_path):
-    livevm = blank_disks
+def test_refused_before_any_change(case: Case, livevm, blank_sums, tmp_path):
     if case.prepare:
         case.prepare(livevm)
     try:
@@ -258,7 +253,7 @@ def test_refused_before_any_change(case: Case, blank_disks, tmp_path):
                "TABULA_ROOT_PASSWORD_HASH": None, "TABULA_USER_PASSWORD_HASH": None,
                "TABULA_ROOT_PASSWORD_HASH_FILE": None, "TABULA_USER_PASSWORD_HASH_FILE": None}
         env.update({k: (v() if callable(v) else v) for k, v in case.env.items()})
-        before = disk_checksums(livevm, SERIALS)
+        before = disk_checksums(livevm, SERIALS) if case.prepare else blank_sums
         result = run_with_fault(livevm, [*args, "deploy.py"], None, env=env, timeout=600)
         output = strip_ansi(result.output)
         after = disk_checksums(livevm, SERIALS)
@@ -275,8 +270,5 @@ def test_refused_before_any_change(case: Case, blank_disks, tmp_path):
         if case.prepare or "disks." in case.expect or "partlabel" in case.expect:
             assert executed_commands(output), f"{case.id}: no fact ran on the target"
     finally:
-        if case.cleanup:
-            case.cleanup(livevm)
         if case.prepare:
-            livevm.reset_disks()
-            livevm.run("rmdir /srv/scratch 2>/dev/null; true")
+            states.blank(livevm)      # (whatever it prepared, mounted or moved aside: all put back)

@@ -1,5 +1,6 @@
 """The zephyrus-btrfs profile's disk stages in the live VM: blank NVMe -> GPT, LUKS2, btrfs
-subvolumes with @root-blank, mounts under /mnt, swapfile. Every deploy runs twice: the second run
+subvolumes with @root-blank, mounts under /mnt, swapfile (its dry plan from blank disks:
+tests/e2e/test_dry_plans.py). Every deploy runs twice: the second run
 must change nothing (results table and executed commands) and re-create nothing (identities).
 Over SSH from the controller; the deploy as ``pyinfra @local`` in the guest is proven on the
 tmpfs-root profile (tests/e2e/test_local_install.py). The installed target passes the verification
@@ -7,19 +8,15 @@ command users run (``pytest tests/verify``), which fails, one line per mismatch,
 differs from the profile."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shlex
-import subprocess
 
 import pytest
 
-from tests.e2e.conftest import PYINFRA
 from tests.e2e.helpers import (assert_no_changes, assert_results_table_fits, assert_target_verified, executed_commands,
-                               gap_report, grand_total, lost_paths, operation_commands, run_verification)
-from tools.livevm import PROJECT_DIR
+                               gap_report, grand_total, lost_paths, run_verification)
 
 GiB, MiB = 1024**3, 1024**2
 NVME_SERIAL = "TABULA-NVME0"
@@ -67,10 +64,10 @@ def run_over_ssh(run_pyinfra, args, *flags):
     return result, result.stdout + result.stderr
 
 
-def partitions(livevm) -> list[dict]:
-    """The NVMe's partitions as blkid probes them from the disk: number, name, type GUID, uuid,
+def partitions(livevm, serial: str = NVME_SERIAL) -> list[dict]:
+    """The disk's partitions as blkid probes them from the disk: number, name, type GUID, uuid,
     offset and size in 512-byte sectors."""
-    nvme = livevm.disk_by_serial(NVME_SERIAL)
+    nvme = livevm.disk_by_serial(serial)
     script = (f"for p in $(lsblk -lnpo NAME,TYPE {nvme} | awk '$2 == \"part\" {{print $1}}'); do "
               "echo; blkid -p -o export $p | grep ^PART_ENTRY_; done")
     found = []
@@ -95,15 +92,15 @@ def identities(livevm) -> dict:
     }
 
 
-def assert_installed_layout(livevm, target):
-    """Real outcomes on the real devices of the guest."""
-    parts = partitions(livevm)
+def assert_installed_layout(livevm, target, disk_serial: str = NVME_SERIAL):
+    """Real outcomes on the real devices of the guest (the profile installed on that disk)."""
+    parts = partitions(livevm, disk_serial)
     assert [p["PART_ENTRY_NAME"] for p in parts] == ["EFI", "cryptroot"]
     assert [p["PART_ENTRY_SCHEME"] for p in parts] == ["gpt", "gpt"]
     assert parts[0]["PART_ENTRY_TYPE"] == "c12a7328-f81f-11d2-ba4b-00a0c93ec93b"      # ef00
     assert parts[1]["PART_ENTRY_TYPE"] == "0fc63daf-8483-4772-8e79-3d69d8477de4"      # 8300
     assert int(parts[0]["PART_ENTRY_SIZE"]) * 512 == 1 * GiB                           # blkid: 512-byte units
-    disk_bytes = int(livevm.run(f"blockdev --getsize64 {livevm.disk_by_serial(NVME_SERIAL)}").stdout)
+    disk_bytes = int(livevm.run(f"blockdev --getsize64 {livevm.disk_by_serial(disk_serial)}").stdout)
     end = (int(parts[1]["PART_ENTRY_OFFSET"]) + int(parts[1]["PART_ENTRY_SIZE"])) * 512
     assert disk_bytes - end <= MiB, "cryptroot does not fill the disk"
     for label in ("EFI", "cryptroot"):
@@ -172,37 +169,6 @@ def assert_secret_kept(livevm, output):
     guest = livevm.run(f"grep -rlF {shlex.quote(PASSPHRASE)} /opt/tabula/src /tmp /run/tabula /mnt /var/log "
                        "--exclude=test_btrfs_profile.py 2>/dev/null || true").stdout
     assert guest == ""
-
-
-def test_dry_plan_executes_nothing(clean_disks, livevm, passphrase_env):
-    nvme = livevm.disk_by_serial(NVME_SERIAL)
-    before = livevm.run(f"head -c {4 * MiB} {nvme} | sha256sum").stdout
-    # without -y: pyinfra prints the plan ("Detected changes") before --dry stops it
-    argv = [str(PYINFRA), *livevm.pyinfra_args(), *deploy_args(livevm), "--dry", "-vv"]
-    result = subprocess.run(argv, cwd=PROJECT_DIR, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                            timeout=900)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-6000:]
-    assert "Detected changes" in output
-    # the steps by their short names, and what each would do in its own output
-    for stage in ("GPT disks.main", "LUKS format cryptroot", "LUKS open cryptroot", "Filesystems",
-                  "Btrfs top level nixos", "Btrfs subvolumes nixos", "Mounts under /mnt",
-                  "Btrfs swapfile /mnt/swap/swapfile",
-                  "a new GPT on /dev/disk/by-id/", ": partitions EFI (ef00, 1GiB), cryptroot (8300, rest)",
-                  "luksFormat /dev/disk/by-partlabel/cryptroot: a luks2 container",
-                  "open /dev/disk/by-partlabel/cryptroot as /dev/mapper/cryptroot",
-                  "make btrfs on /dev/mapper/cryptroot, labelled 'nixos'",
-                  "make vfat on /dev/disk/by-partlabel/EFI, labelled 'EFI'",
-                  "btrfs subvolumes on /dev/mapper/cryptroot: @root, @root-blank (read-only snapshot of the empty @root)",
-                  "mount / at /mnt (btrfs /dev/mapper/cryptroot subvol=@root", "mount /home at /mnt/home",
-                  "swapfile /mnt/swap/swapfile of 256M"):
-        assert stage in output, f"plan lacks {stage!r}"
-    assert executed_commands(output), "no fact commands echoed at -vv"
-    assert operation_commands(output) == []
-    assert livevm.run(f"head -c {4 * MiB} {nvme} | sha256sum").stdout == before
-    assert livevm.run(f"lsblk -lno TYPE {nvme}").stdout.split() == ["disk"]
-    assert livevm.run("ls /dev/mapper").stdout.split() == ["control"]
-    assert PASSPHRASE not in output
 
 
 def test_install_over_ssh_converges(clean_disks, livevm, target, passphrase_env, run_pyinfra):

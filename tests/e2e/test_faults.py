@@ -1,6 +1,7 @@
 """Faults, end to end in the live VM, for every profile: a run is stopped at stage boundaries and in
 the middle of the longer stages, by SIGKILL of pyinfra on the controller or by cutting its SSH
-connection in the guest, and re-run. Each profile is one chain: every re-run resumes from where
+connection in the guest, and re-run. Every point is exact: the guest's program waits at the chosen
+call (before it runs, or after it ran and before the run learned it) until the fault has landed. Each profile is one chain: every re-run resumes from where
 the previous fault left the disks and is itself stopped at the next fault point, so one chain
 costs about one full install plus a fact pass per fault.
 
@@ -61,42 +62,63 @@ def deploy_args(profile: str, variables: dict, **data) -> list[str]:
             *extra, "deploy.py"]
 
 
-# Fault points per profile: (fault, what it interrupts). Operation names are the stages' own. A kill
-# at an operation whose next fault point lies inside it holds the operation's first command in the
-# guest (faults.py: a fast command could otherwise finish before the kill lands, as luksFormat did).
+# Fault points per profile (every profile of tests/profile_cases.yaml has a chain: a test fails
+# naming one that lacks it): (fault, what it interrupts). Operation names are the stages' own.
+# Every point is exact (faults.py's hold): the program's chosen call waits in the guest, before it
+# runs or after it ran, until the kill or the SSH cut has landed. "Before the run learned it" is
+# what an SSH cut during a command leaves: the command's work done, the run gone without its result.
 CHAINS = {
     "zephyrus-btrfs": [
         (Fault("kill", op=r"^LUKS format cryptroot$", hold="cryptsetup luksFormat"), "after partitioning"),
-        (Fault("cut", cmd=r"cryptsetup luksFormat", delay=0.3), "mid luksFormat (SSH cut)"),
+        (Fault("cut", cmd=r"cryptsetup luksFormat", hold="cryptsetup luksFormat", held="after"),
+         "after luksFormat wrote its header, before the run learned it (SSH cut)"),
         (Fault("kill", op=r"^Filesystems$", hold="mkfs.vfat"), "after luksFormat + open"),
-        (Fault("cut", cmd=r"mkfs\.btrfs", delay=0.2), "mid mkfs.btrfs (SSH cut)"),
+        (Fault("cut", cmd=r"mkfs\.btrfs", hold="mkfs.btrfs", held="after"),
+         "after mkfs.btrfs, before the run learned it (SSH cut)"),
         (Fault("kill", op=r"^Btrfs subvolumes ", hold="btrfs subvolume create"), "after mkfs"),
-        (Fault("kill", cmd=r"btrfs subvolume create", delay=0.3), "mid subvolumes"),
-        (Fault("kill", op=r"^Mounts under /mnt$"), "after subvolumes"),
+        (Fault("kill", cmd=r"btrfs subvolume create", hold="btrfs subvolume create", call=2),
+         "mid subvolumes (the first made, the second held)"),
+        (Fault("kill", op=r"^Mounts under /mnt$", hold="mount", match="*' /mnt '"), "after subvolumes"),
         (Fault("kill", op=r"^Btrfs swapfile ", hold="truncate"), "after mounts"),
-        (Fault("cut", cmd=r"fallocate", delay=0.2), "mid swapfile (SSH cut)"),
-        (Fault("kill", op=r"^nixos-generate-config"), "after swapfile"),
-        (Fault("cut", op=r"^Persist host identity$", delay=0.5), "mid NixOS/persist stage (SSH cut)"),
+        (Fault("cut", cmd=r"fallocate", hold="fallocate", held="after"),
+         "mid swapfile: allocated, before the run learned it (SSH cut)"),
+        (Fault("kill", op=r"^nixos-generate-config", hold="nixos-generate-config"), "after swapfile"),
+        (Fault("cut", op=r"^Persist host identity$", hold="ssh-keygen", call=2),
+         "mid persist host identity: one key made, the next held (SSH cut)"),
         (Fault("kill", out=r"stand-in: copying the system closure"), "mid nixos-install"),
         (Fault("kill", out=r"installation finished!"), "after nixos-install, before its stamp"),
     ],
     "zfs-raidz1": [
         (Fault("kill", op=r"^ZFS pool ", hold="zpool create"), "after partitioning"),
-        (Fault("cut", cmd=r"zpool create", delay=0.5), "mid pool create (SSH cut)"),
-        (Fault("kill", op=r"^ZFS dataset .*/temp/root$"), "after pool create"),
-        (Fault("kill", cmd=r"zfs snapshot", delay=0.0), "mid datasets (at an @empty snapshot)"),
-        (Fault("kill", cmd=r"mount -t zfs", delay=0.2), "after datasets, mid mounts"),
-        (Fault("cut", cmd=r"^sh -c 'nixos-generate-config --root", delay=0.5), "mid nixos-generate-config on a ZFS root (SSH cut)"),
-        (Fault("kill", op=r"^Persist host identity$", delay=1.0), "mid persist on the encrypted dataset"),
-        (Fault("kill", cmd=r"&& zpool export", delay=0.1), "mid pool export"),
+        (Fault("cut", cmd=r"zpool create", hold="zpool create", held="after"),
+         "after zpool create, before the run learned it (SSH cut)"),
+        (Fault("kill", op=r"^ZFS dataset .*/temp$", hold="zfs create"), "after pool create"),
+        (Fault("kill", cmd=r"zfs snapshot", hold="zfs snapshot"), "mid datasets (created, the first @empty held)"),
+        (Fault("kill", cmd=r"mount -t zfs", hold="mount", match="'-t zfs '*", call=2),
+         "after datasets, mid mounts (the first mounted, the second held)"),
+        (Fault("cut", cmd=r"nixos-generate-config --root", hold="nixos-generate-config", held="after"),
+         "after nixos-generate-config on a ZFS root, before the run learned it (SSH cut)"),
+        (Fault("kill", op=r"^Persist host identity$", hold="ssh-keygen", call=2),
+         "mid persist on the encrypted dataset (one key made, the next held)"),
+        (Fault("kill", cmd=r"zpool export", hold="zpool export"), "mid pool export (unmounted, the export held)"),
     ],
     "light-tmpfs-f2fs": [
-        (Fault("kill", op=r"^LUKS open local-"), "after luksFormat"),
-        (Fault("cut", cmd=r"mkfs\.f2fs", delay=0.2), "mid mkfs.f2fs (SSH cut)"),
-        (Fault("kill", op=r"^ZFS dataset .*/remote/system$"), "after pool create and encrypted dataset"),
+        (Fault("kill", op=r"^LUKS open local-", hold="cryptsetup open"), "after luksFormat"),
+        (Fault("cut", cmd=r"mkfs\.f2fs", hold="mkfs.f2fs", held="after"),
+         "after mkfs.f2fs, before the run learned it (SSH cut)"),
+        (Fault("kill", op=r"^ZFS dataset .*/remote/system$", hold="zfs create", call=2),
+         "after pool create and encrypted dataset"),
         (Fault("cut", out=r"stand-in: building the flake"), "mid nixos-install (SSH cut)"),
-        # (an SSH cut needs a new connection, slower than the export itself: it cannot be aimed inside it)
-        (Fault("kill", op=r"^ZFS export "), "after the install and its stamp, before the pool export"),
+        (Fault("kill", op=r"^ZFS export ", hold="zpool export"), "after the install and its stamp, before the pool export"),
+    ],
+    "tmpfs-root": [
+        (Fault("kill", op=r"^LUKS format crypted$", hold="cryptsetup luksFormat"), "after partitioning"),
+        (Fault("kill", cmd=r"btrfs subvolume create", hold="btrfs subvolume create", call=2),
+         "mid subvolumes (the first made, the second held)"),
+        (Fault("kill", op=r"^Mounts under /mnt$", hold="mount", match="'-t tmpfs '*"),
+         "after subvolumes (the tmpfs root's mount held)"),
+        (Fault("cut", op=r"^Persist host identity$", hold="ssh-keygen", call=2),
+         "mid persist host identity: one key made, the next held (SSH cut)"),
     ],
 }
 # Faults that stop nixos-install before its stamp: each means one more run of it.
@@ -111,7 +133,12 @@ INSTALL_LOG = "/var/log/tabula-standins/nixos-install.log"
 
 # Where each profile keeps data that must survive (mount points under /mnt).
 PERSISTENT = {"zephyrus-btrfs": ["/mnt/persist", "/mnt/home"], "zfs-raidz1": ["/mnt/remote", "/mnt/local"],
-              "light-tmpfs-f2fs": ["/mnt/remote", "/mnt/.local"]}
+              "light-tmpfs-f2fs": ["/mnt/remote", "/mnt/.local"], "tmpfs-root": ["/mnt/persist", "/mnt/home"]}
+
+
+def test_every_profile_has_a_fault_chain():
+    lacking = [name for name in profile_cases.profile_names() if name not in CHAINS or name not in PERSISTENT]
+    assert not lacking, f"profiles without a fault chain (CHAINS, PERSISTENT): {lacking}"
 
 
 def zfs_history_commands(history: str) -> list[str]:
@@ -142,7 +169,7 @@ def installs_so_far(livevm) -> int:
     return int(livevm.run(f"cat {INSTALL_LOG} 2>/dev/null | wc -l").stdout.strip() or 0)
 
 
-@pytest.mark.parametrize("profile", list(CHAINS))
+@pytest.mark.parametrize("profile", profile_cases.profile_names())
 def test_faults_converge(profile, clean_disks, livevm, target, secrets_env):
     livevm.install_standins()
     livevm.run(f"mkdir -p $(dirname {PAUSE_KNOB}) && rm -f {PAUSE_KNOB} {SLOW_KNOB}")

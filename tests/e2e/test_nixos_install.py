@@ -19,7 +19,7 @@ from operations.nixos import INSTALL_STAMP
 from operations.profile import load_profile
 from tests.nix.evaluation import evaluate_installed
 from tests.e2e.helpers import (SHOW_HARDWARE_CONFIG, assert_generated_by_real_tool_and_patched, assert_no_changes,
-                               executed_commands, grand_total, operation_commands)
+                               grand_total, operation_commands, run_with_secrets)
 
 HOST = "tabula-g16"
 USER = "sean"
@@ -55,13 +55,13 @@ def secrets_env(monkeypatch):
         monkeypatch.delenv(f"TABULA_{name}_FILE", raising=False)
 
 
-def run(run_pyinfra, args, *flags):
-    result = run_pyinfra([*args, *flags])
-    output = result.stdout + result.stderr
-    for secret in (PASSPHRASE, ROOT_HASH, USER_HASH):
-        assert secret not in output, "a secret leaked into pyinfra's output"
-        assert all(secret not in cmd for cmd in executed_commands(output)), "a secret in argv"
-    return result, output
+SECRETS = {"TABULA_LUKS_PASSPHRASE": PASSPHRASE, "TABULA_ROOT_PASSWORD_HASH": ROOT_HASH,
+           "TABULA_USER_PASSWORD_HASH": USER_HASH}
+
+
+def run(run_pyinfra, args, *flags, secrets=SECRETS):
+    """pyinfra with these secrets: (result, output), no secret in the output or in argv."""
+    return run_with_secrets(run_pyinfra, args, secrets, *flags)
 
 
 def guest(livevm, command: str) -> str:
@@ -184,3 +184,38 @@ def test_full_deploy_installs_once_and_converges(clean_disks, livevm, target, se
     for key in ("keys", "machine_id", "secrets"):
         assert after[key] == before[key], key
     assert guest(livevm, "cd /mnt/etc/nixos && sha256sum *") == guest(livevm, "cd /mnt/persist/etc/nixos && sha256sum *")
+
+
+FAIL_KNOB = "/run/tabula-standins/nixos-install.fail"
+
+
+def test_a_failed_install_leaves_no_stamp_and_is_retried(installed, livevm, run_pyinfra):
+    """nixos-install fails half-way through copying the closure (the stand-in's fail knob: as a
+    failed build or a full disk): the run fails, the stamp still names the configuration installed
+    before, and the next run installs again and stamps the new one; a run after that changes nothing."""
+    state = installed("zephyrus-btrfs")
+    digest = ('cd /mnt/etc/nixos && find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum '
+              '| sha256sum | cut -d" " -f1')
+    stamp_before = guest(livevm, f"cat {INSTALL_STAMP}").strip()
+    assert stamp_before == guest(livevm, digest).strip()
+    installs = int(guest(livevm, f"wc -l < {STANDIN_LOG}/nixos-install.log").strip())
+    changed = {**state.variables, "timezone": "Europe/Lisbon"}
+
+    livevm.run(f"mkdir -p $(dirname {FAIL_KNOB}) && touch {FAIL_KNOB}")
+    failed, output = run(run_pyinfra, state.args("-vv", tabula_vars=changed), secrets=state.secrets)
+    assert failed.returncode != 0, output[-6000:]
+    assert "failed with exit code 1" in output
+    assert int(guest(livevm, f"wc -l < {STANDIN_LOG}/nixos-install.log").strip()) == installs + 1
+    assert guest(livevm, f"cat {INSTALL_STAMP}").strip() == stamp_before          # no stamp of the new config
+    assert guest(livevm, digest).strip() != stamp_before                           # (which is in /mnt/etc/nixos)
+    assert guest(livevm, "ls /mnt/nix/store | grep -c standin-part").strip() != "0"   # a half-copied closure
+
+    retried, output = run(run_pyinfra, state.args("-vv", tabula_vars=changed), secrets=state.secrets)
+    assert retried.returncode == 0, output[-6000:]
+    assert int(guest(livevm, f"wc -l < {STANDIN_LOG}/nixos-install.log").strip()) == installs + 2
+    assert guest(livevm, f"cat {INSTALL_STAMP}").strip() == guest(livevm, digest).strip()
+    assert 'time.timeZone = "Europe/Lisbon";' in guest(livevm, "cat /mnt/etc/nixos/configuration.nix")
+
+    again, output = run(run_pyinfra, state.args("-vv", tabula_vars=changed), secrets=state.secrets)
+    assert again.returncode == 0, output[-6000:]
+    assert_no_changes(output)

@@ -1,5 +1,6 @@
 """The initrd's root rollback, and the rescue of a root that no longer boots (rescue.py), run on
-the real btrfs-on-LUKS disk of the live VM, on one install of zephyrus-btrfs shared by the module.
+the real btrfs-on-LUKS disk of the live VM: each test starts from zephyrus-btrfs as Tabula installed
+it (its installed state, tests/e2e/states.py), whatever the test before it did.
 
 The script is taken from the rendered impermanence.nix (evaluated with nix-instantiate on the
 controller, the guest has no Nix): exactly the text the initrd service will run, run the way
@@ -14,25 +15,27 @@ import pytest
 
 from operations import btrfs
 from tests.e2e.faults import dry_plan
-from tests.e2e.helpers import assert_no_changes, operation_commands
-from tests.e2e.test_nixos_install import (HOST, PASSPHRASE, ROOT_HASH, USER_HASH, deploy_args, run,  # noqa: F401
-                                          secrets_env)
+from tests.e2e.helpers import assert_no_changes, operation_commands, run_with_secrets
 
 TOP = "/run/tabula-test-top"
 
 
-@pytest.fixture(scope="module")
-def installed(livevm, run_pyinfra):
-    """zephyrus-btrfs installed once (nixos-install: the stand-in) for every test of this module."""
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in (("LUKS_PASSPHRASE", PASSPHRASE), ("ROOT_PASSWORD_HASH", ROOT_HASH),
-                            ("USER_PASSWORD_HASH", USER_HASH)):
-            env.setenv(f"TABULA_{name}", value)
-            env.delenv(f"TABULA_{name}_FILE", raising=False)
-        livevm.reset_disks()
-        result, output = run(run_pyinfra, deploy_args(livevm))
-    assert result.returncode == 0, output[-8000:]
-    return livevm
+@pytest.fixture
+def btrfs_installed(installed):
+    """zephyrus-btrfs installed (nixos-install: the stand-in), as its state left it, for each test."""
+    return installed("zephyrus-btrfs")
+
+
+def run(run_pyinfra, state, args, *flags):
+    return run_with_secrets(run_pyinfra, args, state.secrets, *flags)
+
+
+def deploy_args(state) -> list[str]:
+    return state.args()
+
+
+def rescue_args(state) -> list[str]:
+    return state.args(deploy="rescue.py")
 
 
 def rollback_script_from_config(livevm, tmp_path) -> str:
@@ -54,7 +57,7 @@ def subvolumes(livevm) -> dict[str, str]:
     return found
 
 
-def test_rollback_empties_root_and_keeps_home_and_persist(installed, livevm, tmp_path):
+def test_rollback_empties_root_and_keeps_home_and_persist(btrfs_installed, livevm, tmp_path):
     script = rollback_script_from_config(livevm, tmp_path)
     assert "btrfs subvolume snapshot" in script and "/dev/mapper/cryptroot" in script
 
@@ -97,19 +100,14 @@ def test_rollback_empties_root_and_keeps_home_and_persist(installed, livevm, tmp
 
 
 # --- rescue (rescue.py) ---------------------------------------------------------------------------
-# The same install as the rollback above (module-scoped): the root broken as a running system
-# breaks it (files, a nested subvolume, @root deleted), the live system booted afresh (nothing
-# mounted, the container closed), then rescued.
+# The installed state: the root broken as a running system breaks it (files, a nested subvolume,
+# @root deleted), the live system booted afresh (nothing mounted, the container closed), then rescued.
 
 TABULA_TOP = "/run/tabula/btrfs/nixos"
 FOOTPRINT = {"boot", "etc", "etc/nixos", "home", "nix", "persist", "swap", "var", "var/log"}
 
 
-def rescue_args(livevm) -> list[str]:
-    return ["rescue.py", *deploy_args(livevm)[1:]]
-
-
-def in_top_level(livevm, script: str) -> str:
+def in_top_level(livevm, state, script: str) -> str:
     """Run ``script`` in the guest with the top level of the btrfs mounted at $TOP (the container
     opened first if it is closed, the passphrase on stdin), unmounted after: one round trip. (The
     guard refuses a disk with mounts it does not know, so nothing of the test's stays mounted.)"""
@@ -117,7 +115,7 @@ def in_top_level(livevm, script: str) -> str:
                "cryptsetup open /dev/disk/by-partlabel/cryptroot cryptroot; "
                f"TOP={TOP}; mkdir -p $TOP; mountpoint -q $TOP || mount -o subvol=/ /dev/mapper/cryptroot $TOP; "
                "trap 'cd /; umount $TOP' EXIT; ")
-    return livevm.run(["bash", "-c", wrapper + script], input=PASSPHRASE + "\n").stdout
+    return livevm.run(["bash", "-c", wrapper + script], input=state.secrets["TABULA_LUKS_PASSPHRASE"] + "\n").stdout
 
 
 STATE_SCRIPT = r"""
@@ -137,13 +135,13 @@ cd /
 """
 
 
-def btrfs_state(livevm) -> dict:
+def btrfs_state(livevm, state) -> dict:
     """The btrfs as the tests compare it, read in one round trip: subvolumes (btrfs subvolume
     list), their ro flags, what @root holds, its etc/nixos and the persisted copy (checksums,
     modes, owners), and every file, folder and link of @persist and @home (kept: path, type,
     mode, owner, size, sha256)."""
     sections, current = {}, None
-    for line in in_top_level(livevm, STATE_SCRIPT).splitlines():
+    for line in in_top_level(livevm, state, STATE_SCRIPT).splitlines():
         if line.startswith("## "):
             current = sections.setdefault(line[3:], [])
         elif current is not None:
@@ -174,18 +172,19 @@ def assert_root_as_the_install_left_it(state: dict, kept: list[str]) -> None:
     assert state["kept"] == kept
 
 
-def test_rescue_restores_a_broken_root_and_the_install_converges(installed, livevm, secrets_env, run_pyinfra):
-    kept = btrfs_state(livevm)["kept"]
-    in_top_level(livevm, "cd $TOP/@root; echo junk > junk-file; mkdir -p srv/deep var/lib etc/nixos; "
+def test_rescue_restores_a_broken_root_and_the_install_converges(btrfs_installed, livevm, run_pyinfra):
+    state = btrfs_installed
+    kept = btrfs_state(livevm, state)["kept"]
+    in_top_level(livevm, state, "cd $TOP/@root; echo junk > junk-file; mkdir -p srv/deep var/lib etc/nixos; "
                          "echo more > srv/deep/file; echo broken > etc/nixos/configuration.nix; "
                          "btrfs subvolume create var/lib/machines; echo m > var/lib/machines/inside; "
                          "btrfs subvolume create var/lib/machines/nested-again; sync")
-    broken = btrfs_state(livevm)["subvolumes"]
+    broken = btrfs_state(livevm, state)["subvolumes"]
     assert {"@root/var/lib/machines", "@root/var/lib/machines/nested-again"} <= set(broken)
     boot_live_system(livevm)
 
     # --dry: the plan, nothing run, the disk byte-identical, the container still closed
-    output, rows = dry_plan(livevm, ["-vv", *rescue_args(livevm)], ("TABULA-NVME0",))
+    output, rows = dry_plan(livevm, ["-vv", *rescue_args(state)], ("TABULA-SSD",), env=state.env())
     for step in ("LUKS open cryptroot", "Btrfs top level nixos", "Btrfs restore @root from @root-blank",
                  "Mounts under /mnt", "Persist configuration restore"):
         found = [name for name in rows if name.startswith(step)]
@@ -193,44 +192,45 @@ def test_rescue_restores_a_broken_root_and_the_install_converges(installed, live
     assert "@root on /dev/mapper/cryptroot: read once /dev/mapper/cryptroot is open" in output
     assert livevm.run("cryptsetup status cryptroot", check=False).returncode != 0
 
-    result, output = run(run_pyinfra, rescue_args(livevm), "-v")
+    result, output = run(run_pyinfra, state, rescue_args(state), "-v")
     assert result.returncode == 0, output[-8000:]
     assert ("@root on /dev/mapper/cryptroot: nested subvolumes @root/var/lib/machines, "
             "@root/var/lib/machines/nested-again; @root holds ") in output
-    state = btrfs_state(livevm)
+    state = btrfs_state(livevm, state)
     assert_root_as_the_install_left_it(state, kept)
     assert state["subvolumes"]["@root"]["id"] != broken["@root"]["id"]
 
     # @root deleted (from a live system where the container is open and /mnt mounted)
     livevm.run("umount -R /mnt")
-    in_top_level(livevm, "btrfs subvolume delete $TOP/@root")
-    result, output = run(run_pyinfra, rescue_args(livevm), "-v")
+    in_top_level(livevm, state, "btrfs subvolume delete $TOP/@root")
+    result, output = run(run_pyinfra, state, rescue_args(state), "-v")
     assert result.returncode == 0, output[-8000:]
     assert "@root on /dev/mapper/cryptroot: @root is missing: restoring it from @root-blank" in output
-    assert_root_as_the_install_left_it(btrfs_state(livevm), kept)
+    assert_root_as_the_install_left_it(btrfs_state(livevm, state), kept)
 
     # a second rescue finds nothing to do, and so does the install deploy (nothing installed again)
-    again, output = run(run_pyinfra, rescue_args(livevm), "-vv")
+    again, output = run(run_pyinfra, state, rescue_args(state), "-vv")
     assert again.returncode == 0, output[-8000:]
     assert_no_changes(output)
     assert "@root holds no nested subvolume and nothing but the install's mount points and etc/nixos" in output
-    install, output = run(run_pyinfra, deploy_args(livevm), "-vv")
+    install, output = run(run_pyinfra, state, deploy_args(state), "-vv")
     assert install.returncode == 0, output[-8000:]
     assert_no_changes(output)
 
 
-def test_rescue_refuses_a_writable_or_missing_blank(installed, livevm, secrets_env, run_pyinfra):
-    in_top_level(livevm, "echo junk > $TOP/@root/junk-file")
-    before = btrfs_state(livevm)
+def test_rescue_refuses_a_writable_or_missing_blank(btrfs_installed, livevm, run_pyinfra):
+    state = btrfs_installed
+    in_top_level(livevm, state, "echo junk > $TOP/@root/junk-file")
+    before = btrfs_state(livevm, state)
 
     # writable, met by a live system booted afresh: refused once the container is open
-    in_top_level(livevm, "btrfs property set -ts $TOP/@root-blank ro false")
+    in_top_level(livevm, state, "btrfs property set -ts $TOP/@root-blank ro false")
     boot_live_system(livevm)
-    result, output = run(run_pyinfra, rescue_args(livevm), "-vv")
+    result, output = run(run_pyinfra, state, rescue_args(state), "-vv")
     assert result.returncode != 0
     assert "refusing to restore @root on /dev/mapper/cryptroot: its blank snapshot @root-blank is writable" in output
     assert not [c for c in operation_commands(output) if "subvolume delete" in c or "subvolume snapshot" in c]
-    after = btrfs_state(livevm)
+    after = btrfs_state(livevm, state)
     assert after["ro"] == ["@root ro=false", "@root-blank ro=false"]
     assert {k: v for k, v in after.items() if k != "ro"} == {k: v for k, v in before.items() if k != "ro"}
 
@@ -239,10 +239,10 @@ def test_rescue_refuses_a_writable_or_missing_blank(installed, livevm, secrets_e
     blank, away = f"{TABULA_TOP}/@root-blank", f"{TABULA_TOP}/@root-blank-away"
     livevm.run(f"mountpoint -q {TABULA_TOP} && btrfs property set -ts {blank} ro true && mv {blank} {away}")
     try:
-        result, output = run(run_pyinfra, rescue_args(livevm), "-vv")
+        result, output = run(run_pyinfra, state, rescue_args(state), "-vv")
         assert result.returncode != 0
         assert "refusing to restore @root on /dev/mapper/cryptroot: its blank snapshot @root-blank is missing" in output
         assert operation_commands(output) == []
     finally:
         livevm.run(f"mv {away} {blank}")
-    assert btrfs_state(livevm) == before
+    assert btrfs_state(livevm, state) == before

@@ -1,5 +1,5 @@
-"""Secrets in the live VM: the LUKS passphrase and the ZFS key (fresh random values per test, so a
-hit can only be a leak) never appear
+"""Secrets in the live VM, for every profile: the LUKS passphrase and the ZFS key (fresh random
+values made with each installed state, so a hit can only be a leak) never appear
 
 - in any process's command line in the guest while the run is in flight: a background sampler
   reads every /proc/*/cmdline every few ms; it must have seen the luksFormat/open and zfs create
@@ -14,16 +14,15 @@ directory (tests below).
 """
 from __future__ import annotations
 
-import json
-import os
-import secrets
+import re
 import shlex
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from tests.e2e.faults import CmdlineSampler, run_with_fault, strip_ansi
+from operations.profile import load_profile
+from tests import profile_cases
+from tests.e2e.faults import strip_ansi
 from tests.e2e.helpers import executed_commands
 from tools.livevm import PROJECT_DIR, cache_root
 
@@ -42,48 +41,39 @@ def grep_guest(livevm, needle: str) -> str:
 
 def grep_controller(needle: str) -> str:
     dirs = [str(PROJECT_DIR), "/tmp", str(cache_root() / "vm")]
+    # (*.record: the installed states' own record of their secrets, tests/e2e/states.py)
     found = subprocess.run(["grep", "-rlaF", "--exclude-dir=.venv", "--exclude-dir=.git",
-                            "--exclude=*.raw", "--exclude=*.qcow2", needle, *dirs],
+                            "--exclude=*.raw", "--exclude=*.qcow2", "--exclude=*.record", needle, *dirs],
                            capture_output=True, text=True)
     return found.stdout
 
 
-PROFILES = {
-    "zephyrus-btrfs": (lambda vm: {"disk": by_id(vm, "TABULA-NVME0"), "swap_size": "256M",
-                                   "luks_pbkdf": "pbkdf2", "luks_pbkdf_iterations": 1000},
-                       [r"cryptsetup luksFormat", r"cryptsetup open"]),
-    "light-tmpfs-f2fs": (lambda vm: {"hostname": "tabula-secrets", "disk": by_id(vm, "TABULA-SSD"),
-                                     "luks_pbkdf": "pbkdf2", "luks_pbkdf_iterations": 1000},
-                         [r"cryptsetup luksFormat", r"cryptsetup open", r"zfs create .*encryption"]),
-}
+def must_see(profile) -> list[str]:
+    """The secret-handling commands the install of this profile runs (from the profile: its LUKS
+    containers, its encrypted datasets), which the sampler must have caught in flight."""
+    patterns = []
+    if profile.luks_devices():
+        patterns += [r"cryptsetup luksFormat", r"cryptsetup open"]
+    if any(ds.encryption for pool in profile.pools.values() for ds in pool.datasets):
+        patterns.append(r"zfs create .*encryption")
+    return patterns
 
 
-@pytest.mark.parametrize("profile", list(PROFILES))
-def test_secrets_stay_secret(profile, clean_disks, livevm, target, monkeypatch):
-    import re
-    luks = "luks-" + secrets.token_hex(12)
-    zfs_key = "zfs-" + secrets.token_hex(12)
-    root_hash = "$6$" + secrets.token_hex(8) + "$" + secrets.token_hex(32)
-    env = {"TABULA_LUKS_PASSPHRASE": luks, "TABULA_ZFS_KEY": zfs_key,
-           "TABULA_ROOT_PASSWORD_HASH": root_hash, "TABULA_USER_PASSWORD_HASH": root_hash}
-    for key in ("LUKS_PASSPHRASE", "ZFS_KEY", "ROOT_PASSWORD_HASH", "USER_PASSWORD_HASH"):
-        monkeypatch.delenv(f"TABULA_{key}_FILE", raising=False)
-    make_vars, must_see = PROFILES[profile]
-    variables = make_vars(livevm)
-    args = ["-vvv", "--debug", "--data", f"tabula_profile={profile}", "--data", f"tabula_vars={json.dumps(variables)}",
-            "--data", "tabula_install=false", "--data", "tabula_export_pools=false", "deploy.py"]
-
-    sampler = CmdlineSampler(livevm)
-    sampler.start()
-    try:
-        run = run_with_fault(livevm, args, None, env=env)
-    finally:
-        seen = sampler.stop()
-    output = strip_ansi(run.output)
-    assert run.returncode == 0, output[-8000:]
+@pytest.mark.parametrize("profile_name", profile_cases.profile_names())
+def test_secrets_stay_secret(profile_name, installed, livevm, target):
+    """Every profile's install (its installed state, tests/e2e/states.py: made with fresh random
+    secrets, at -vvv --debug, with the sampler running)."""
+    state = installed(profile_name)
+    profile = load_profile(profile_name, state.variables)
+    luks, zfs_key = state.secrets["TABULA_LUKS_PASSPHRASE"], state.secrets["TABULA_ZFS_KEY"]
+    root_hash = state.secrets["TABULA_ROOT_PASSWORD_HASH"]
+    output, seen = strip_ansi(state.output), state.cmdlines
+    assert "--> Results:" in output and executed_commands(output), "the install's output was not kept"
 
     # the sampler caught the secret-handling commands in flight: it would have seen a secret in argv
-    for pattern in must_see:
+    patterns = must_see(profile)
+    assert patterns, f"{profile_name} handles no secret on a command's stdin: nothing to sample"
+    for pattern in patterns:
         assert re.search(pattern, seen), f"sampler never saw /{pattern}/ run: it proves nothing\n{seen[:3000]}"
     # (booleans first: pytest must not print a secret into the test log when an assertion fails)
     for secret in (luks, zfs_key):
@@ -99,15 +89,18 @@ def test_secrets_stay_secret(profile, clean_disks, livevm, target, monkeypatch):
     hash_in_output = root_hash in output
     assert not hash_in_output, "a password hash is in pyinfra's output"
     holders = sorted(grep_guest(livevm, root_hash).split())
-    persist = {"zephyrus-btrfs": "/mnt/persist", "light-tmpfs-f2fs": "/mnt/remote"}[profile]
-    # (the btrfs top level stays mounted under /run/tabula: the same files, seen through @persist)
-    same_files = re.compile(rf"^({re.escape(persist)}|/run/tabula/btrfs/[^/]+/@persist)/secrets/[^/]+$")
+    persist = f"/mnt{profile.persistence.root}"
+    # (a btrfs top level Tabula keeps mounted under /run/tabula shows the same files, by subvolume)
+    same_files = re.compile(rf"^({re.escape(persist)}|/run/tabula/btrfs/[^/]+/[^/]+)/secrets/[^/]+$")
     assert holders and all(same_files.match(h) for h in holders), holders
 
     # secret files 0600 in a 0700 directory, owned by root
     assert target.file(f"{persist}/secrets").mode == 0o700
     assert target.file(f"{persist}/secrets").user == "root"
-    for name in livevm.run(f"ls {persist}/secrets").stdout.split():
+    names = livevm.run(f"ls {persist}/secrets").stdout.split()
+    assert names
+    for name in names:
         assert target.file(f"{persist}/secrets/{name}").mode == 0o600, name
+        assert target.file(f"{persist}/secrets/{name}").user == "root", name
     # the generated Nix files name no secret (checked by the grep over /mnt above) and exist
     assert livevm.run("ls /mnt/etc/nixos").stdout.split(), "no generated Nix files to check"

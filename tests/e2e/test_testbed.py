@@ -4,6 +4,8 @@ import re
 
 import pytest
 
+from tests.e2e.faults import disk_checksums
+
 GiB = 1024**3
 # The test bed's contract (what the profiles are written against), checked against the guest.
 NVME = ("TABULA-NVME0", 16 * GiB)
@@ -67,6 +69,25 @@ def test_reset_disks_wipes_everything(clean_disks, livevm):
     assert livevm.run("ls /dev/mapper").stdout.split() == ["control"]
     layout = livevm.run(f"lsblk -lno TYPE,FSTYPE {rz1} {rz2} {rz3} {ssd}").stdout.split()
     assert layout == ["disk"] * 4
+
+
+def test_disk_checksums_see_a_reformatted_luks_header(clean_disks, livevm):
+    """The tests' "disks byte-identical" covers where the data is: a LUKS header that starts after
+    a 1 GiB partition, as cryptroot does, formatted again, changes the digests; the digest of the
+    disk's first 4 MiB and last MiB alone (what they compared before) does not see it."""
+    nvme = livevm.disk_by_serial("TABULA-NVME0")
+    livevm.run(f"sgdisk -n 1:0:+1G -t 1:ef00 -c 1:EFI -n 2:0:0 -c 2:cryptroot {nvme} >/dev/null && udevadm settle")
+    luks_format = ("cryptsetup luksFormat -q --type luks2 --pbkdf pbkdf2 --pbkdf-force-iterations 1000 "
+                   "/dev/disk/by-partlabel/cryptroot -")
+    whole_disk_ends = f"(head -c 4M {nvme}; tail -c 1M {nvme}) | md5sum"
+    livevm.run(luks_format, input="first")
+    before, ends_before = disk_checksums(livevm, ["TABULA-NVME0"]), livevm.run(whole_disk_ends).stdout
+    livevm.run(luks_format, input="second")
+    after, ends_after = disk_checksums(livevm, ["TABULA-NVME0"]), livevm.run(whole_disk_ends).stdout
+    changed = [region.split("=")[0] for region, then in zip(after["TABULA-NVME0"].split(),
+                                                           before["TABULA-NVME0"].split()) if region != then]
+    assert changed == ["nvme0n1p2:head"], changed
+    assert ends_after == ends_before
 
 
 def pyinfra_totals(output):

@@ -1,14 +1,15 @@
 """End to end, in the live VM: the zfs-raidz1 and light-tmpfs-f2fs profiles from blank disks.
 
-Each profile: deploy over SSH (pools kept imported so the result can be read back), verify it
+Each profile, from its installed state (tests/e2e/states.py: a deploy over SSH from blank disks,
+pools kept imported so the result can be read back; every test starts from it afresh): verify it
 with the verification command users run (``pytest tests/verify``: partlabels, pool topology,
 dataset properties, @empty, encryption, mounts, the seeded persist files, the generated files),
 check F2FS compression and the real nixos-generate-config's file; deploy with the defaults (the pool exported
 cleanly), then again with the defaults: no changes, and the exported pool untouched on disk (same
 active uberblock and txg, same ``zpool history``, read with ``zdb -e`` without importing it) and
 still importable without -f; a run that keeps the pool imports it again with the data written
-before the export; prove the rollback the initrd runs. zfs-raidz1's install (a module-scoped
-fixture) is then rescued (rescue.py) after writing into its temp datasets.
+before the export; prove the rollback the initrd runs. zfs-raidz1's installed state is also
+rescued (rescue.py) after writing into its temp datasets.
 Refusals (a foreign disk carrying the host hash, a disk smaller than declared) change nothing.
 """
 
@@ -34,7 +35,6 @@ ZFS_KEY = "tabula-e2e-zfs-passphrase"
 # Test-only crypt hashes of throw-away passwords (persist seeding needs them).
 ROOT_HASH = "$6$Zf1ZcW0d2v3ZkA$" + "r" * 86
 USER_HASH = "$6$Zf2bL9pT4sQ1nB$" + "u" * 86
-SECRETS = (LUKS_PASSPHRASE, ZFS_KEY, ROOT_HASH, USER_HASH)
 SERIALS = ("TABULA-NVME0", "TABULA-RZ1", "TABULA-RZ2", "TABULA-RZ3", "TABULA-SSD")
 ZFS_HOST = "tabula-zfs"
 LIGHT_HOST = "tabula-light"
@@ -45,10 +45,20 @@ INSTALL = True
 @pytest.fixture(autouse=True)
 def secrets(monkeypatch):
     """The controller's secrets, as a user sets them (pyinfra inherits the environment)."""
-    for name, value in (("LUKS_PASSPHRASE", LUKS_PASSPHRASE), ("ZFS_KEY", ZFS_KEY),
-                        ("ROOT_PASSWORD_HASH", ROOT_HASH), ("USER_PASSWORD_HASH", USER_HASH)):
-        monkeypatch.setenv(f"TABULA_{name}", value)
-        monkeypatch.delenv(f"TABULA_{name}_FILE", raising=False)
+    use_secrets(monkeypatch, {f"TABULA_{name}": value for name, value in (
+        ("LUKS_PASSPHRASE", LUKS_PASSPHRASE), ("ZFS_KEY", ZFS_KEY), ("ROOT_PASSWORD_HASH", ROOT_HASH),
+        ("USER_PASSWORD_HASH", USER_HASH))})
+
+
+def use_secrets(monkeypatch, values: dict[str, str]) -> None:
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+        monkeypatch.delenv(f"{name}_FILE", raising=False)
+
+
+def current_secrets() -> list[str]:
+    return [os.environ[f"TABULA_{name}"] for name in ("LUKS_PASSPHRASE", "ZFS_KEY", "ROOT_PASSWORD_HASH",
+                                                       "USER_PASSWORD_HASH")]
 
 
 def by_id(target, serial: str) -> str:
@@ -61,11 +71,6 @@ def zfs_vars(target, **extra) -> dict:
     return {"hostname": ZFS_HOST, "ssd": by_id(target, "TABULA-SSD"), "rz1": by_id(target, "TABULA-RZ1"),
             "rz2": by_id(target, "TABULA-RZ2"), "rz3": by_id(target, "TABULA-RZ3"),
             "authorized_keys": [TEST_AUTHORIZED_KEY], **extra}
-
-
-def light_vars(target, **extra) -> dict:
-    return {"hostname": LIGHT_HOST, "disk": by_id(target, "TABULA-SSD"),
-            "luks_pbkdf": "pbkdf2", "luks_pbkdf_iterations": 1000, **extra}
 
 
 def deploy(run_pyinfra, profile: str, variables: dict, export: bool | None = False):
@@ -81,7 +86,7 @@ def run_without_leaks(run_pyinfra, args: list[str]):
     """pyinfra with these arguments; no secret in its output or in any command it ran."""
     result = run_pyinfra(args)
     output = result.stdout + result.stderr
-    for secret in SECRETS:
+    for secret in current_secrets():
         assert secret not in output, "a secret leaked into pyinfra's output"
         assert all(secret not in cmd for cmd in executed_commands(output)), "a secret in argv"
     return result, output
@@ -252,20 +257,21 @@ def check_access_and_pins(target, profile) -> None:
         assert {"nixpkgs", "impermanence", "nixos-hardware", "disko"} <= set(nodes)
 
 
-@pytest.fixture(scope="module")
-def raidz1_installed(livevm, target, run_pyinfra):
-    """zfs-raidz1 installed from blank disks, the pool kept imported: (vars, profile, output).
-    Shared by the tests of this profile: the install checks, then the rescue."""
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in (("LUKS_PASSPHRASE", LUKS_PASSPHRASE), ("ZFS_KEY", ZFS_KEY),
-                            ("ROOT_PASSWORD_HASH", ROOT_HASH), ("USER_PASSWORD_HASH", USER_HASH)):
-            env.setenv(f"TABULA_{name}", value)
-            env.delenv(f"TABULA_{name}_FILE", raising=False)
-        livevm.reset_disks()
-        variables = zfs_vars(target)
-        result, output = deploy(run_pyinfra, "zfs-raidz1", variables)
-    assert result.returncode == 0, output
-    return variables, load_profile("zfs-raidz1", variables), output
+@pytest.fixture
+def raidz1_installed(installed, monkeypatch):
+    """zfs-raidz1 installed from blank disks, the pool kept imported (its installed state,
+    tests/e2e/states.py), the state's secrets in the environment: (vars, profile, output)."""
+    state = installed("zfs-raidz1")
+    use_secrets(monkeypatch, state.secrets)
+    return state.variables, load_profile("zfs-raidz1", state.variables), state.output
+
+
+@pytest.fixture
+def light_installed(installed, monkeypatch):
+    """light-tmpfs-f2fs installed from blank disks, as raidz1_installed."""
+    state = installed("light-tmpfs-f2fs")
+    use_secrets(monkeypatch, state.secrets)
+    return state.variables, load_profile("light-tmpfs-f2fs", state.variables), state.output
 
 
 def test_zfs_raidz1_from_blank_disks(raidz1_installed, livevm, target, run_pyinfra, tmp_path):
@@ -322,7 +328,7 @@ def open_read_only(livevm, profile) -> None:
     (pool,) = profile.pools.values()
     roots = tuple(f"{pool.name}/{ds.name}" for ds in pool.datasets if ds.encryption)
     livevm.run(f"zpool import -N -o readonly=on -o cachefile=none -d /dev/disk/by-partlabel {pool.name}")
-    livevm.run(["sh", "-c", zfs._load_keys_script(roots)], input=ZFS_KEY + "\n")
+    livevm.run(["sh", "-c", zfs._load_keys_script(roots)], input=os.environ["TABULA_ZFS_KEY"] + "\n")
     for mount in profile.all_mounts():
         command = zfs.read_only_mount_command(mount)
         if command:
@@ -339,11 +345,12 @@ def test_zfs_raidz1_rescue(raidz1_installed, livevm, target, run_pyinfra):
     variables, profile, _output = raidz1_installed
     pool_name = profile.pools["rpool"].name
     temps = [f"{pool_name}/temp/root", f"{pool_name}/temp/tmp"]
-    assert target.run(f"zpool list {pool_name}").rc == 0          # as the install (test) left it: imported
+    assert target.run(f"zpool list {pool_name}").rc == 0          # as the install left it: imported
     livevm.run(f"mkdir -p {home_of(profile)}")
     kept = kept_state(livevm, KEPT)
-    # etc/NIXOS, nixos-install's mark, is there unless the test before this one rolled the root back
-    marks = {"etc/NIXOS"} if livevm.run("test -e /mnt/etc/NIXOS", check=False).returncode == 0 else set()
+    # etc/NIXOS: nixos-install's mark (the stand-in writes it as the real one does)
+    assert livevm.run("test -e /mnt/etc/NIXOS", check=False).returncode == 0
+    marks = {"etc/NIXOS"}
     livevm.run("set -e; echo junk > /mnt/tabula-junk; mkdir -p /mnt/var/lib/junk /mnt/etc/nixos; "
                "echo junk > /mnt/var/lib/junk/file; echo junk > /mnt/tmp/tabula-junk; "
                "echo broken > /mnt/etc/nixos/configuration.nix; sync")
@@ -407,13 +414,9 @@ def test_zfs_raidz1_rescue(raidz1_installed, livevm, target, run_pyinfra):
                    f"&& zpool export {pool_name}")
 
 
-def test_light_tmpfs_f2fs_from_blank_disks(clean_disks, target, run_pyinfra, tmp_path):
-    variables = light_vars(target)
-    profile = load_profile("light-tmpfs-f2fs", variables)
-
-    result, output = deploy(run_pyinfra, "light-tmpfs-f2fs", variables)
-    assert result.returncode == 0, output
-    assert_target_verified(clean_disks, verification_data("light-tmpfs-f2fs", variables))
+def test_light_tmpfs_f2fs_from_blank_disks(light_installed, livevm, target, run_pyinfra, tmp_path):
+    variables, profile, _output = light_installed
+    assert_target_verified(livevm, verification_data("light-tmpfs-f2fs", variables))
     check_config(target, profile, tmp_path)
     check_access_and_pins(target, profile)
     assert target.check_output("findmnt -no FSTYPE --mountpoint /mnt") == "tmpfs"
@@ -457,7 +460,10 @@ def test_partlabel_clash_is_refused_before_any_change(clean_disks, target, run_p
     before = disks_snapshot(target)
     result, output = deploy(run_pyinfra, "zfs-raidz1", zfs_vars(target))
     assert result.returncode != 0, output
-    assert foreign in output or target.check_output(f"readlink -f {nvme}") in output, output
+    partition = target.check_output(f"readlink -f {nvme}-part1")
+    assert (f"partlabel '{foreign}' of the profile is already used by {partition} on install-target, which is "
+            "not one of the profile's disks: /dev/disk/by-partlabel would be ambiguous") in output, output[-4000:]
+    assert operation_commands(output) == []
     assert disks_snapshot(target) == before
 
 
@@ -465,6 +471,9 @@ def test_too_small_disk_is_refused_before_any_change(clean_disks, target, run_py
     before = disks_snapshot(target)
     result, output = deploy(run_pyinfra, "zfs-raidz1", zfs_vars(target, data_disk_size="5G"))
     assert result.returncode != 0, output
-    assert "TABULA-RZ1" in output or "smaller" in output, output
+    # the first member the guard measures, by the field that declares it and both sizes
+    assert (f"disks.raidz1.size: {by_id(target, 'TABULA-RZ1')} has {4 * 1024**3} bytes, less than the declared "
+            f"5G ({5 * 1024**3} bytes)") in output, output[-4000:]
+    assert operation_commands(output) == []
     assert disks_snapshot(target) == before
     assert target.run("zpool list -H").stdout.strip() == ""
