@@ -1,4 +1,4 @@
-"""Fault injection and evidence helpers for the e2e suites (faults, bad input, secrets, benchmark).
+r"""Fault injection and evidence helpers for the e2e suites (faults, bad input, secrets, benchmark).
 
     run = run_with_fault(livevm, args, Fault("kill", op=r"^LUKS open cryptroot"))   # stop at a stage boundary
     run = run_with_fault(livevm, args, Fault("cut", cmd=r"luksFormat", delay=0.5))  # cut SSH mid-command

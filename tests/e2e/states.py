@@ -95,9 +95,6 @@ def blank(vm: LiveVM) -> None:
     def make() -> None:
         vm.install_standins()
         vm.reset_disks()
-        # Every pyinfra run opens an SSH connection of its own; PAM's session modules cost the
-        # emulated guest about a second of each (Tabula runs as root with a key: no PAM needed).
-        vm.run("sed -i 's/^UsePAM yes/UsePAM no/' /etc/ssh/sshd_config && systemctl reload ssh")
     restore_or_make(vm, state_name("blank"), make)
 
 

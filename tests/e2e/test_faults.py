@@ -112,7 +112,7 @@ CHAINS = {
         (Fault("kill", op=r"^ZFS export ", hold="zpool export"), "after the install and its stamp, before the pool export"),
     ],
     "tmpfs-root": [
-        (Fault("kill", op=r"^LUKS format crypted$", hold="cryptsetup luksFormat"), "after partitioning"),
+        (Fault("kill", op=r"^LUKS format crypted-", hold="cryptsetup luksFormat"), "after partitioning"),
         (Fault("kill", cmd=r"btrfs subvolume create", hold="btrfs subvolume create", call=2),
          "mid subvolumes (the first made, the second held)"),
         (Fault("kill", op=r"^Mounts under /mnt$", hold="mount", match="'-t tmpfs '*"),

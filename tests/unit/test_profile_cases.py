@@ -30,3 +30,10 @@ def test_vm_data_names_the_vm_disks(name):
     variables = profile_cases.vm_vars(name, lambda serial: f"/dev/disk/by-id/virtio-{serial}")
     profile = load_profile(name, variables)
     assert {disk.device for disk in profile.disks.values()} == {f"/dev/disk/by-id/virtio-{s}" for s in serials}
+
+
+@pytest.mark.parametrize("name", profile_cases.profile_names())
+def test_every_profile_has_a_hand_written_dry_plan(name):
+    plan = profile_cases.dry_plan(name)
+    assert plan["steps"] and plan["tells"], f"{name}: its dry plan (vm.plan) lacks steps or tells"
+    assert all(isinstance(line, str) and line for line in plan["steps"] + plan["tells"])
