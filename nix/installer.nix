@@ -17,5 +17,6 @@ in
     util-linux    # wipefs blkid lsblk blockdev mount mkswap swapon
     mkpasswd      # the password hashes: mkpasswd -m sha-512
   ]);
+  nix.settings.experimental-features = [ "nix-command" "flakes" ];   # nix run, nix shell
   isoImage.isoBaseName = "nixos-tabula";
 }
