@@ -99,6 +99,13 @@ def metadata(path: Path):
         return Parser().parsestr(wheel.read(name).decode())
 
 
+def pinned_module(modules: dict, attr: str) -> dict:
+    """The pinned package as Nix evaluated it in the package's closure."""
+    module = modules.get(canonicalize_name(attr))
+    assert module is not None, f"{attr} is pinned in nix/pins.json but nothing in the package needs it"
+    return module
+
+
 def test_package_shell_and_installer_evaluate(flake):
     assert re.fullmatch(r"/nix/store/\w{32}-tabula-0\.1\.0\.drv", flake["package"])
     assert flake["app"].startswith("/nix/store/") and flake["app"].endswith("-tabula-0.1.0/bin/tabula")
@@ -123,7 +130,7 @@ def test_pins_are_the_wheels_nix_fetches(modules):
     """What Nix evaluated for each pin: the URL fetchPypi made ends in the pinned file name, with
     its version, and the hash is pins.json's."""
     for attr, pin in PINS.items():
-        module = modules[canonicalize_name(attr)]
+        module = pinned_module(modules, attr)
         assert module["url"].rsplit("/", 1)[1] == pin["file"], attr
         assert module["version"] == wheel_tags(pin["file"])[1], attr
         assert module["hash"] == pin["hash"], attr
@@ -132,7 +139,7 @@ def test_pins_are_the_wheels_nix_fetches(modules):
 @pytest.mark.parametrize("attr", sorted(PINS))
 def test_pinned_hash_is_the_file_pip_installs(attr, modules):
     path = pinned_file(PINS[attr]["file"])
-    assert sri(path) == modules[canonicalize_name(attr)]["hash"], f"{path.name}: the flake's hash is not the file's"
+    assert sri(path) == pinned_module(modules, attr)["hash"], f"{path.name}: the flake's hash is not the file's"
 
 
 @pytest.mark.parametrize("attr", sorted(PINS))
