@@ -8,6 +8,7 @@ one evaluation gives the package, the dev shell and the installer.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -31,6 +32,7 @@ in {
   app = self.apps.x86_64-linux.default.program;
   shell = self.devShells.x86_64-linux.default.drvPath;
   installer = c.system.build.toplevel.drvPath;
+  iso = c.system.build.isoImage.drvPath;
   python = tabula.python.pythonVersion;
   modules = map (p: { name = p.pname or p.name; version = p.version or null; }
     // (if builtins.elem (p.pname or "") pinned then { url = builtins.head p.src.urls; hash = p.src.outputHash; } else { }))
@@ -67,7 +69,10 @@ def evaluate_flake() -> tuple[dict, float]:
                 "--override-input", "nixpkgs", f"path:{nixpkgs}",
                 f"path:{folder}#nixosConfigurations.installer", "--apply", apply]
         started = time.monotonic()
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
+        # Debian's Nix 2.8 crashes (SIGSEGV) in its garbage collector on the ISO image's derivation
+        # (nixpkgs' stock minimal CD too): evaluated with the collector off (~1-2 GB of memory)
+        env = dict(os.environ, GC_DONT_GC="1")
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL, env=env)
         seconds = time.monotonic() - started
     error, traces = parse_stderr(done.stderr)
     if done.returncode != 0:
