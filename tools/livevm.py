@@ -40,7 +40,9 @@ COMPONENTS = ("main", "contrib")              # zfs-dkms lives in contrib
 PACKAGES = (
     "systemd-sysv udev kmod iproute2 openssh-server btrfs-progs gdisk cryptsetup cryptsetup-bin "
     "dosfstools f2fs-tools e2fsprogs util-linux python3 python3-venv linux-image-amd64 "
-    "linux-headers-amd64 procps psmisc attr libfile-slurp-perl"
+    "linux-headers-amd64 procps psmisc attr libfile-slurp-perl "
+    # TPM2 for systemd-cryptenroll (it loads these libraries when asked for a TPM2 token), tpm2-tools
+    "libtss2-esys-3.0.2-0 libtss2-mu0 libtss2-rc0 libtss2-tcti-device0 tpm2-tools"
 ).split()
 ZFS_PACKAGES = ("zfs-dkms", "zfsutils-linux")   # installed after the kernel headers exist
 IMAGE_SIZE = "6G"
@@ -573,9 +575,11 @@ class LiveVM:
         """The names of this boot's VM snapshots."""
         with QMP(self.qmp_socket) as qmp:
             listing = qmp.hmp("info snapshots")
-        # "ID  TAG  VM SIZE  DATE  VM CLOCK  ICOUNT" rows; only snapshots every disk holds are listed
-        return [row.split()[1] for row in listing.splitlines()
-                if row.split()[:1] and row.split()[0].isdigit() and len(row.split()) > 1]
+        # "List of snapshots present on all disks:", a header "ID  TAG  VM SIZE  DATE ...", then one
+        # row per snapshot, its ID "--" when the disks number it differently: the TAG is the name
+        rows = listing.splitlines()
+        header = next((i for i, row in enumerate(rows) if row.split()[:2] == ["ID", "TAG"]), None)
+        return [] if header is None else [row.split()[1] for row in rows[header + 1:] if len(row.split()) > 1]
 
     def save_state(self, name: str) -> float:
         """Snapshot the running VM as ``name`` (replacing one of that name): the guest's RAM and
