@@ -60,9 +60,7 @@ TARGET_DISKS = (
 # The NVMe controller's QEMU device id and the PCIe slot it is plugged into (unplugged around snapshots).
 NVME_ID, NVME_SLOT = "nvme-laptop", "nvme-slot"
 VM_MEMORY = "4096"
-VM_CPUS = os.environ.get("TABULA_VM_CPUS", "2")
-VM_CPU_MODEL = os.environ.get("TABULA_VM_CPU_MODEL", "qemu64")
-VM_TCG = os.environ.get("TABULA_VM_TCG", "tcg,thread=multi")
+VM_CPUS = "2"
 SSH_TIMEOUT = 300
 GUEST_SRC = "/opt/tabula/src"
 GUEST_VENV = "/opt/tabula/venv"
@@ -485,9 +483,9 @@ class LiveVM:
         self.write_ssh_config()
         argv = [
             "qemu-system-x86_64", "-name", f"tabula-{self.instance}",
-            "-machine", "q35", "-accel", VM_TCG, "-cpu", VM_CPU_MODEL, "-m", VM_MEMORY, "-smp", VM_CPUS,
+            "-machine", "q35", "-accel", "tcg,thread=multi", "-m", VM_MEMORY, "-smp", VM_CPUS,
             "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
-            "-append", f"root=LABEL={IMAGE_LABEL} console=ttyS0 rw {os.environ.get('TABULA_VM_APPEND', '')}",
+            "-append", f"root=LABEL={IMAGE_LABEL} console=ttyS0 rw",
             # -nographic minus the stdio serial console, which -daemonize cannot keep.
             "-display", "none", "-chardev", f"file,id=serial0,path={self.serial_log},append=on",
             "-serial", "chardev:serial0", "-monitor", "none",

@@ -152,7 +152,8 @@ def hold_wrapper(hold: str, real: str, hold_dir: str = HOLD_DIR, after: bool = F
 def arm_hold(livevm, fault: "Fault") -> None:
     """Shadow the guest's PROGRAM with ``hold_wrapper`` for one run."""
     program = fault.hold.partition(" ")[0]
-    real = livevm.run(f"PATH=/usr/sbin:/usr/bin:/sbin:/bin command -v {program}").stdout.strip()
+    # (the wrapper's own folder left out; /usr/local/bin kept: the installer's tools are there)
+    real = livevm.run(f"PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin command -v {program}").stdout.strip()
     livevm.run(f"mkdir -p {HOLD_DIR} && rm -f {HOLD_DIR}/held {HOLD_DIR}/calls && : > {HOLD_DIR}/armed && "
                f"install -m 0755 /dev/stdin {HOLD_WRAPPER_DIR}/{program}",
                input=hold_wrapper(fault.hold, real, after=fault.held == "after", call=fault.call,
