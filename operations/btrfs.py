@@ -15,10 +15,8 @@ from __future__ import annotations
 import re
 import shlex
 
-from pyinfra import host, logger
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import (Made, created_this_run, is_fresh, one_command, operation, read, read_many,
-                                   record_created, record_fresh, tell)
+from operations.run import Made, Run, one_command, operation
 
 from operations.errors import TabulaError
 from operations.mounts import Mounts, subvolume_option
@@ -137,11 +135,12 @@ def parse_swapfile_state(lines) -> dict | None:
 
 
 @operation()
-def top_level(device: str, path: str, options: tuple[str, ...] = ()):
+def top_level(run: Run, device: str, path: str, options: tuple[str, ...] = ()):
     """
     Keep the top level (subvolid=5) of a btrfs filesystem mounted at a private path, where its
     subvolumes are created and inspected.
 
+    + run: the run (facts, what it made)
     + device: the filesystem's block device, e.g. /dev/mapper/cryptroot
     + path: where to mount it, e.g. /run/tabula/btrfs/nixos
     + options: filesystem-wide mount options (compress=..., discard=...): btrfs applies those of the
@@ -152,35 +151,36 @@ def top_level(device: str, path: str, options: tuple[str, ...] = ()):
 
     .. code:: python
 
-        btrfs.top_level(device="/dev/mapper/cryptroot", path="/run/tabula/btrfs/nixos")
+        btrfs.top_level(run, device="/dev/mapper/cryptroot", path="/run/tabula/btrfs/nixos")
     """
     # A filesystem this run just made cannot be mounted yet: the mount command checks the path.
-    new = created_this_run(Made.filesystem(device))
-    current = None if new else read(Mounts).get(path)
+    new = run.created_this_run(Made.filesystem(device))
+    current = None if new else run.read(Mounts).get(path)
     if current:
-        want = read(CanonicalPath, path=device)
-        have = read(CanonicalPath, path=current["device"])
+        want = run.read(CanonicalPath, path=device)
+        have = run.read(CanonicalPath, path=current["device"])
         if current["fstype"] != "btrfs" or want != have or "subvolid=5" not in current["options"]:
             raise TabulaError(f"{path} is mounted from {current['device']} ({current['fstype']}, "
                               f"{','.join(current['options'])}), not the top level of {device}: unmount it")
-        host.noop(f"the top level of {device} is already mounted at {path}")
+        run.noop(f"the top level of {device} is already mounted at {path}")
         return
     # (not read, so checked: nothing may be mounted there already)
     free = StringCommand("sh", "-c", QuoteString(
         f"if mountpoint -q {shlex.quote(path)}; then echo 'tabula: {path} is already mounted: unmount it' >&2; exit 1; fi"
     )) if new else None
-    tell(f"mount the top level of {device} at {path}" + (f" ({','.join(options)})" if options else ""))
+    run.tell(f"mount the top level of {device} at {path}" + (f" ({','.join(options)})" if options else ""))
     yield one_command(StringCommand("mkdir", "-p", QuoteString(path)), free,
                       StringCommand("mount", "-t", "btrfs", "-o", QuoteString(",".join(["subvolid=5", *options])),
                                     QuoteString(device), QuoteString(path)))
 
 
 @operation()
-def subvolumes(top: str, wanted: list[Subvolume], device: str = ""):
+def subvolumes(run: Run, top: str, wanted: list[Subvolume], device: str = ""):
     """
     Create the missing top-level subvolumes; right after creating a subvolume that has a
     ``blank_snapshot``, take that read-only snapshot of it while it is still empty.
 
+    + run: the run (facts, what it made)
     + top: where the filesystem's top level is mounted
     + wanted: the profile's subvolumes
     + device: the filesystem's block device (a filesystem this run just made has no subvolumes to
@@ -190,10 +190,10 @@ def subvolumes(top: str, wanted: list[Subvolume], device: str = ""):
 
     .. code:: python
 
-        btrfs.subvolumes(top="/run/tabula/btrfs/nixos", wanted=[Subvolume(path="@root", blank_snapshot="@root-blank")],
+        btrfs.subvolumes(run, top="/run/tabula/btrfs/nixos", wanted=[Subvolume(path="@root", blank_snapshot="@root-blank")],
                          device="/dev/mapper/cryptroot")
     """
-    existing = {} if device and created_this_run(Made.filesystem(device)) else read(BtrfsSubvolumes, path=top)
+    existing = {} if device and run.created_this_run(Made.filesystem(device)) else run.read(BtrfsSubvolumes, path=top)
     commands, created, plans = [], [], []
     for sub in wanted:
         target = f"{top}/{sub.path}"
@@ -225,13 +225,13 @@ def subvolumes(top: str, wanted: list[Subvolume], device: str = ""):
                 _check_blank(sub, blank)
     if commands:
         # One round trip, in order: a blank snapshot right after its subvolume is created.
-        tell(f"btrfs subvolumes on {device or top}: {', '.join(plans)}")
-        record_created(*created)
+        run.tell(f"btrfs subvolumes on {device or top}: {', '.join(plans)}")
+        run.record_created(*created)
         yield one_command(*commands)
     else:
         names = ", ".join(s.path for s in wanted)
         blanks = "; ".join(f"{s.blank_snapshot} is read-only and empty" for s in wanted if s.blank_snapshot)
-        host.noop(f"{top} already has the subvolumes {names}" + (f"; {blanks}" if blanks else ""))
+        run.noop(f"{top} already has the subvolumes {names}" + (f"; {blanks}" if blanks else ""))
 
 
 def _snapshot_command(top: str, sub: Subvolume) -> StringCommand:
@@ -261,11 +261,12 @@ def swapfile_commands(path: str, swapfile: Swapfile) -> list[StringCommand]:
 
 
 @operation()
-def swapfile(path: str, swapfile: Swapfile):
+def swapfile(run: Run, path: str, swapfile: Swapfile):
     """
     A swapfile on btrfs: NOCOW, preallocated to its size, with a swap signature. A wrong one is
     made again when it is not active; an active wrong one is drift.
 
+    + run: the run (facts, what it made)
     + path: the swapfile under /mnt, e.g. /mnt/swap/swapfile
     + swapfile: the profile's Swapfile (size)
 
@@ -273,14 +274,14 @@ def swapfile(path: str, swapfile: Swapfile):
 
     .. code:: python
 
-        btrfs.swapfile(path="/mnt/swap/swapfile", swapfile=Swapfile(size="32GiB"))
+        btrfs.swapfile(run, path="/mnt/swap/swapfile", swapfile=Swapfile(size="32GiB"))
     """
     # In an empty subvolume this run just made and mounted there is no file to read.
-    state = None if is_fresh(path) else read(SwapfileState, path=path)
+    state = None if run.is_fresh(path) else run.read(SwapfileState, path=path)
     want = swapfile.size_bytes
     if state is None:
-        tell(f"swapfile {path} of {swapfile.size} ({want} bytes), NOCOW")
-        record_fresh(path, False)
+        run.tell(f"swapfile {path} of {swapfile.size} ({want} bytes), NOCOW")
+        run.record_fresh(path, False)
         yield one_command(*swapfile_commands(path, swapfile))
         return
     problems = []
@@ -293,12 +294,12 @@ def swapfile(path: str, swapfile: Swapfile):
     if not state["swap"]:
         problems.append("it has no swap signature")
     if not problems:
-        host.noop(f"{path} is already a NOCOW swapfile of {swapfile.size} ({want} bytes)")
+        run.noop(f"{path} is already a NOCOW swapfile of {swapfile.size} ({want} bytes)")
         return
     if state["active"] or state["type"] != "regular file":
         raise TabulaError(f"{path} is not the wanted swapfile (drift): {'; '.join(problems)}; "
                           + ("it is active swap: swapoff it first" if state["active"] else "remove it by hand"))
-    tell(f"swapfile {path} made again ({'; '.join(problems)}): {swapfile.size} ({want} bytes), NOCOW")
+    run.tell(f"swapfile {path} made again ({'; '.join(problems)}): {swapfile.size} ({want} bytes), NOCOW")
     yield one_command(StringCommand("rm", "-f", QuoteString(path)), *swapfile_commands(path, swapfile))
 
 
@@ -309,22 +310,22 @@ def _btrfs_filesystems(profile: Profile) -> list[tuple[str, Filesystem]]:
     return [(device, fs) for device, fs in profile.filesystems() if fs.format == "btrfs" and fs.subvolumes]
 
 
-def apply(profile: Profile) -> None:
-    for device, fs in _btrfs_filesystems(profile):
+def apply(run: Run) -> None:
+    for device, fs in _btrfs_filesystems(run.profile):
         top = top_level_path(device, fs)
         first = next((s for s in fs.subvolumes if s.mountpoint), None)
         options = tuple(o for o in (first.mount_options if first else ()) if not o.startswith(("subvol", "ro")))
         name = top.rsplit("/", 1)[-1]          # the filesystem's label (or its device's name)
-        top_level(device=device, path=top, options=options, name=f"Btrfs top level {name}")
-        subvolumes(top=top, wanted=list(fs.subvolumes), device=device, name=f"Btrfs subvolumes {name}")
+        top_level(run, device=device, path=top, options=options, name=f"Btrfs top level {name}")
+        subvolumes(run, top=top, wanted=list(fs.subvolumes), device=device, name=f"Btrfs subvolumes {name}")
 
 
-def apply_swapfiles(profile: Profile) -> None:
-    for _device, fs in _btrfs_filesystems(profile):
+def apply_swapfiles(run: Run) -> None:
+    for _device, fs in _btrfs_filesystems(run.profile):
         for sub in fs.subvolumes:
             if sub.swapfile and sub.mountpoint:
                 path = f"{install_path(sub.mountpoint)}/swapfile"
-                swapfile(path=path, swapfile=sub.swapfile, name=f"Btrfs swapfile {path}")
+                swapfile(run, path=path, swapfile=sub.swapfile, name=f"Btrfs swapfile {path}")
 
 
 # --- NixOS -------------------------------------------------------------------------------------
@@ -467,12 +468,12 @@ class SubvolumeAgainstBlank(FactBase):
         return {"root": [], "blank": []}
 
 
-def written_since_boot(profile: Profile) -> tuple[list[Written], list[str]]:
+def written_since_boot(run: Run) -> tuple[list[Written], list[str]]:
     """(what each rolled-back subvolume holds that its blank snapshot does not, with its installed
     path; how that was found) for the gap report."""
     written, how = [], []
-    for device, _fs, sub in rollback_targets(profile):
-        found = read(SubvolumeAgainstBlank, device=device, subvolume=sub.path, blank=sub.blank_snapshot)
+    for device, _fs, sub in rollback_targets(run.profile):
+        found = run.read(SubvolumeAgainstBlank, device=device, subvolume=sub.path, blank=sub.blank_snapshot)
         now = parse_listing(found["root"], sub.mountpoint or "/")
         blank = parse_listing(found["blank"], sub.mountpoint or "/")
         written += [entry for path, (entry, stamp) in now.items() if blank.get(path, (None, None))[1] != stamp
@@ -543,7 +544,7 @@ def restore_command(top: str, subvolume: str, blank: str, unmount: tuple[str, ..
 
 
 @operation()
-def restored(top: str, subvolume: Subvolume, device: str, mountpoints: tuple[str, ...] = ()):
+def restored(run: Run, top: str, subvolume: Subvolume, device: str, mountpoints: tuple[str, ...] = ()):
     """
     Put a subvolume with a blank snapshot back to a copy of it: nested subvolumes deleted, the
     subvolume deleted and snapshotted again from the read-only blank (the initrd's rollback).
@@ -551,6 +552,7 @@ def restored(top: str, subvolume: Subvolume, device: str, mountpoints: tuple[str
     subvolume holds no nested subvolume and nothing but the install's footprint (its mount
     points and etc/nixos).
 
+    + run: the run (facts, what it made)
     + top: where the filesystem's top level is mounted (``top_level``)
     + subvolume: the profile's Subvolume (with ``blank_snapshot``)
     + device: the filesystem's block device
@@ -560,24 +562,24 @@ def restored(top: str, subvolume: Subvolume, device: str, mountpoints: tuple[str
 
     .. code:: python
 
-        btrfs.restored(top="/run/tabula/btrfs/nixos", subvolume=Subvolume(path="@root", mountpoint="/",
+        btrfs.restored(run, top="/run/tabula/btrfs/nixos", subvolume=Subvolume(path="@root", mountpoint="/",
                        blank_snapshot="@root-blank"), device="/dev/mapper/cryptroot", mountpoints=("/", "/nix"))
     """
     sub, blank_name = subvolume.path, subvolume.blank_snapshot
-    mounts = read(Mounts)
+    mounts = run.read(Mounts)
     if top not in mounts:
-        if host.state.is_executing:
+        if run.executing:
             raise TabulaError(f"the top level of {device} is not mounted at {top}: cannot restore {sub}")
         # Planning with the container still closed: nothing to read yet; the command checks again.
-        logger.info(f"{host.print_prefix}{sub} on {device}: read once {device} is open; if it holds more than "
+        run.tell(f"{sub} on {device}: read once {device} is open; if it holds more than "
                     f"the install left, its nested subvolumes and {sub} are deleted and {sub} restored from "
                     f"{blank_name} (refused if {blank_name} is missing, writable or not empty)")
-        record_created(Made.subvolume(device, sub))
+        run.record_created(Made.subvolume(device, sub))
         yield restore_command(top, sub, blank_name)
         return
     folders, config = install_footprint(subvolume.mountpoint or "/", list(mountpoints))
     path = f"{top}/{sub}"
-    existing, leftovers = read_many([(BtrfsSubvolumes, {"path": top}),
+    existing, leftovers = run.read_many([(BtrfsSubvolumes, {"path": top}),
                                      (BtrfsRootLeftovers, {"path": path, "folders": folders, "config": config})])
     blank = existing.get(blank_name)
     if blank is None:
@@ -593,7 +595,7 @@ def restored(top: str, subvolume: Subvolume, device: str, mountpoints: tuple[str
     nested = sorted(p for p in existing if p.startswith(f"{sub}/"))
     current = existing.get(sub)
     if current is not None and not current["ro"] and not nested and leftovers == []:
-        host.noop(f"{sub} holds no nested subvolume and nothing but the install's mount points"
+        run.noop(f"{sub} holds no nested subvolume and nothing but the install's mount points"
                   + (f" and {config}" if config else "") + f": as restored from {blank_name}")
         return
     found = []
@@ -605,19 +607,19 @@ def restored(top: str, subvolume: Subvolume, device: str, mountpoints: tuple[str
         found.append(f"nested subvolumes {', '.join(nested)}")
     if leftovers:
         found.append(f"{sub} holds {describe_leftovers(leftovers)}")
-    logger.info(f"{host.print_prefix}{sub} on {device}: {'; '.join(found)}: restoring it from {blank_name}")
+    run.tell(f"{sub} on {device}: {'; '.join(found)}: restoring it from {blank_name}")
     # Where the old subvolume is mounted (the install tree under /mnt) goes first.
     target = install_path(subvolume.mountpoint) if subvolume.mountpoint else None
     mounted = mounts.get(target) if target else None
     unmount = (target,) if mounted and mounted["fstype"] == "btrfs" and subvolume_option(mounted["options"]) == sub else ()
-    record_created(Made.subvolume(device, sub))     # a copy of the blank: empty
+    run.record_created(Made.subvolume(device, sub))     # a copy of the blank: empty
     yield restore_command(top, sub, blank_name, unmount)
 
 
-def rescue(profile: Profile) -> None:
+def rescue(run: Run) -> None:
     """The top level mounted, each subvolume with a blank snapshot restored from it."""
-    mountpoints = tuple(m.mountpoint for m in profile.all_mounts())
-    for device, fs in _btrfs_filesystems(profile):
+    mountpoints = tuple(m.mountpoint for m in run.profile.all_mounts())
+    for device, fs in _btrfs_filesystems(run.profile):
         targets = [sub for sub in fs.subvolumes if sub.blank_snapshot]
         if not targets:
             continue
@@ -625,9 +627,9 @@ def rescue(profile: Profile) -> None:
         first = next((s for s in fs.subvolumes if s.mountpoint), None)
         options = tuple(o for o in (first.mount_options if first else ()) if not o.startswith(("subvol", "ro")))
         name = top.rsplit("/", 1)[-1]          # the filesystem's label (or its device's name)
-        top_level(device=device, path=top, options=options, name=f"Btrfs top level {name}")
+        top_level(run, device=device, path=top, options=options, name=f"Btrfs top level {name}")
         for sub in targets:
-            restored(top=top, subvolume=sub, device=device, mountpoints=mountpoints,
+            restored(run, top=top, subvolume=sub, device=device, mountpoints=mountpoints,
                      name=f"Btrfs restore {sub.path} from {sub.blank_snapshot}")
 
 

@@ -20,10 +20,9 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
 from operations import btrfs, filesystems, gpt, luks, zfs
-from operations.roundtrips import operation, plan_wipe, read, read_many, tell
+from operations.run import Run, operation
 
 from operations.errors import TabulaError
 from operations.profile import Disk, Profile
@@ -396,16 +395,21 @@ def missing_tools(profile: Profile, install: bool, present: dict) -> list[str]:
     return [f"{tool} (for {why})" for tool, why in required_tools(profile, install).items() if tool not in have]
 
 
-def guard(profile: Profile, settings) -> list[DiskCheck]:
+def guard(run: Run, rescue: bool = False) -> list[DiskCheck]:
     """
     Refuse the run (TabulaError) unless every profile disk is the right, free disk. Confirmed
     foreign disks get a wipe operation. Returns what it found, for the plan.
+
+    + run: the run (its profile and settings: the disks confirmed for wiping, whether it installs)
+    + rescue: a rescue never wipes, whatever tabula_confirm_wipe says, and never installs
     """
+    profile, settings, host = run.profile, run.settings, run.host
+    confirmed = () if rescue else settings.confirm_wipe
     # Everything the checks read about the disks, in one round trip (the partition tables are
     # kept for the partitioning stage, which reads them next).
     disks = list(profile.disks.values())
-    install = getattr(settings, "install", True)
-    tools, devices, swaps, pool_vdevs, *per_disk = read_many(
+    install = settings.install and not rescue
+    tools, devices, swaps, pool_vdevs, *per_disk = run.read_many(
         [tools_request(profile, install), (BlockDevices, {}), (ActiveSwaps, {}), (ImportedPoolVdevs, {})]
         + [(StablePath, {"path": disk.device}) for disk in disks]
         + [(gpt.PartitionTable, {"disk": disk.device}) for disk in disks]
@@ -440,17 +444,17 @@ def guard(profile: Profile, settings) -> list[DiskCheck]:
             raise TabulaError(f"{_field(check.key)} and {_field(seen[check.device])} are the same disk ({check.device})")
         seen[check.device] = check.key
 
-    _check_partlabel_clash(profile, checks, devices)
+    _check_partlabel_clash(run, checks, devices)
 
     # The partitions' signatures (known once lsblk has named them), in one more round trip.
-    read_many([(WholeDiskSignature, {"device": d["name"]}) for check in checks for d in check.tree if d["type"] == "part"])
+    run.read_many([(WholeDiskSignature, {"device": d["name"]}) for check in checks for d in check.tree if d["type"] == "part"])
     for check in checks:
-        table = read(gpt.PartitionTable, disk=check.disk.device)
-        signatures = {d["name"]: read(WholeDiskSignature, device=check.disk.device if d["type"] == "disk" else d["name"])
+        table = run.read(gpt.PartitionTable, disk=check.disk.device)
+        signatures = {d["name"]: run.read(WholeDiskSignature, device=check.disk.device if d["type"] == "disk" else d["name"])
                       for d in check.tree if d["type"] in ("disk", "part")}
         # The pools' names and states, read only when a ZFS member is there to describe.
         members = any(sig.get("TYPE") == "zfs_member" for sig in signatures.values())
-        pools = read(ZfsPoolsFound) if members else {}
+        pools = run.read(ZfsPoolsFound) if members else {}
         problems = usage_problems(profile, check, swaps, pool_vdevs)
         if problems:
             raise TabulaError(f"{_field(check.key)}: refusing {check.disk.device} ({check.device}): it is in use, "
@@ -461,7 +465,7 @@ def guard(profile: Profile, settings) -> list[DiskCheck]:
             continue
         found = found_on_disk(check, signatures, pools)
         ids = {check.disk.device, check.serial} - {None}
-        if not ids & set(settings.confirm_wipe):
+        if not ids & set(confirmed):
             raise TabulaError(
                 f"{_field(check.key)}: refusing {check.disk.device} ({check.device}): it holds content the profile "
                 "does not describe:\n    " + "\n    ".join(check.foreign) +
@@ -469,13 +473,14 @@ def guard(profile: Profile, settings) -> list[DiskCheck]:
                 f"\n  To wipe this disk, confirm it by its stable id: --data "
                 f"tabula_confirm_wipe='[\"{check.disk.device}\"]'")
         partitions = [d["name"] for d in check.tree if d["type"] == "part"]
-        plan_wipe(check.disk.device)
-        wipe(disk_path=check.disk.device, partitions=partitions, reasons=check.foreign, holds=found,
+        run.plan_wipe(check.disk.device)
+        wipe(run, disk_path=check.disk.device, partitions=partitions, reasons=check.foreign, holds=found,
              name=f"Wipe disks.{check.key}")
     return checks
 
 
-def _check_partlabel_clash(profile: Profile, checks: list[DiskCheck], devices: list[dict]) -> None:
+def _check_partlabel_clash(run: Run, checks: list[DiskCheck], devices: list[dict]) -> None:
+    profile, host = run.profile, run.host
     labels = {part.label for _, _, part in profile.partitions()}
     ours = {d["name"] for check in checks for d in check.tree}
     for dev in devices:
@@ -484,7 +489,7 @@ def _check_partlabel_clash(profile: Profile, checks: list[DiskCheck], devices: l
             raise TabulaError(f"partlabel {dev['partlabel']!r} of the profile is already used by {dev['name']} on "
                               f"{host.name}, which is not one of the profile's disks: /dev/disk/by-partlabel would be "
                               "ambiguous. Rename that partition or pick other labels.")
-    if not _is_local_connector() and shutil.which("lsblk"):
+    if not _is_local_connector(host) and shutil.which("lsblk"):
         local = subprocess.run(["lsblk", "-J", "-p", "-o", "NAME,TYPE,PARTLABEL"], capture_output=True, text=True)
         if local.returncode == 0:
             for dev in parse_lsblk(local.stdout):
@@ -494,7 +499,7 @@ def _check_partlabel_clash(profile: Profile, checks: list[DiskCheck], devices: l
                                       "Rename that partition or pick other labels.")
 
 
-def _is_local_connector() -> bool:
+def _is_local_connector(host) -> bool:
     return host.name.startswith("@local") or type(host.connector).__name__ == "LocalConnector"
 
 
@@ -502,12 +507,13 @@ def _is_local_connector() -> bool:
 
 
 @operation(is_idempotent=False)
-def wipe(disk_path: str, partitions: list[str], reasons: list[str], holds: list[str] = ()):
+def wipe(run: Run, disk_path: str, partitions: list[str], reasons: list[str], holds: list[str] = ()):
     """
     Wipe a disk the run confirmed by its stable id: every signature on its partitions and on the
     disk, then the partition tables (GPT and its backup). Only the guard calls this, and only for
     a disk it found foreign and not in use.
 
+    + run: the run
     + disk_path: the disk's stable path (/dev/disk/by-id/...)
     + partitions: the disk's partition devices, as the guard found them
     + reasons: what was foreign about it
@@ -517,10 +523,10 @@ def wipe(disk_path: str, partitions: list[str], reasons: list[str], holds: list[
 
     .. code:: python
 
-        disks.wipe(disk_path="/dev/disk/by-id/nvme-X", partitions=["/dev/nvme0n1p1"], reasons=["ext4"],
+        disks.wipe(run, disk_path="/dev/disk/by-id/nvme-X", partitions=["/dev/nvme0n1p1"], reasons=["ext4"],
                    holds=["/dev/nvme0n1p1 (partlabel 'data'): ext4 filesystem labelled 'photos', ..."])
     """
-    tell(f"wipe {disk_path} (confirmed), which holds: " + "; ".join(holds or reasons))
+    run.tell(f"wipe {disk_path} (confirmed), which holds: " + "; ".join(holds or reasons))
     for part in partitions:
         yield StringCommand("wipefs", "-a", QuoteString(part))
     disk = QuoteString(disk_path)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import shlex
 
-from pyinfra import host
 from pyinfra.api import QuoteString, StringCommand
 
 from operations.errors import TabulaError
 from operations.nixlit import NixFragments
 from operations.profile import Filesystem, Profile, Swap
-from operations.roundtrips import Made, before_wipe, created_this_run, one_command, operation, read_many, record_created, tell
+from operations.run import Made, Run, one_command, operation
 from operations.target import SIGNATURE_FOUND_ADVICE, WholeDiskSignature, read_fact
 from operations.settings import Settings
 
@@ -78,12 +77,13 @@ def swap_check(device: str, swap: Swap, found: dict) -> tuple[StringCommand | No
 
 
 @operation()
-def formatted(filesystems: list[tuple[str, Filesystem]], swaps: list[tuple[str, Swap]]):
+def formatted(run: Run, filesystems: list[tuple[str, Filesystem]], swaps: list[tuple[str, Swap]]):
     """
     Make the filesystems and swap signatures on the devices that have no signature yet, all in
     one round trip (signatures read in one too). A device that already holds the wanted
     filesystem is reused; one holding anything else stops the run before any mkfs.
 
+    + run: the run (facts, what it made)
     + filesystems: ``(device, Filesystem)`` pairs (format, label, mkfs options)
     + swaps: ``(device, Swap)`` pairs
 
@@ -91,14 +91,14 @@ def formatted(filesystems: list[tuple[str, Filesystem]], swaps: list[tuple[str, 
 
     .. code:: python
 
-        filesystems.formatted(filesystems=[("/dev/mapper/cryptroot", Filesystem(format="btrfs", fs_label="nixos"))],
+        filesystems.formatted(run, filesystems=[("/dev/mapper/cryptroot", Filesystem(format="btrfs", fs_label="nixos"))],
                               swaps=[])
     """
     devices = [device for device, _ in filesystems] + [device for device, _ in swaps]
     # Devices this run just made are not read: each mkfs command checks its device is blank itself.
-    to_read = [] if before_wipe() else [device for device in devices if not created_this_run(Made.device(device))]
+    to_read = [] if run.before_wipe() else [device for device in devices if not run.created_this_run(Made.device(device))]
     found = {device: {} for device in devices}
-    found.update(zip(to_read, read_many([(WholeDiskSignature, {"device": device}) for device in to_read])))
+    found.update(zip(to_read, run.read_many([(WholeDiskSignature, {"device": device}) for device in to_read])))
     checks = [filesystem_check(device, fs, found[device]) for device, fs in filesystems]
     checks += [swap_check(device, swap, found[device]) for device, swap in swaps]
     commands = [command for command, _ in checks if command is not None]
@@ -106,17 +106,17 @@ def formatted(filesystems: list[tuple[str, Filesystem]], swaps: list[tuple[str, 
         plans = [f"make {fs.format} on {device}" + (f", labelled {fs.fs_label!r}" if fs.fs_label else "")
                  for device, fs in filesystems] + [f"make swap on {device}" for device, _ in swaps]
         for (command, kept), plan in zip(checks, plans):
-            tell(plan if command is not None else kept)
-        record_created(*(Made.filesystem(device) for (device, _), (command, _) in zip(filesystems, checks) if command))
+            run.tell(plan if command is not None else kept)
+        run.record_created(*(Made.filesystem(device) for (device, _), (command, _) in zip(filesystems, checks) if command))
         yield one_command(*commands)
     else:
-        host.noop("; ".join(kept for _, kept in checks))
+        run.noop("; ".join(kept for _, kept in checks))
 
 
-def apply(profile: Profile) -> None:
-    wanted, swaps = list(profile.filesystems()), list(profile.swaps())
+def apply(run: Run) -> None:
+    wanted, swaps = list(run.profile.filesystems()), list(run.profile.swaps())
     if wanted or swaps:
-        formatted(filesystems=wanted, swaps=swaps, name="Filesystems")
+        formatted(run, filesystems=wanted, swaps=swaps, name="Filesystems")
 
 
 # --- NixOS ------------------------------------------------------------------------------------

@@ -19,12 +19,10 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass, field
 
-from pyinfra import host
-
 from operations import btrfs, mounts, zfs
 from operations.nixlit import nix_list, nix_string
 from operations.profile import Profile
-from operations.roundtrips import read
+from operations.run import Run
 from operations.target import INSTALL_ROOT, Written
 
 # What NixOS makes again at every boot (activation, systemd), or what is never state.
@@ -131,27 +129,27 @@ def _yaml_list(items: list[str]) -> str:
     return "[" + ", ".join(f'"{i}"' for i in dict.fromkeys(items)) + "]"
 
 
-def system_root(wanted: str) -> str:
+def system_root(run: Run, wanted: str) -> str:
     """Where the installed system is: "/mnt" while the live system holds it after the install
     (something is mounted there), "/" once it booted; ``wanted`` ("auto", "/", "/mnt") decides."""
     if wanted != "auto":
         return wanted
-    return INSTALL_ROOT if INSTALL_ROOT in read(mounts.Mounts) else "/"
+    return INSTALL_ROOT if INSTALL_ROOT in run.read(mounts.Mounts) else "/"
 
 
-def find(profile: Profile, root: str) -> tuple[list[Group], list[str]]:
+def find(run: Run, root: str) -> tuple[list[Group], list[str]]:
     """(the groups of what is lost at the next boot, how each layer looked)."""
     entries, how = [], []
-    for found, said in (btrfs.written_since_boot(profile), zfs.written_since_boot(profile, read(mounts.Mounts)),
-                        mounts.written_since_boot(profile, root)):
+    for found, said in (btrfs.written_since_boot(run), zfs.written_since_boot(run, run.read(mounts.Mounts)),
+                        mounts.written_since_boot(run, root)):
         entries += found
         how += said
-    return grouped(uncovered(entries, profile)), how
+    return grouped(uncovered(entries, run.profile)), how
 
 
-def show(profile: Profile, wanted_root: str = "auto") -> str:
-    root = system_root(wanted_root)
-    groups, how = find(profile, root)
-    text = report(groups, profile, root, how)
-    print("\n".join(f"{host.print_prefix}{line}" for line in text.splitlines()), flush=True)
+def show(run: Run) -> str:
+    root = system_root(run, run.settings.root)
+    groups, how = find(run, root)
+    text = report(groups, run.profile, root, how)
+    print("\n".join(f"{run.prefix}{line}" for line in text.splitlines()), flush=True)
     return text

@@ -10,9 +10,8 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
-from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import Made, before_wipe, one_command, operation, read, record_created, tell
+from operations.run import Made, Run, one_command, operation
 
 from operations.errors import TabulaError
 from operations.profile import GPT_TYPE_GUIDS, Disk, Partition, Profile
@@ -160,11 +159,12 @@ def describe(disk: Disk, partitions: list[Partition] | None = None) -> str:
 
 
 @operation()
-def partitions(disk_key: str, disk: Disk):
+def partitions(run: Run, disk_key: str, disk: Disk):
     """
     Create the GPT partitions of a profile disk that are not there yet, then wait for udev to
     publish their /dev/disk/by-partlabel links (later facts and commands use them).
 
+    + run: the run (facts, what it made)
     + disk_key: the disk's key in the profile (for messages)
     + disk: the profile's Disk (stable path, partitions in order)
 
@@ -172,15 +172,15 @@ def partitions(disk_key: str, disk: Disk):
 
     .. code:: python
 
-        gpt.partitions(disk_key="main", disk=profile.disks["main"])
+        gpt.partitions(run, disk_key="main", disk=profile.disks["main"])
     """
-    table = None if before_wipe() else read(PartitionTable, disk=disk.device)
+    table = None if run.before_wipe() else run.read(PartitionTable, disk=disk.device)
     comparison = compare(disk, table)
     if comparison.problems:
         raise TabulaError(f"disks.{disk_key}: the partition table of {disk.device} does not match the profile "
                           "(drift): " + "; ".join(comparison.problems))
     if comparison.present == len(disk.partitions):
-        host.noop(f"{disk.device} already has the GPT partitions {describe(disk)}")
+        run.noop(f"{disk.device} already has the GPT partitions {describe(disk)}")
         return
     sector = table["sectorsize"] if table else None
     args: list = ["sgdisk"]
@@ -197,9 +197,9 @@ def partitions(disk_key: str, disk: Disk):
         args += ["-n", f"{number}:0:{end}", "-t", f"{number}:{part.type}", "-c", QuoteString(f"{number}:{part.label}")]
     args.append(QuoteString(disk.device))
     new = disk.partitions[comparison.present:]
-    tell(f"{'a new GPT on ' if table is None else ''}{disk.device}: partitions {describe(disk, new)}"
+    run.tell(f"{'a new GPT on ' if table is None else ''}{disk.device}: partitions {describe(disk, new)}"
          + (f" after {describe(disk, disk.partitions[:comparison.present])}" if comparison.present else ""))
-    record_created(*(Made.device(part.device) for part in new))
+    run.record_created(*(Made.device(part.device) for part in new))
     yield one_command(StringCommand(*args), settle_command([p.device for p in disk.partitions], disk.device))
 
 
@@ -215,9 +215,9 @@ def settle_command(links: list[str], disk_path: str) -> StringCommand:
     return StringCommand("sh", "-c", QuoteString(script))
 
 
-def apply(profile: Profile) -> None:
-    for key, disk in profile.disks.items():
-        partitions(disk_key=key, disk=disk, name=f"GPT disks.{key}")
+def apply(run: Run) -> None:
+    for key, disk in run.profile.disks.items():
+        partitions(run, disk_key=key, disk=disk, name=f"GPT disks.{key}")
 
 
 # --- checks -------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 LUKS containers: format a partition that carries no signature yet, and open its mapping.
 
 The passphrase comes from the controller (``TABULA_LUKS_PASSPHRASE`` or ``..._FILE``), is read
-once per run and reaches cryptsetup on stdin only (pyinfra's ``_stdin``), never argv, output or
+once per run by the stages (``run.secrets``) and reaches cryptsetup on stdin only (pyinfra's ``_stdin``), never argv, output or
 files. cryptsetup reads it without ``--key-file``: piped stdin is then read up to the first
 newline, exactly like a passphrase typed at the boot prompt. (``--key-file=-`` would keep the
 newline pyinfra appends to stdin as part of the key, and the typed passphrase would not open it.)
@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import re
 import shlex
-from functools import lru_cache
 
-from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import Made, before_wipe, created_this_run, operation, read, read_many, record_created, tell
+from operations.run import Made, Run, operation
 
 from operations.errors import TabulaError
 from operations.profile import Luks, Partition, Profile
 from operations.nixlit import NixFragments, nix_string, stable_device
-from operations.secrets import Secret, read_secret
+from operations.secrets import Secret
 from operations.settings import Settings
 from operations.target import SIGNATURE_FOUND_ADVICE, CanonicalPath, WholeDiskSignature, read_fact
 
@@ -138,10 +136,13 @@ def parse_cryptsetup_status(lines) -> dict | None:
 # --- secret -----------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=1)
-def passphrase() -> Secret:
-    """The LUKS passphrase, read once per run."""
-    secret = read_secret("LUKS_PASSPHRASE")
+PASSPHRASE = "LUKS_PASSPHRASE"
+
+
+def passphrase(run: Run) -> Secret:
+    """The LUKS passphrase the stages read for this run, refused when it could not be typed at
+    the boot prompt."""
+    secret = run.secrets[PASSPHRASE]
     if "\n" in secret.reveal() or "\r" in secret.reveal():
         raise TabulaError(f"the LUKS passphrase from {secret.source} has a line break inside: it could not "
                           "be typed at the boot prompt")
@@ -206,11 +207,12 @@ def open_command(device: str, luks: Luks, secret: Secret) -> StringCommand:
 
 
 @operation()
-def container(device: str, luks: Luks):
+def container(run: Run, device: str, luks: Luks):
     """
     Format a LUKS container on a device that has no signature yet. A device that already carries a
     LUKS header is kept as it is; one with any other signature is refused.
 
+    + run: the run (facts, what it made, the passphrase)
     + device: the partition, by its stable path (/dev/disk/by-partlabel/...)
     + luks: the profile's Luks node (type, cipher, key derivation)
 
@@ -218,17 +220,17 @@ def container(device: str, luks: Luks):
 
     .. code:: python
 
-        luks.container(device="/dev/disk/by-partlabel/cryptroot", luks=profile_luks)
+        luks.container(run, device="/dev/disk/by-partlabel/cryptroot", luks=profile_luks)
     """
     # A partition this run just made is not read: the format command itself checks it is blank.
-    header, signature = (None, {}) if before_wipe() or created_this_run(Made.device(device)) else read_many(
+    header, signature = (None, {}) if run.before_wipe() or run.created_this_run(Made.device(device)) else run.read_many(
         [(LuksHeader, {"device": device}), (WholeDiskSignature, {"device": device})])
     if header:
         want = int(luks.luks_type.removeprefix("luks"))
         if header.get("version") != want:
             raise TabulaError(f"{device} holds a LUKS{header.get('version')} header, the profile wants {luks.luks_type}: "
                               "refusing to re-format an existing container (drift)")
-        host.noop(f"{device} already holds a {luks.luks_type} header (UUID {header.get('uuid')})")
+        run.noop(f"{device} already holds a {luks.luks_type} header (UUID {header.get('uuid')})")
         return
     if signature.get("TYPE") or signature.get("PTTYPE"):
         found = signature.get("TYPE") or f"{signature['PTTYPE']} partition table"
@@ -240,17 +242,18 @@ def container(device: str, luks: Luks):
                               f"the partition holds nothing you need, clear it with `wipefs -a {device}` on the target "
                               "and re-run; otherwise restore the header from a backup (cryptsetup luksHeaderRestore)")
         raise TabulaError(f"refusing to luksFormat {device}: it holds a {found} signature")
-    tell(f"luksFormat {device}: a {luks.luks_type} container (key derivation {luks.pbkdf})")
-    record_created(Made.luks(device))
-    yield format_command(device, luks, passphrase())
+    run.tell(f"luksFormat {device}: a {luks.luks_type} container (key derivation {luks.pbkdf})")
+    run.record_created(Made.luks(device))
+    yield format_command(device, luks, passphrase(run))
 
 
 @operation()
-def mapping(device: str, luks: Luks):
+def mapping(run: Run, device: str, luks: Luks):
     """
     Open the LUKS container as /dev/mapper/<mapper>, with the profile's discard and workqueue
     settings. A mapping of that name on another device is refused.
 
+    + run: the run (facts, what it made, the passphrase)
     + device: the partition holding the container (/dev/disk/by-partlabel/...)
     + luks: the profile's Luks node (mapper name, open options)
 
@@ -258,34 +261,33 @@ def mapping(device: str, luks: Luks):
 
     .. code:: python
 
-        luks.mapping(device="/dev/disk/by-partlabel/cryptroot", luks=profile_luks)
+        luks.mapping(run, device="/dev/disk/by-partlabel/cryptroot", luks=profile_luks)
     """
     # Nothing can be open on a container this run just formatted; the open command itself stops
     # when a mapping of that name is open on another device.
-    new = created_this_run(Made.luks(device))
-    status = None if new else read(LuksMapping, mapper=luks.mapper)
+    new = run.created_this_run(Made.luks(device))
+    status = None if new else run.read(LuksMapping, mapper=luks.mapper)
     if status:
-        backing = read(CanonicalPath, path=device)
+        backing = run.read(CanonicalPath, path=device)
         if backing and status.get("device") and status["device"] != backing:
             raise TabulaError(f"/dev/mapper/{luks.mapper} is open on {status['device']}, not on {device} "
                               f"({backing}): close it or rename the mapper in the profile")
-        host.noop(f"/dev/mapper/{luks.mapper} is already open on {status.get('device', device)}")
+        run.noop(f"/dev/mapper/{luks.mapper} is already open on {status.get('device', device)}")
         return
-    tell(f"open {device} as /dev/mapper/{luks.mapper}" + (f" ({', '.join(open_options(luks))})" if open_options(luks) else ""))
+    run.tell(f"open {device} as /dev/mapper/{luks.mapper}" + (f" ({', '.join(open_options(luks))})" if open_options(luks) else ""))
     if new:
-        record_created(Made.device(f"/dev/mapper/{luks.mapper}"))
-    yield open_command(device, luks, passphrase())
+        run.record_created(Made.device(f"/dev/mapper/{luks.mapper}"))
+    yield open_command(device, luks, passphrase(run))
 
 
-def apply(profile: Profile) -> None:
-    if profile.luks_devices():
-        # Read (and check) the passphrase now, while the deploy is prepared: operation bodies run
-        # only at execution, so a missing or unreadable passphrase found there would stop the run
-        # after the partition tables were already written.
-        passphrase()
-    for part, luks in profile.luks_devices():
-        container(device=part.device, luks=luks, name=f"LUKS format {part.label}")
-        mapping(device=part.device, luks=luks, name=f"LUKS open {luks.mapper}")
+def apply(run: Run) -> None:
+    if run.profile.luks_devices():
+        # Checked now, while the deploy is prepared: operation bodies run only at execution, so a
+        # passphrase refused there would stop the run after the partition tables were written.
+        passphrase(run)
+    for part, luks in run.profile.luks_devices():
+        container(run, device=part.device, luks=luks, name=f"LUKS format {part.label}")
+        mapping(run, device=part.device, luks=luks, name=f"LUKS open {luks.mapper}")
 
 
 def luks_partition(profile: Profile, mapper: str) -> Partition | None:
@@ -319,12 +321,12 @@ def required_tools(profile: Profile) -> dict[str, str]:
 # --- rescue -------------------------------------------------------------------------------------
 
 
-def rescue(profile: Profile) -> None:
+def rescue(run: Run) -> None:
     """Open each container with the passphrase on stdin, as the install does; never luksFormat."""
-    if profile.luks_devices():
-        passphrase()        # read and checked while the run is prepared, as in apply()
-    for part, luks in profile.luks_devices():
-        mapping(device=part.device, luks=luks, name=f"LUKS open {luks.mapper}")
+    if run.profile.luks_devices():
+        passphrase(run)     # checked while the run is prepared, as in apply()
+    for part, luks in run.profile.luks_devices():
+        mapping(run, device=part.device, luks=luks, name=f"LUKS open {luks.mapper}")
 
 
 # --- checks -------------------------------------------------------------------------------------

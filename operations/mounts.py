@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import shlex
 
-from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import Made, created_this_run, one_command, operation, read, read_many, record_fresh, tell
+from operations.run import Made, Run, one_command, operation
 
 from operations.errors import TabulaError
 from operations.nixlit import NixFragments, nix_list, nix_string, stable_device
@@ -117,45 +116,46 @@ def mount_command(mount: Mount, target: str) -> list[StringCommand]:
 
 
 @operation()
-def mounted(mounts: list[Mount]):
+def mounted(run: Run, mounts: list[Mount]):
     """
     Mount the installed system's filesystems under /mnt, parents first, creating the mount
     points, in one round trip. Mounts already in place are checked against the profile (source,
     type, options); one that differs is drift and stops the run before anything is mounted.
 
+    + run: the run (facts, what it made)
     + mounts: the profile's Mounts in order (mount point of the installed system, device, type, options)
 
     **Example:**
 
     .. code:: python
 
-        mounts.mounted([Mount(mountpoint="/home", device="/dev/mapper/cryptroot", fstype="btrfs",
+        mounts.mounted(run, [Mount(mountpoint="/home", device="/dev/mapper/cryptroot", fstype="btrfs",
                               options=("subvol=@home", "noatime"))])
     """
-    current = read(Mounts)
+    current = run.read(Mounts)
     commands, present, fresh, plans = [], [], {}, []
     for mount in mounts:
         target = install_path(mount.mountpoint)
         if target in current:
-            check_mounted(mount, target, current[target])
+            check_mounted(run, mount, target, current[target])
             present.append(target)
             fresh[target] = False
         else:
             commands += mount_command(mount, target)
             plans.append(mount)
-            fresh[target] = is_empty_when_mounted(mount)
+            fresh[target] = is_empty_when_mounted(run, mount)
             if "bind" in mount.options:
                 fresh[install_path(mount.device)] = False   # seen through the bind too: no shortcut
     for path, empty in fresh.items():
-        record_fresh(path, empty)
+        run.record_fresh(path, empty)
     if commands:
         for mount in plans:
-            tell(f"mount {describe(mount)}")
+            run.tell(f"mount {describe(mount)}")
         if present:
-            tell(f"{', '.join(present)} {'are' if len(present) > 1 else 'is'} already mounted as the profile says")
+            run.tell(f"{', '.join(present)} {'are' if len(present) > 1 else 'is'} already mounted as the profile says")
         yield one_command(*commands)
     else:
-        host.noop(f"{', '.join(present)} {'are' if len(present) > 1 else 'is'} already mounted as the profile says")
+        run.noop(f"{', '.join(present)} {'are' if len(present) > 1 else 'is'} already mounted as the profile says")
 
 
 def subvolume_option(options) -> str | None:
@@ -164,20 +164,20 @@ def subvolume_option(options) -> str | None:
     return next((o.split("=", 1)[1].lstrip("/") for o in options if o.startswith("subvol=")), None)
 
 
-def is_empty_when_mounted(mount: Mount) -> bool:
+def is_empty_when_mounted(run: Run, mount: Mount) -> bool:
     """Whether this mount shows an empty filesystem: a tmpfs, or a filesystem, btrfs subvolume or
     ZFS dataset this same run just created (the later steps then have nothing to read below it)."""
     if mount.fstype == "tmpfs":
         return True
     if mount.fstype == "btrfs":
         subvol = subvolume_option(mount.options)
-        return subvol is not None and created_this_run(Made.subvolume(mount.device, subvol))
+        return subvol is not None and run.created_this_run(Made.subvolume(mount.device, subvol))
     if mount.fstype == "zfs":
-        return created_this_run(Made.dataset(mount.device))
-    return mount.fstype != "none" and created_this_run(Made.filesystem(mount.device))
+        return run.created_this_run(Made.dataset(mount.device))
+    return mount.fstype != "none" and run.created_this_run(Made.filesystem(mount.device))
 
 
-def check_mounted(mount: Mount, target: str, current: dict) -> None:
+def check_mounted(run: Run, mount: Mount, target: str, current: dict) -> None:
     """Stop (TabulaError) when ``target`` is mounted differently from ``mount`` (drift)."""
     problems = []
     is_bind = "bind" in mount.options
@@ -186,7 +186,7 @@ def check_mounted(mount: Mount, target: str, current: dict) -> None:
     if mount.fstype == "zfs" and current["device"] != mount.device:
         problems.append(f"source {current['device']}, not {mount.device}")
     elif mount.device.startswith("/dev/") and current["device"] != mount.device:
-        want, have = read_many([(CanonicalPath, {"path": mount.device}), (CanonicalPath, {"path": current["device"]})])
+        want, have = run.read_many([(CanonicalPath, {"path": mount.device}), (CanonicalPath, {"path": current["device"]})])
         if want != have:
             problems.append(f"source {current['device']} ({have}), not {mount.device} ({want})")
     missing = option_problems(mount.options, current["options"])
@@ -201,10 +201,10 @@ def describe(mount: Mount) -> str:
     return f"{mount.mountpoint} at {install_path(mount.mountpoint)} ({mount.fstype} {mount.device} {','.join(mount.options)})"
 
 
-def apply(profile: Profile) -> None:
-    wanted = profile.all_mounts()
+def apply(run: Run) -> None:
+    wanted = run.profile.all_mounts()
     if wanted:
-        mounted(mounts=wanted, name=f"Mounts under {install_path('/')}")
+        mounted(run, mounts=wanted, name=f"Mounts under {install_path('/')}")
 
 
 # --- NixOS ------------------------------------------------------------------------------------
@@ -263,14 +263,14 @@ class FilesystemListing(FactBase):
         return []
 
 
-def written_since_boot(profile: Profile, root: str) -> tuple[list[Written], list[str]]:
+def written_since_boot(run: Run, root: str) -> tuple[list[Written], list[str]]:
     """(everything on the profile's tmpfs mounts, with its installed path; how that was found):
     a tmpfs starts empty at every boot, so all it holds was written since."""
     written, how = [], []
-    for mount in profile.all_mounts():
+    for mount in run.profile.all_mounts():
         if mount.fstype == "tmpfs":
             here = root.rstrip("/") + mount.mountpoint if mount.mountpoint != "/" else (root or "/")
-            found = parse_listing(read(FilesystemListing, path=here), mount.mountpoint)
+            found = parse_listing(run.read(FilesystemListing, path=here), mount.mountpoint)
             written += [entry for entry, _ in found.values()]
             how.append(f"the files on the tmpfs at {here}")
     return written, how

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 
 import jinja2
-from pyinfra import host, logger
+from pyinfra import logger
 from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand
 
 from operations import btrfs, filesystems, luks, mounts, zfs
@@ -29,7 +29,7 @@ from operations.errors import TabulaError
 from operations.nixlit import MissingDeviceIds, nix_attr, nix_string
 from operations.nixpatch import is_valid, patch_hardware_configuration
 from operations.profile import Profile
-from operations.roundtrips import Made, created_this_run, is_fresh, operation, read, read_many, record_created, record_fresh, tell
+from operations.run import Made, Run, operation
 from operations.settings import Settings
 from operations.target import (INSTALL_ROOT, BlockDeviceIds, DirectoryDigest, FileText, PathExists,
                                PathsState, is_file_with, read_fact, under, write_files_command)
@@ -209,71 +209,73 @@ def configuration_reads(profile: Profile, config_dir: str, files_in_place: bool 
 
 
 @operation()
-def generate_config(profile: Profile, root: str = ROOT):
+def generate_config(run: Run, root: str = ROOT):
     """
     Run nixos-generate-config once: it detects the hardware into hardware-configuration.nix.
 
-    + profile: the loaded profile (what the next step reads is read together with the check)
+    + run: the run (its profile; what the next step reads is read together with the check)
     + root: the mounted target (``--root``)
 
     .. code:: python
 
-        nixos.generate_config(profile, root="/mnt")
+        nixos.generate_config(run, root="/mnt")
     """
+    profile = run.profile
     config_dir = f"{root}/etc/nixos"
     hardware = f"{config_dir}/hardware-configuration.nix"
     # On a root this run just made and mounted empty there is nothing to read. A file that does
     # not parse was cut short by an interrupted run: the tool writes it again (it always
     # overwrites hardware-configuration.nix, never a configuration.nix in place).
-    generated = None if is_fresh(config_dir) else read_many(configuration_reads(profile, config_dir))[0]
+    generated = None if run.is_fresh(config_dir) else run.read_many(configuration_reads(profile, config_dir))[0]
     if generated is not None and is_valid(generated):
-        host.noop(f"{hardware} is already generated")
+        run.noop(f"{hardware} is already generated")
         return
-    tell(f"detect the hardware into {hardware}" + (" (the one in place does not parse)" if generated is not None else ""))
-    record_fresh(config_dir, False)
-    record_created(Made.generated(config_dir))
+    run.tell(f"detect the hardware into {hardware}" + (" (the one in place does not parse)" if generated is not None else ""))
+    run.record_fresh(config_dir, False)
+    run.record_created(Made.generated(config_dir))
     yield StringCommand("nixos-generate-config", "--root", QuoteString(root))
 
 
 @operation()
-def configuration(profile: Profile, root: str = ROOT):
+def configuration(run: Run, root: str = ROOT):
     """
     Write the profile's NixOS files to ``<root>/etc/nixos``: the generated hardware configuration
     patched with the profile's storage (real UUIDs), the flake, configuration.nix,
     impermanence.nix and the profile's extra module. Unchanged files are left alone.
 
-    + profile: the loaded profile
+    + run: the run (its profile, facts, what it made)
     + root: the mounted target
 
     .. code:: python
 
-        nixos.configuration(profile, root="/mnt")
+        nixos.configuration(run, root="/mnt")
     """
+    profile = run.profile
     config_dir = f"{root}/etc/nixos"
     # Right after this run's nixos-generate-config, none of the files can be ours yet: all are written.
-    just_generated = created_this_run(Made.generated(config_dir))
-    generated, ids, product_name = read_many(configuration_reads(profile, config_dir, not just_generated))[:3]
+    just_generated = run.created_this_run(Made.generated(config_dir))
+    generated, ids, product_name = run.read_many(configuration_reads(profile, config_dir, not just_generated))[:3]
     missing = [d for d in id_devices(profile) if not ids.get(d, {}).get("UUID") and not ids.get(d, {}).get("PARTUUID")]
     if generated is None or missing:
         # Prepare time on blank disks: nothing to read yet; this runs again at execution.
         waiting = ", ".join(missing) if missing else "hardware-configuration.nix"
-        host.noop(f"NixOS files render once {waiting} exist{'s' if not missing else ''}")
-        if host.state.is_executing:
+        run.noop(f"NixOS files render once {waiting} exist{'s' if not missing else ''}")
+        if run.executing:
             raise MissingDeviceIds(f"cannot render the NixOS configuration: {waiting} missing on the target")
         return
 
     module, note = choose_hardware_module(profile, product_name)
-    if host.state.is_executing:
-        logger.info(f"{host.print_prefix}{note}")
+    if run.executing:
+        logger.info(f"{run.prefix}{note}")
     rendered = render_files(profile, generated, ids, hardware_module=module)
-    present = {} if just_generated else read(PathsState, paths=[f"{config_dir}/{name}" for name in rendered])
+    present = {} if just_generated else run.read(PathsState, paths=[f"{config_dir}/{name}" for name in rendered])
     stale = {name: text for name, text in rendered.items()
              if not is_file_with(present.get(f"{config_dir}/{name}"), text, "644")}
     if not stale:
-        host.noop(f"{config_dir} already holds the rendered {', '.join(rendered)} (mode 0644)")
+        run.noop(f"{config_dir} already holds the rendered {', '.join(rendered)} (mode 0644)")
         return
-    tell(f"write {', '.join(stale)} to {config_dir} (mode 0644)")
-    record_fresh(config_dir, False)
+    run.tell(f"write {', '.join(stale)} to {config_dir} (mode 0644)")
+    run.record_fresh(config_dir, False)
     yield write_files_command(config_dir, stale, mode="644")
 
 
@@ -284,27 +286,28 @@ def _stream(state, host, command: StringCommand) -> bool:
 
 
 @operation()
-def nixos_install(hostname: str, root: str = ROOT, stamp: str = INSTALL_STAMP):
+def nixos_install(run: Run, hostname: str, root: str = ROOT, stamp: str = INSTALL_STAMP):
     """
     Install the flake's system with ``nixos-install --no-root-passwd``, output streamed live;
     skipped when the installed system was built from the same configuration files.
 
+    + run: the run (facts)
     + hostname: the flake's nixosConfigurations attribute
     + root: the mounted target
     + stamp: where the digest of the installed configuration is recorded
 
     .. code:: python
 
-        nixos.nixos_install("zephyrus", root="/mnt")
+        nixos.nixos_install(run, "zephyrus", root="/mnt")
     """
     config_dir = f"{root}/etc/nixos"
-    current = read(DirectoryDigest, path=config_dir)
-    installed = (read(FileText, path=stamp) or "").strip()
-    system = read(PathExists, path=f"{root}/nix/var/nix/profiles/system")
+    current = run.read(DirectoryDigest, path=config_dir)
+    installed = (run.read(FileText, path=stamp) or "").strip()
+    system = run.read(PathExists, path=f"{root}/nix/var/nix/profiles/system")
     if current and installed == current and system:
-        host.noop(f"the system in {root} is already installed from the current {config_dir} ({current[:12]})")
+        run.noop(f"the system in {root} is already installed from the current {config_dir} ({current[:12]})")
         return
-    tell(f"install the system {config_dir}#{hostname} into {root}"
+    run.tell(f"install the system {config_dir}#{hostname} into {root}"
          + (" (its configuration changed since the last install)" if installed else ""))
     command = StringCommand("nixos-install", "--root", QuoteString(root),
                             "--flake", QuoteString(f"{config_dir}#{hostname}"), "--no-root-passwd")
@@ -318,14 +321,15 @@ def nixos_install(hostname: str, root: str = ROOT, stamp: str = INSTALL_STAMP):
 # --- stages -----------------------------------------------------------------------------------
 
 
-def apply(profile: Profile, settings=None) -> None:
+def apply(run: Run) -> None:
     """Generate, patch and write the NixOS configuration under /mnt/etc/nixos."""
-    generate_config(profile, name="nixos-generate-config", root=ROOT)
-    configuration(profile, name="NixOS configuration in /mnt/etc/nixos", root=ROOT)
+    generate_config(run, name="nixos-generate-config", root=ROOT)
+    configuration(run, name="NixOS configuration in /mnt/etc/nixos", root=ROOT)
 
 
-def install(profile: Profile, settings=None) -> None:
-    nixos_install(profile.nixos.hostname, name=f"nixos-install {profile.nixos.hostname}", root=ROOT)
+def install(run: Run) -> None:
+    hostname = run.profile.nixos.hostname
+    nixos_install(run, hostname, name=f"nixos-install {hostname}", root=ROOT)
 
 
 # --- checks -------------------------------------------------------------------------------------

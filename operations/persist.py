@@ -4,7 +4,7 @@ password hashes in ``<persist>/secrets`` (0700, files 0600), SSH host keys (ed25
 in ``<persist>/etc/ssh``, ``<persist>/etc/machine-id`` and a copy of /etc/nixos.
 
     from operations import persist
-    persist.apply(profile, settings)
+    persist.apply(run)
 
 Nothing that exists is ever replaced: a re-run keeps every key, hash and machine-id. Password
 hashes come from the controller (TABULA_ROOT_PASSWORD_HASH, TABULA_USER_PASSWORD_HASH) and go
@@ -17,13 +17,13 @@ import posixpath
 import re
 import shlex
 
-from pyinfra import host, logger
+from pyinfra import logger
 from pyinfra.api import QuoteString, StringCommand
-from operations.roundtrips import is_fresh, one_command, operation, read, read_many, record_fresh, tell
+from operations.run import Run, one_command, operation
 
 from operations.errors import TabulaError
 from operations.profile import Profile
-from operations.secrets import Secret, read_secret
+from operations.secrets import Secret
 from operations.settings import Settings
 from operations.target import CONFIG_DIR, INSTALL_ROOT, DirectoryDigest, PathsState, read_fact, under
 
@@ -44,30 +44,31 @@ def check_password_hash(secret: Secret) -> str:
 
 
 @operation()
-def secrets(directory: str, files: dict[str, Secret]):
+def secrets(run: Run, directory: str, files: dict[str, Secret]):
     """
     The secrets directory (mode 0700, root) and its files (mode 0600), in one round trip; the
     values go on stdin, one line each. An existing file is never replaced.
 
+    + run: the run (facts, what it made)
     + directory: e.g. /mnt/persist/secrets
     + files: ``{file name: Secret}`` (a ``Secret`` is never put in argv or output)
 
     .. code:: python
 
-        persist.secrets("/mnt/persist/secrets", {"root-password": read_secret("ROOT_PASSWORD_HASH")})
+        persist.secrets(run, "/mnt/persist/secrets", {"root-password": run.secrets["ROOT_PASSWORD_HASH"]})
     """
     # Below an empty filesystem this run just made and mounted, nothing is there to read.
-    state = {} if is_fresh(directory) else read(PathsState, paths=[directory, *(f"{directory}/{n}" for n in files)])
+    state = {} if run.is_fresh(directory) else run.read(PathsState, paths=[directory, *(f"{directory}/{n}" for n in files)])
     present = state.get(directory)
     if present and present["type"] != "directory":
         raise TabulaError(f"{directory} is a {present['type']}, not a directory: move it away and run again")
     missing = {n: secret for n, secret in files.items() if f"{directory}/{n}" not in state}
     if present and present["mode"] == "700" and present["user"] == "root" and not missing:
         kept = f"; {', '.join(files)} kept as they are" if files else ""
-        host.noop(f"{directory} exists with mode 0700{kept}")
+        run.noop(f"{directory} exists with mode 0700{kept}")
         return
-    tell(f"{directory} (mode 0700)" + (f" with {', '.join(missing)} (mode 0600)" if missing else ""))
-    record_fresh(directory, False)
+    run.tell(f"{directory} (mode 0700)" + (f" with {', '.join(missing)} (mode 0600)" if missing else ""))
+    run.record_fresh(directory, False)
     yield StringCommand("sh", "-c", QuoteString(SECRETS_SCRIPT), "secrets", QuoteString(directory),
                         *[QuoteString(n) for n in missing], _stdin=[s.reveal() for s in missing.values()])
 
@@ -81,23 +82,24 @@ SECRETS_SCRIPT = (
 
 
 @operation()
-def host_identity(etc: str, keys: list[tuple[str, int | None]], comment: str = ""):
+def host_identity(run: Run, etc: str, keys: list[tuple[str, int | None]], comment: str = ""):
     """
     The installed host's identity, made on the target in one round trip: SSH host key pairs in
     ``<etc>/ssh`` and ``<etc>/machine-id``. Nothing that exists is ever replaced.
 
+    + run: the run (facts, what it made)
     + etc: e.g. /mnt/persist/etc
     + keys: ``(type, bits)`` pairs, e.g. ``[("ed25519", None), ("rsa", 4096)]``
     + comment: the keys' comment, e.g. root@zephyrus
 
     .. code:: python
 
-        persist.host_identity("/mnt/persist/etc", [("ed25519", None), ("rsa", 4096)], comment="root@zephyrus")
+        persist.host_identity(run, "/mnt/persist/etc", [("ed25519", None), ("rsa", 4096)], comment="root@zephyrus")
     """
     ssh_dir, machine_id = f"{etc}/ssh", f"{etc}/machine-id"
     paths = {key_type: f"{ssh_dir}/ssh_host_{key_type}_key" for key_type, _bits in keys}
     wanted = [*paths.values(), machine_id]
-    state = {} if all(is_fresh(path) for path in wanted) else read(PathsState, paths=wanted)
+    state = {} if all(run.is_fresh(path) for path in wanted) else run.read(PathsState, paths=wanted)
     commands = [StringCommand("sh", "-c", QuoteString(KEYGEN_SCRIPT), "keygen", QuoteString(ssh_dir),
                               QuoteString(paths[key_type]), QuoteString(key_type), QuoteString(str(bits or "")),
                               QuoteString(comment))
@@ -105,12 +107,12 @@ def host_identity(etc: str, keys: list[tuple[str, int | None]], comment: str = "
     if machine_id not in state:
         commands.append(StringCommand("sh", "-c", QuoteString(MACHINE_ID_SCRIPT), "machine-id", QuoteString(machine_id)))
     if not commands:
-        host.noop(f"{', '.join([*paths.values(), machine_id])} already exist (kept as they are)")
+        run.noop(f"{', '.join([*paths.values(), machine_id])} already exist (kept as they are)")
         return
     made = [f"SSH host key {key_type}" + (f" {bits}" if bits else "") for key_type, bits in keys if paths[key_type] not in state]
-    tell(f"in {etc}: " + ", ".join(made + (["machine-id"] if machine_id not in state else [])))
-    record_fresh(ssh_dir, False)
-    record_fresh(machine_id, False)
+    run.tell(f"in {etc}: " + ", ".join(made + (["machine-id"] if machine_id not in state else [])))
+    run.record_fresh(ssh_dir, False)
+    run.record_fresh(machine_id, False)
     yield one_command(*commands)
 
 
@@ -132,73 +134,79 @@ KEYGEN_SCRIPT = (
 
 
 @operation()
-def initrd_host_key(path: str, comment: str = ""):
+def initrd_host_key(run: Run, path: str, comment: str = ""):
     """
     The host key of the initrd's SSH server (remote unlock): an ed25519 pair made once, in a
     folder of mode 0700. Never the system's host key: the initrd carrying it lies unencrypted on
     /boot, so whoever reads /boot could pose as the initrd, not as the booted system.
 
+    + run: the run (facts, what it made)
     + path: the private key, e.g. /mnt/remote/etc/secrets/initrd/ssh_host_ed25519_key
     + comment: the key's comment
 
     .. code:: python
 
-        persist.initrd_host_key("/mnt/remote/etc/secrets/initrd/ssh_host_ed25519_key", comment="initrd@nas")
+        persist.initrd_host_key(run, "/mnt/remote/etc/secrets/initrd/ssh_host_ed25519_key", comment="initrd@nas")
     """
     folder = posixpath.dirname(path)
-    state = {} if is_fresh(path) else read(PathsState, paths=[folder, path])
+    state = {} if run.is_fresh(path) else run.read(PathsState, paths=[folder, path])
     if path in state and state.get(folder, {}).get("mode") == "700":
-        host.noop(f"{path} already exists in a 0700 folder (kept as it is)")
+        run.noop(f"{path} already exists in a 0700 folder (kept as it is)")
         return
-    tell(f"the initrd's SSH host key {path} (ed25519, folder 0700; remote unlock)")
-    record_fresh(folder, False)
+    run.tell(f"the initrd's SSH host key {path} (ed25519, folder 0700; remote unlock)")
+    run.record_fresh(folder, False)
     yield StringCommand("sh", "-c", QuoteString(KEYGEN_SCRIPT), "keygen", QuoteString(folder), QuoteString(path),
                         "ed25519", QuoteString(""), QuoteString(comment), "0700")
 
 
 @operation()
-def config_copy(source: str, dest: str):
+def config_copy(run: Run, source: str, dest: str):
     """
     A copy of the NixOS configuration (``cp -a``), refreshed when the source's files differ.
 
+    + run: the run (facts, what it made)
     + source: e.g. /mnt/etc/nixos
     + dest: e.g. /mnt/persist/etc/nixos
 
     .. code:: python
 
-        persist.config_copy("/mnt/etc/nixos", "/mnt/persist/etc/nixos")
+        persist.config_copy(run, "/mnt/etc/nixos", "/mnt/persist/etc/nixos")
     """
-    yield from _copied_unless_same(source, dest, StringCommand(
+    yield from _copied_unless_same(run, source, dest, StringCommand(
         "sh", "-c", QuoteString('rm -rf "$2" && mkdir -p "$(dirname "$2")" && cp -a "$1" "$2"'),
         "copy", QuoteString(source), QuoteString(dest)),
         plan=f"copy {source} to {dest} (with the flake.lock the install wrote)")
 
 
-def _copied_unless_same(source: str, dest: str, command: StringCommand, plan: str | None = None):
+def _copied_unless_same(run: Run, source: str, dest: str, command: StringCommand, plan: str | None = None):
     """The body of config_copy and config_restored: nothing when ``dest`` holds the same files
     as ``source`` (by digest; not read below a root this run has just made), else ``command``."""
-    if not is_fresh(dest):
-        wanted, present = read_many([(DirectoryDigest, {"path": source}), (DirectoryDigest, {"path": dest})])
+    if not run.is_fresh(dest):
+        wanted, present = run.read_many([(DirectoryDigest, {"path": source}), (DirectoryDigest, {"path": dest})])
         if wanted and wanted == present:
-            host.noop(f"{dest} already holds the same files as {source}")
+            run.noop(f"{dest} already holds the same files as {source}")
             return
     if plan:
-        tell(plan)
-    record_fresh(dest, False)
+        run.tell(plan)
+    run.record_fresh(dest, False)
     yield command
 
 
-def password_hashes(profile: Profile, required: bool) -> dict[str, str]:
-    """{file name in secrets/: hash} from the controller, checked to be crypt hashes.
+# The password hashes the persist stage seeds, by the secret they come from (run.secrets).
+PASSWORD_SECRETS = ("ROOT_PASSWORD_HASH", "USER_PASSWORD_HASH")
+
+
+def password_hashes(run: Run) -> dict[str, str]:
+    """{file name in secrets/: hash} from the secrets the stages read, checked to be crypt hashes.
 
     An install needs both (``users.mutableUsers = false``: without them nobody can log in); a run
     that does not install may leave them out and seed them on the run that installs.
     """
     hashes = {}
-    files = profile.password_files
+    files = run.profile.password_files
     for filename, secret_name in ((posixpath.basename(files["root"]), "ROOT_PASSWORD_HASH"),
-                                  (posixpath.basename(files[profile.nixos.user]), "USER_PASSWORD_HASH")):
-        secret = read_secret(secret_name, required=required)
+                                  (posixpath.basename(files[run.profile.nixos.user]), "USER_PASSWORD_HASH")):
+        secret = run.secrets.get(secret_name)
         if secret is None:
             logger.warning(f"TABULA_{secret_name} is not set: {filename} is not seeded (needed before installing)")
             continue
@@ -206,48 +214,49 @@ def password_hashes(profile: Profile, required: bool) -> dict[str, str]:
     return hashes
 
 
-def apply(profile: Profile, settings=None) -> None:
+def apply(run: Run) -> None:
+    profile = run.profile
     persist = f"{INSTALL_ROOT}{profile.persistence.root}"
-    # Read and checked before anything runs: a plaintext value (or a missing one when this run
-    # installs) stops the run here.
-    hashes = password_hashes(profile, required=getattr(settings, "install", True))
-    secrets(f"{INSTALL_ROOT}{profile.secrets_dir}", {filename: Secret(value, filename) for filename, value in hashes.items()},
-            name="Persist secrets")
-    host_identity(f"{persist}/etc", [("ed25519", None), ("rsa", 4096)], comment=f"root@{profile.nixos.hostname}",
+    # Checked before anything runs: a plaintext value stops the run here.
+    hashes = password_hashes(run)
+    secrets(run, f"{INSTALL_ROOT}{profile.secrets_dir}",
+            {filename: Secret(value, filename) for filename, value in hashes.items()}, name="Persist secrets")
+    host_identity(run, f"{persist}/etc", [("ed25519", None), ("rsa", 4096)], comment=f"root@{profile.nixos.hostname}",
                   name="Persist host identity")
     if profile.nixos.remote_unlock:
         # Before nixos-install: it copies the key into the initrd it builds.
-        initrd_host_key(f"{INSTALL_ROOT}{profile.initrd_host_key}", comment=f"initrd@{profile.nixos.hostname}",
+        initrd_host_key(run, f"{INSTALL_ROOT}{profile.initrd_host_key}", comment=f"initrd@{profile.nixos.hostname}",
                         name="Persist initrd host key")
 
 
-def copy_configuration(profile: Profile) -> None:
+def copy_configuration(run: Run) -> None:
     """After nixos-install: the copy then holds the flake.lock the system was installed from, so
     the first rebuild after boot uses the same inputs, not newer ones."""
-    persist = f"{INSTALL_ROOT}{profile.persistence.root}"
-    config_copy(CONFIG_DIR, f"{persist}/etc/nixos", name="Persist configuration copy")
+    persist = f"{INSTALL_ROOT}{run.profile.persistence.root}"
+    config_copy(run, CONFIG_DIR, f"{persist}/etc/nixos", name="Persist configuration copy")
 
 
 # --- rescue -------------------------------------------------------------------------------------
 
 
 @operation()
-def config_restored(source: str, dest: str):
+def config_restored(run: Run, source: str, dest: str):
     """
     /etc/nixos of the install root put back from its copy on the persistent root (``cp -a``),
     after a rescue restored the root: the install wrote it there, and the files must be the
     same for the install deploy to find nothing to do. Refused inside the command when the copy
     is missing or empty.
 
+    + run: the run (facts, what it made)
     + source: the persisted copy, e.g. /mnt/persist/etc/nixos
     + dest: e.g. /mnt/etc/nixos
 
     .. code:: python
 
-        persist.config_restored("/mnt/persist/etc/nixos", "/mnt/etc/nixos")
+        persist.config_restored(run, "/mnt/persist/etc/nixos", "/mnt/etc/nixos")
     """
     # (below a root this run has just restored, empty, and mounted there is nothing to compare)
-    yield from _copied_unless_same(source, dest, StringCommand(
+    yield from _copied_unless_same(run, source, dest, StringCommand(
         "sh", "-c", QuoteString(RESTORE_CONFIG_SCRIPT), "restore", QuoteString(source), QuoteString(dest)))
 
 
@@ -258,10 +267,10 @@ RESTORE_CONFIG_SCRIPT = (
 )
 
 
-def restore_configuration(profile: Profile) -> None:
+def restore_configuration(run: Run) -> None:
     """After a rescue: /mnt/etc/nixos from <persist>/etc/nixos, as the install left it."""
-    persist = f"{INSTALL_ROOT}{profile.persistence.root}"
-    config_restored(f"{persist}/etc/nixos", CONFIG_DIR, name="Persist configuration restore")
+    persist = f"{INSTALL_ROOT}{run.profile.persistence.root}"
+    config_restored(run, f"{persist}/etc/nixos", CONFIG_DIR, name="Persist configuration restore")
 
 
 # --- checks -------------------------------------------------------------------------------------

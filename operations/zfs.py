@@ -26,16 +26,14 @@ import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pyinfra import host, logger
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import (Made, before_first_change, cancel_before_first_change, created_this_run, forget,
-                                   operation, read, record_created, tell)
+from operations.run import Made, Run, operation
 
 from operations.errors import TabulaError
 from operations.mounts import Mounts, mount_command
 from operations.nixlit import NixFragments, nix_indented_string, nix_list, nix_string
 from operations.profile import Dataset, Mount, Pool, Profile
-from operations.secrets import Secret, read_secret
+from operations.secrets import Secret
 from operations.settings import Settings
 from operations.target import Written, decode_octal, install_path, read_fact
 from operations.target import INSTALL_ROOT, describe_leftovers, install_footprint, leftovers_script, parse_leftovers
@@ -46,6 +44,8 @@ ONE_TIME_PROPERTIES = frozenset({
     "volblocksize", "ashift",
 })
 EMPTY_SNAPSHOT = "empty"
+# The secret (run.secrets) the encrypted datasets are made and unlocked with.
+KEY = "ZFS_KEY"
 # Values zfs accepts but shows under another name (zfs get prints the canonical one).
 VALUE_ALIASES = {
     "acltype": {"posixacl": "posix", "noacl": "off"},
@@ -218,7 +218,7 @@ class ZfsPoolDatasets(FactBase):
 
 
 @operation()
-def kernel_module():
+def kernel_module(run: Run):
     """
     Load the zfs kernel module (the live system ships it via DKMS; it is not loaded at boot).
 
@@ -226,12 +226,12 @@ def kernel_module():
 
     .. code:: python
 
-        zfs.kernel_module(name="ZFS kernel module")
+        zfs.kernel_module(run, name="ZFS kernel module")
     """
-    if read(ZfsModuleLoaded):
-        host.noop("the zfs kernel module is already loaded")
+    if run.read(ZfsModuleLoaded):
+        run.noop("the zfs kernel module is already loaded")
         return
-    tell("load the zfs kernel module")
+    run.tell("load the zfs kernel module")
     yield "modprobe zfs"
 
 
@@ -427,14 +427,14 @@ class ZfsViewClosed(FactBase):
         return next((line.strip() for line in output if line.strip()), "")
 
 
-def make_view_writable(pool_name: str, search_dirs: tuple[str, ...], view: PoolView) -> StringCommand:
+def make_view_writable(run: Run, pool_name: str, search_dirs: tuple[str, ...], view: PoolView) -> StringCommand:
     """
     The command that turns the read-only view into the real thing, ahead of a run's first change:
     the read-only mounts of the profile unmounted (deepest first), the pool exported and imported
     read-write, keys loaded, the same mounts mounted again as the profile says.
     """
 
-    current = read(Mounts)
+    current = run.read(Mounts)
     viewed = [m for m in view.mounts if "ro" in current.get(install_path(m.mountpoint), {}).get("options", [])]
     p = shlex.quote(pool_name)
     dirs = " ".join(f"-d {shlex.quote(d)}" for d in search_dirs)
@@ -444,18 +444,19 @@ def make_view_writable(pool_name: str, search_dirs: tuple[str, ...], view: PoolV
     script = "\n".join(lines) + "\n" + _load_keys_script(view.encryption_roots, only_unavailable=False)
     for m in viewed:
         script += " && ".join(c.get_raw_value() for c in mount_command(m, install_path(m.mountpoint))) + "\n"
-    record_created(Made.writable_pool(pool_name))
+    run.record_created(Made.writable_pool(pool_name))
     return StringCommand("sh", "-c", QuoteString(script), **view.stdin())
 
 
 @operation()
-def pool(pool: Pool, devices: dict[str, str], view: PoolView | None = None):
+def pool(run: Run, pool: Pool, devices: dict[str, str], view: PoolView | None = None):
     """
     Make a pool imported with exactly the profile's topology: import it if it exists (exported by
     an earlier run), create it if absent, refuse if it is imported with another layout. With a
     ``view`` (the run leaves the pool exported), an exported pool is imported read-only instead,
     so the later stages can compare without writing; their first change makes it writable.
 
+    + run: the run (facts, what it made)
     + pool: the profile's ``Pool``
     + devices: partlabel -> block device of every member (``Profile.pool_members``)
     + view: a ``PoolView``: how to read the pool when the run ends with it exported
@@ -465,63 +466,63 @@ def pool(pool: Pool, devices: dict[str, str], view: PoolView | None = None):
 
     .. code:: python
 
-        zfs.pool(profile.pools["rpool"], {"rpool-rz1-2790ee34": "/dev/disk/by-partlabel/rpool-rz1-2790ee34", ...},
-                 view=zfs.PoolView(profile.all_mounts(), ("rpool-2790ee34/remote",), read_secret("ZFS_KEY")))
+        zfs.pool(run, profile.pools["rpool"], {"rpool-rz1-2790ee34": "/dev/disk/by-partlabel/rpool-rz1-2790ee34", ...},
+                 view=zfs.PoolView(profile.all_mounts(), ("rpool-2790ee34/remote",), run.secrets["ZFS_KEY"]))
     """
     search_dirs = tuple(sorted({path.rsplit("/", 1)[0] for path in devices.values()}))
-    if all(created_this_run(Made.device(path)) for path in devices.values()):
+    if all(run.created_this_run(Made.device(path)) for path in devices.values()):
         # Every member is a partition this run just made: no pool to find. zpool create itself
         # refuses a member that still carries an old pool's label (new partitions where old ones were).
-        tell(f"create pool {pool.name}: {describe_topology(pool)} (on this run's new partitions)")
-        record_created(Made.pool(pool.name))
+        run.tell(f"create pool {pool.name}: {describe_topology(pool)} (on this run's new partitions)")
+        run.record_created(Made.pool(pool.name))
         hint = (f"tabula: zpool create {pool.name} failed. If a member carries the label of an earlier pool "
                 "(new partitions where old ones were), run again to have that pool found and imported, or clear "
                 "the label with zpool labelclear if it holds nothing you need")
         yield StringCommand("sh", "-c", QuoteString(f"{create_pool_command(pool, devices).get_raw_value()} || "
                                                     f"{{ echo {shlex.quote(hint)} >&2; exit 1; }}"))
         return
-    state = read(ZfsPoolState, pool_name=pool.name, devices=tuple(devices.values()))
+    state = run.read(ZfsPoolState, pool_name=pool.name, devices=tuple(devices.values()))
     imported = state.get("state") == "imported"
     if imported and state.get("readonly") and (view is None or not view.exported_at_end):
         # A read-only view left by an interrupted run, and this run keeps the pool imported.
         _check_topology(pool, devices, state)
-        tell(f"pool {pool.name} is imported read-only (left by an interrupted run): imported again read-write")
-        yield make_view_writable(pool.name, search_dirs, view or PoolView())
+        run.tell(f"pool {pool.name} is imported read-only (left by an interrupted run): imported again read-write")
+        yield make_view_writable(run, pool.name, search_dirs, view or PoolView())
         return
     if imported and not state.get("readonly"):
         _check_topology(pool, devices, state)
-        host.noop(f"pool {pool.name} is imported with the profile's topology")
+        run.noop(f"pool {pool.name} is imported with the profile's topology")
         return
     if view is not None and view.exported_at_end and (
-            imported or pool.name in read(ZfsImportablePools, search_dirs=search_dirs)):
-        opened = _open_view(pool, search_dirs, view)
+            imported or pool.name in run.read(ZfsImportablePools, search_dirs=search_dirs)):
+        opened = _open_view(run, pool, search_dirs, view)
         if opened:
-            _check_topology(pool, devices, read(ZfsPoolState, pool_name=pool.name, devices=tuple(devices.values())))
-            before_first_change(f"pool {pool.name}", lambda: [make_view_writable(pool.name, search_dirs, view)])
-            host.noop(f"pool {pool.name} is exported, as this run leaves it: imported read-only to compare "
+            _check_topology(pool, devices, run.read(ZfsPoolState, pool_name=pool.name, devices=tuple(devices.values())))
+            run.before_first_change(f"pool {pool.name}", lambda: [make_view_writable(run, pool.name, search_dirs, view)])
+            run.noop(f"pool {pool.name} is exported, as this run leaves it: imported read-only to compare "
                       f"({opened}), nothing written; exported again at the end")
             return
-    if imported or pool.name in read(ZfsImportablePools, search_dirs=search_dirs):
-        tell(f"import pool {pool.name} (found in {', '.join(search_dirs)}), mounting nothing")
-        record_created(Made.imported_pool(pool.name))
+    if imported or pool.name in run.read(ZfsImportablePools, search_dirs=search_dirs):
+        run.tell(f"import pool {pool.name} (found in {', '.join(search_dirs)}), mounting nothing")
+        run.record_created(Made.imported_pool(pool.name))
         # -N: mount nothing (all datasets are legacy and mounted by operations.mounts)
         yield StringCommand("zpool", "import", "-N", "-o", "cachefile=none",
                             *[x for d in search_dirs for x in ("-d", QuoteString(d))], QuoteString(pool.name))
     else:
-        tell(f"create pool {pool.name}: {describe_topology(pool)}")
-        record_created(Made.pool(pool.name))
+        run.tell(f"create pool {pool.name}: {describe_topology(pool)}")
+        run.record_created(Made.pool(pool.name))
         yield create_pool_command(pool, devices)
 
 
-def _open_view(pool: Pool, search_dirs: tuple[str, ...], view: PoolView) -> str:
+def _open_view(run: Run, pool: Pool, search_dirs: tuple[str, ...], view: PoolView) -> str:
     """Open the read-only view (a fact: nothing written); what it holds, or "" when it failed."""
 
     mounts = tuple((install_path(m.mountpoint), read_only_mount_command(m) or "") for m in view.mounts)
     # The key reaches the fact on stdin through the pool operation's own _stdin (a fact inherits
     # its operation's arguments): given here, pyinfra would print it with the fact's arguments.
-    said = host.get_fact(ZfsReadOnlyView, pool_name=pool.name, search_dirs=search_dirs,
+    said = run.host.get_fact(ZfsReadOnlyView, pool_name=pool.name, search_dirs=search_dirs,
                          encryption_roots=view.encryption_roots, mounts=mounts)
-    forget()     # the view changed what is mounted and imported
+    run.forget()     # the view changed what is mounted and imported
     if "open" not in said:
         return ""
     mounted = [s.split(" ", 1)[1] for s in said if s.startswith("mounted ")]
@@ -562,13 +563,14 @@ def property_drift(wanted: dict[str, str], current: dict) -> tuple[dict[str, str
 
 
 @operation()
-def dataset(dataset_name: str, properties: dict[str, str] | None = None, encryption: dict[str, str] | None = None,
+def dataset(run: Run, dataset_name: str, properties: dict[str, str] | None = None, encryption: dict[str, str] | None = None,
             empty_snapshot: bool = False, create: bool = True):
     """
     Create a filesystem dataset (with its ``@empty`` snapshot taken in the same command), or fix
     settable property drift on an existing one with ``zfs set``; load the key of an encrypted one.
     The encryption key is read from stdin: pass it with ``_stdin=`` (never in argv).
 
+    + run: the run (facts, what it made)
     + dataset_name: full name, e.g. ``rpool-2790ee34/temp/root``
     + properties: properties to create with and keep (one-time ones are only checked)
     + encryption: ``{"encryption": ..., "keyformat": ..., "keylocation": "prompt"}`` for an encryption root
@@ -579,25 +581,25 @@ def dataset(dataset_name: str, properties: dict[str, str] | None = None, encrypt
 
     .. code:: python
 
-        zfs.dataset("rpool-2790ee34/remote", properties={"canmount": "off"},
+        zfs.dataset(run, "rpool-2790ee34/remote", properties={"canmount": "off"},
                     encryption={"encryption": "aes-256-gcm", "keyformat": "passphrase", "keylocation": "prompt"},
-                    _stdin=read_secret("ZFS_KEY").reveal())
+                    _stdin=run.secrets["ZFS_KEY"].reveal())
     """
     pool_name = dataset_name.split("/", 1)[0]
     wanted = {**(properties or {}), **(encryption or {})}
-    if created_this_run(Made.pool(pool_name)):
+    if run.created_this_run(Made.pool(pool_name)):
         # A pool this run just made holds only what this run created in it (zfs create refuses
         # an existing dataset); its root dataset got its properties from zpool create -O.
         if not create:
-            host.noop(f"dataset {dataset_name} got its properties from this run's zpool create")
+            run.noop(f"dataset {dataset_name} got its properties from this run's zpool create")
             return
         datasets = {}
     else:
-        datasets = read(ZfsPoolDatasets, pool_name=pool_name)
+        datasets = run.read(ZfsPoolDatasets, pool_name=pool_name)
     current = datasets.get(dataset_name)
 
     if current is None and not create:
-        host.noop(f"dataset {dataset_name} comes with its pool (which is not imported yet)")
+        run.noop(f"dataset {dataset_name} comes with its pool (which is not imported yet)")
         return
     if current is None:
         bits: list = ["zfs", "create"]
@@ -607,10 +609,10 @@ def dataset(dataset_name: str, properties: dict[str, str] | None = None, encrypt
         if empty_snapshot:
             # The same command: nothing can be written to the dataset before its @empty exists.
             bits += ["&&", "zfs", "snapshot", QuoteString(f"{dataset_name}@{EMPTY_SNAPSHOT}")]
-        tell(f"create {'encrypted ' if encryption else ''}dataset {dataset_name}"
+        run.tell(f"create {'encrypted ' if encryption else ''}dataset {dataset_name}"
              + (f" and its @{EMPTY_SNAPSHOT} snapshot" if empty_snapshot else "")
              + (f": {', '.join(f'{k}={v}' for k, v in (properties or {}).items())}" if properties else ""))
-        record_created(Made.dataset(dataset_name))
+        run.record_created(Made.dataset(dataset_name))
         yield StringCommand(*bits)
         return
 
@@ -626,54 +628,55 @@ def dataset(dataset_name: str, properties: dict[str, str] | None = None, encrypt
     changed = False
     if settable:
         changed = True
-        tell(f"dataset {dataset_name}: set {', '.join(f'{k}={v}' for k, v in settable.items())}")
+        run.tell(f"dataset {dataset_name}: set {', '.join(f'{k}={v}' for k, v in settable.items())}")
         yield StringCommand("zfs", "set", *[QuoteString(f"{k}={v}") for k, v in settable.items()],
                             QuoteString(dataset_name))
     if encryption and current.get("keystatus", ("",))[0] == "unavailable":
         changed = True
-        tell(f"dataset {dataset_name}: load its key")
+        run.tell(f"dataset {dataset_name}: load its key")
         yield StringCommand("zfs", "load-key", QuoteString(dataset_name))
     if not changed:
-        host.noop(f"dataset {dataset_name} exists with the profile's properties"
+        run.noop(f"dataset {dataset_name} exists with the profile's properties"
                   + (f" and its @{EMPTY_SNAPSHOT} snapshot" if empty_snapshot else "")
                   + (" and its key loaded" if encryption else ""))
 
 
 @operation()
-def export_pool(pool_name: str):
+def export_pool(run: Run, pool_name: str):
     """
     Unmount every mount of the pool (and what is mounted below them) and export it, so the
     installed system imports it at its first boot as a pool it may take. A read-only view
     (``pool(view=...)``) that nothing needed to write through is closed the same way, as a read:
     the pool is left exactly as the run found it.
 
+    + run: the run (facts, what it made)
     + pool_name: the pool's name
 
     **Example:**
 
     .. code:: python
 
-        zfs.export_pool("rpool-2790ee34")
+        zfs.export_pool(run, "rpool-2790ee34")
     """
-    state = read(ZfsPoolState, pool_name=pool_name)
+    state = run.read(ZfsPoolState, pool_name=pool_name)
     if state.get("state") == "imported" and state.get("readonly"):
-        cancel_before_first_change(f"pool {pool_name}")
-        closed = host.get_fact(ZfsViewClosed, pool_name=pool_name)
-        forget()
+        run.cancel_before_first_change(f"pool {pool_name}")
+        closed = run.host.get_fact(ZfsViewClosed, pool_name=pool_name)
+        run.forget()
         if closed != "closed":
             raise ZfsError(f"pool {pool_name}: its read-only view could not be closed ({closed}); see what holds "
                            f"its mounts (fuser -vm /mnt), then zpool export {pool_name}")
-        if not created_this_run(Made.writable_pool(pool_name)):
-            host.noop(f"pool {pool_name} is exported as the run found it: read through a read-only import, "
+        if not run.created_this_run(Made.writable_pool(pool_name)):
+            run.noop(f"pool {pool_name} is exported as the run found it: read through a read-only import, "
                       "nothing written")
             return
         # (planning only: the change planned before would have made it writable, then exported)
-    elif state.get("state") != "imported" and not (created_this_run(Made.pool(pool_name))
-                                                   or created_this_run(Made.imported_pool(pool_name))):
-        host.noop(f"pool {pool_name} is not imported")
+    elif state.get("state") != "imported" and not (run.created_this_run(Made.pool(pool_name))
+                                                   or run.created_this_run(Made.imported_pool(pool_name))):
+        run.noop(f"pool {pool_name} is not imported")
         return
     # (not imported yet while planning a run that creates or imports it: the plan shows the export)
-    tell(f"unmount every mount of pool {pool_name} and export it, ready for the first boot")
+    run.tell(f"unmount every mount of pool {pool_name} and export it, ready for the first boot")
     yield f"{_unmount_pool_script(pool_name)} && zpool export {shlex.quote(pool_name)}"
 
 
@@ -689,22 +692,19 @@ def ordered_datasets(pool: Pool) -> list[Dataset]:
     return sorted(pool.datasets, key=lambda d: d.name.count("/"))
 
 
-def apply(profile: Profile, settings=None) -> None:
+def apply(run: Run) -> None:
     """Pools imported or created, datasets with properties, @empty snapshots, keys loaded. A run
     that exports the pools at the end (``settings.export_pools``) reads an exported pool read-only."""
+    profile = run.profile
     if not profile.pools:
         return
-
-    needs_key = any(ds.encryption for pool in profile.pools.values() for ds in pool.datasets)
-    key = read_secret("ZFS_KEY") if needs_key else None
-    kernel_module(name="ZFS kernel module")
+    key = run.secrets.get(KEY)
+    kernel_module(run, name="ZFS kernel module")
     for pool_key, pool_def in profile.pools.items():
         devices = member_devices(profile, pool_key)
-        roots = tuple(f"{pool_def.name}/{ds.name}" for ds in pool_def.datasets if ds.encryption)
-        view = PoolView(mounts=tuple(profile.all_mounts()), encryption_roots=roots, key=key,
-                        exported_at_end=bool(getattr(settings, "export_pools", False)))
-        pool(pool_def, devices, view=view, name=f"ZFS pool {pool_def.name}", **view.stdin())
-        dataset(pool_def.name, properties=dict(pool_def.root_properties), create=False,
+        view = pool_view(run, pool_def)
+        pool(run, pool_def, devices, view=view, name=f"ZFS pool {pool_def.name}", **view.stdin())
+        dataset(run, pool_def.name, properties=dict(pool_def.root_properties), create=False,
                 name=f"ZFS properties {pool_def.name}")
         for ds in ordered_datasets(pool_def):
             full = f"{pool_def.name}/{ds.name}"
@@ -714,6 +714,7 @@ def apply(profile: Profile, settings=None) -> None:
                 if len(key.reveal()) < 8:
                     raise ZfsError(f"{key.source}: a ZFS passphrase needs at least 8 characters")
             dataset(
+                run,
                 full,
                 properties=dataset_properties(ds),
                 encryption=ds.encryption.model_dump() if ds.encryption else None,
@@ -723,10 +724,18 @@ def apply(profile: Profile, settings=None) -> None:
             )
 
 
-def export(profile: Profile) -> None:
+def pool_view(run: Run, pool_def: Pool) -> PoolView:
+    """How this run reads the pool when it leaves it exported: the profile's mounts, the
+    encryption roots and the run's key."""
+    roots = tuple(f"{pool_def.name}/{ds.name}" for ds in pool_def.datasets if ds.encryption)
+    return PoolView(mounts=tuple(run.profile.all_mounts()), encryption_roots=roots, key=run.secrets.get(KEY),
+                    exported_at_end=run.settings.export_pools)
+
+
+def export(run: Run) -> None:
     """At the end of a run: every pool unmounted and exported cleanly."""
-    for pool_def in profile.pools.values():
-        export_pool(pool_def.name, name=f"ZFS export {pool_def.name}")
+    for pool_def in run.profile.pools.values():
+        export_pool(run, pool_def.name, name=f"ZFS export {pool_def.name}")
 
 
 # --- NixOS ----------------------------------------------------------------------------------
@@ -826,7 +835,7 @@ class SnapshotDiff(FactBase):
 
     .. code:: python
 
-        read(SnapshotDiff, dataset="rpool-1a2b3c4d/temp/root", snapshot="empty")
+        run.read(SnapshotDiff, dataset="rpool-1a2b3c4d/temp/root", snapshot="empty")
         [("+", "F", "/mnt/var/lib/app/db")]
     """
 
@@ -857,11 +866,11 @@ def parse_snapshot_diff(lines) -> list[tuple[str, str, str]]:
 _DIFF_KINDS = {"F": "file", "/": "directory", "@": "link"}
 
 
-def written_since_boot(profile: Profile, mounts: dict) -> tuple[list[Written], list[str]]:
+def written_since_boot(run: Run, mounts: dict) -> tuple[list[Written], list[str]]:
     """(what each temp dataset got since @empty, with its installed path; how that was found).
     ``mounts``: the Mounts fact (where each dataset is mounted now)."""
     written, how = [], []
-    for pool in profile.pools.values():
+    for pool in run.profile.pools.values():
         for ds in pool.datasets:
             if not ds.empty_snapshot or not ds.mountpoint:
                 continue
@@ -870,7 +879,7 @@ def written_since_boot(profile: Profile, mounts: dict) -> tuple[list[Written], l
             if where is None:
                 raise ZfsError(f"{name} is not mounted: import the pool and mount it (or run the install "
                                "deploy, which mounts it under /mnt) to compare it with @empty")
-            for change, kind, path in read(SnapshotDiff, dataset=name, snapshot=EMPTY_SNAPSHOT):
+            for change, kind, path in run.read(SnapshotDiff, dataset=name, snapshot=EMPTY_SNAPSHOT):
                 if change == "-" or (change == "M" and kind == "/"):
                     continue        # gone since @empty, or a folder whose entries changed (listed themselves)
                 relative = path.removeprefix(where.rstrip("/")).lstrip("/")
@@ -944,7 +953,7 @@ def parse_temp_state(lines) -> dict:
 
 
 @operation()
-def present(pool: Pool, devices: dict[str, str]):
+def present(run: Run, pool: Pool, devices: dict[str, str]):
     """
     Refuse a rescue (TabulaError) when the pool is neither imported nor found on its members'
     folder: a rescue imports a pool, it never creates one.
@@ -952,14 +961,14 @@ def present(pool: Pool, devices: dict[str, str]):
     + pool: the profile's Pool
     + devices: partlabel -> member device (``member_devices``)
     """
-    if not read(ZfsModuleLoaded) and not host.state.is_executing:
-        host.noop(f"pool {pool.name}: looked for once the zfs module is loaded")
+    if not run.read(ZfsModuleLoaded) and not run.executing:
+        run.noop(f"pool {pool.name}: looked for once the zfs module is loaded")
         return
     search_dirs = tuple(sorted({path.rsplit("/", 1)[0] for path in devices.values()}))
-    if read(ZfsPoolState, pool_name=pool.name, devices=tuple(devices.values())).get("state") == "imported":
-        host.noop(f"pool {pool.name} is imported")
-    elif pool.name in read(ZfsImportablePools, search_dirs=search_dirs):
-        host.noop(f"pool {pool.name} is found on {', '.join(search_dirs)}, ready to import")
+    if run.read(ZfsPoolState, pool_name=pool.name, devices=tuple(devices.values())).get("state") == "imported":
+        run.noop(f"pool {pool.name} is imported")
+    elif pool.name in run.read(ZfsImportablePools, search_dirs=search_dirs):
+        run.noop(f"pool {pool.name} is found on {', '.join(search_dirs)}, ready to import")
     else:
         raise ZfsError(f"refusing to rescue pool {pool.name}: it is neither imported nor found on "
                        f"{', '.join(search_dirs)} (zpool import -d {search_dirs[0]} lists none); a rescue never "
@@ -968,7 +977,7 @@ def present(pool: Pool, devices: dict[str, str]):
 
 
 @operation()
-def keys_loaded(pool_name: str, roots: tuple[str, ...]):
+def keys_loaded(run: Run, pool_name: str, roots: tuple[str, ...]):
     """
     Load the key of each encryption root whose key is not loaded, from stdin (pass it with
     ``_stdin=``, never argv), so its datasets can be mounted.
@@ -976,15 +985,15 @@ def keys_loaded(pool_name: str, roots: tuple[str, ...]):
     + pool_name: the pool
     + roots: the encryption roots, e.g. ``("rpool-2790ee34/remote",)``
     """
-    datasets = read(ZfsPoolDatasets, pool_name=pool_name)
+    datasets = run.read(ZfsPoolDatasets, pool_name=pool_name)
     if not datasets:
-        if host.state.is_executing:
+        if run.executing:
             raise ZfsError(f"pool {pool_name} is not imported: cannot load the keys of {', '.join(roots)}")
         yield StringCommand("sh", "-c", QuoteString(_load_keys_script(roots)))   # (planned: read once imported)
         return
     unavailable = tuple(r for r in roots if datasets.get(r, {}).get("keystatus", ("",))[0] != "available")
     if not unavailable:
-        host.noop(f"the key of {', '.join(roots)} is loaded")
+        run.noop(f"the key of {', '.join(roots)} is loaded")
         return
     yield StringCommand("sh", "-c", QuoteString(_load_keys_script(unavailable)))
 
@@ -1005,7 +1014,7 @@ def rollback_command(pool_name: str, datasets: list[str]) -> StringCommand:
 
 
 @operation()
-def rolled_back(pool_name: str, temps: tuple[tuple[str, str | None], ...], mountpoints: tuple[str, ...] = ()):
+def rolled_back(run: Run, pool_name: str, temps: tuple[tuple[str, str | None], ...], mountpoints: tuple[str, ...] = ()):
     """
     Roll each temp dataset back to its ``@empty`` snapshot, unless nothing was written to it
     since (``written@empty`` is 0) or it holds nothing but the install's footprint (the mount
@@ -1019,19 +1028,19 @@ def rolled_back(pool_name: str, temps: tuple[tuple[str, str | None], ...], mount
 
     .. code:: python
 
-        zfs.rolled_back("rpool-2790ee34", (("rpool-2790ee34/temp/root", "/"), ("rpool-2790ee34/temp/tmp", "/tmp")),
+        zfs.rolled_back(run, "rpool-2790ee34", (("rpool-2790ee34/temp/root", "/"), ("rpool-2790ee34/temp/tmp", "/tmp")),
                         mountpoints=("/", "/tmp", "/nix"))
     """
     names = [name for name, _ in temps]
     request = tuple((name, install_path(mp), *install_footprint(mp, list(mountpoints))) if mp else (name, "", [], None)
                     for name, mp in temps)
-    state = read(ZfsTempState, pool_name=pool_name, temps=request)
+    state = run.read(ZfsTempState, pool_name=pool_name, temps=request)
     if not state.get("imported"):
-        if host.state.is_executing:
+        if run.executing:
             raise ZfsError(f"pool {pool_name} is not imported: cannot roll back {', '.join(names)}")
-        logger.info(f"{host.print_prefix}{', '.join(names)}: read once {pool_name} is imported; rolled back to "
+        run.tell(f"{', '.join(names)}: read once {pool_name} is imported; rolled back to "
                     f"@{EMPTY_SNAPSHOT} if written since (refused if a snapshot is missing)")
-        record_created(*(Made.dataset(name) for name in names))
+        run.record_created(*(Made.dataset(name) for name in names))
         yield rollback_command(pool_name, names)
         return
     dirty, clean = [], []
@@ -1051,36 +1060,34 @@ def rolled_back(pool_name: str, temps: tuple[tuple[str, str | None], ...], mount
             dirty.append(name)
             held = describe_leftovers(found["leftovers"]) if found["leftovers"] else (
                 f"{found['written']} bytes written since @{EMPTY_SNAPSHOT}")
-            logger.info(f"{host.print_prefix}{name}: {held}: rolling it back to @{EMPTY_SNAPSHOT}")
+            run.tell(f"{name}: {held}: rolling it back to @{EMPTY_SNAPSHOT}")
     if not dirty:
-        host.noop("; ".join(clean))
+        run.noop("; ".join(clean))
         return
-    record_created(*(Made.dataset(name) for name in dirty))     # empty again, as made
+    run.record_created(*(Made.dataset(name) for name in dirty))     # empty again, as made
     yield rollback_command(pool_name, dirty)
 
 
-def rescue(profile: Profile, settings=None) -> None:
+def rescue(run: Run) -> None:
     """Each pool imported (read-only while nothing needs writing, when the run exports it at the
     end), never created; keys loaded; temp datasets rolled back to @empty."""
+    profile = run.profile
     if not profile.pools:
         return
-    needs_key = any(ds.encryption for pool in profile.pools.values() for ds in pool.datasets)
-    key = read_secret("ZFS_KEY") if needs_key else None
+    key = run.secrets.get(KEY)
     mountpoints = tuple(m.mountpoint for m in profile.all_mounts())
-    kernel_module(name="ZFS kernel module")
+    kernel_module(run, name="ZFS kernel module")
     for pool_key, pool_def in profile.pools.items():
         devices = member_devices(profile, pool_key)
-        roots = tuple(f"{pool_def.name}/{ds.name}" for ds in pool_def.datasets if ds.encryption)
-        present(pool_def, devices, name=f"ZFS pool {pool_def.name} found")
-        view = PoolView(mounts=tuple(profile.all_mounts()), encryption_roots=roots, key=key,
-                        exported_at_end=bool(getattr(settings, "export_pools", False)))
-        pool(pool_def, devices, view=view, name=f"ZFS pool {pool_def.name}", **view.stdin())
-        if roots:
-            keys_loaded(pool_def.name, roots, name=f"ZFS keys {pool_def.name}", _stdin=key.reveal())
+        present(run, pool_def, devices, name=f"ZFS pool {pool_def.name} found")
+        view = pool_view(run, pool_def)
+        pool(run, pool_def, devices, view=view, name=f"ZFS pool {pool_def.name}", **view.stdin())
+        if view.encryption_roots:
+            keys_loaded(run, pool_def.name, view.encryption_roots, name=f"ZFS keys {pool_def.name}", _stdin=key.reveal())
         temps = tuple((f"{pool_def.name}/{ds.name}", ds.mountpoint) for ds in ordered_datasets(pool_def)
                       if ds.empty_snapshot)
         if temps:
-            rolled_back(pool_def.name, temps, mountpoints,
+            rolled_back(run, pool_def.name, temps, mountpoints,
                         name=f"ZFS rollback to @{EMPTY_SNAPSHOT}: {', '.join(n.split('/', 1)[1] for n, _ in temps)}")
 
 

@@ -7,7 +7,7 @@ import operations
 
 PACKAGE = Path(operations.__file__).parent
 # Modules every layer may use; they import no layer.
-SHARED = {"errors", "profile", "roundtrips", "target", "nixlit", "secrets", "nixpatch", "settings"}
+SHARED = {"errors", "profile", "run", "target", "nixlit", "secrets", "nixpatch", "settings"}
 # One module per storage layer: facts, operations, Nix fragment, checks.
 LAYERS = {"gpt", "luks", "filesystems", "btrfs", "zfs", "mounts", "persist"}
 # What orders and assembles the layers (verify runs every layer's checks).

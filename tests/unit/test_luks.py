@@ -8,7 +8,9 @@ from operations import luks, target
 from operations.target import WholeDiskSignature
 from operations.errors import TabulaError
 from operations.profile import load_profile
-from tests.unit.pyinfra_fake import fixture_lines, run_op
+from operations.secrets import Secret
+from tests.unit.pyinfra_fake import fake_run, fixture_lines
+from tests.unit.pyinfra_fake import run_op as run_fake_op
 
 DEVICE = "/dev/disk/by-partlabel/cryptroot"
 SECRET = "unit test secret"
@@ -21,12 +23,10 @@ def profile_luks():
     return profile.luks_devices()[0][1]
 
 
-@pytest.fixture(autouse=True)
-def secret(monkeypatch):
-    luks.passphrase.cache_clear()
-    monkeypatch.setenv("TABULA_LUKS_PASSPHRASE", SECRET)
-    yield
-    luks.passphrase.cache_clear()
+def run_op(monkeypatch, module, op, facts, **kwargs):
+    """The operation on a run whose secrets hold the passphrase (read once by the stages)."""
+    return run_fake_op(monkeypatch, module, op, facts, run=fake_run(facts, secrets={luks.PASSPHRASE: Secret(SECRET, "test")}),
+                       **kwargs)
 
 
 def test_parse_luks2_dump():
@@ -110,8 +110,7 @@ def test_mapping_on_another_device_refused(monkeypatch, profile_luks):
         run_op(monkeypatch, luks, luks.mapping, facts, device=DEVICE, luks=profile_luks)
 
 
-def test_passphrase_with_newline_refused(monkeypatch):
-    monkeypatch.setenv("TABULA_LUKS_PASSPHRASE", "two\nlines")
-    luks.passphrase.cache_clear()
+def test_passphrase_with_newline_refused():
+    run = fake_run(secrets={luks.PASSPHRASE: Secret("two\nlines", "$TABULA_LUKS_PASSPHRASE")})
     with pytest.raises(TabulaError, match="line break"):
-        luks.passphrase()
+        luks.passphrase(run)

@@ -273,11 +273,12 @@ def test_review_command_writes_files_and_touches_no_disk(tmp_path):
     ((ROOT / "tests/unit/fixtures/nixos/real-zephyrus-btrfs.nix").read_text(), False),    # the real tool's
 ])
 def test_hardware_configuration_is_generated_unless_a_whole_one_is_there(monkeypatch, present, generates):
-    from tests.unit.pyinfra_fake import run_op
+    from operations.settings import Settings
+    from tests.unit.pyinfra_fake import fake_run, run_op
 
     profile = load_profile("zephyrus-btrfs", ZEPHYRUS)
-    commands, _, fake = run_op(monkeypatch, nixos, nixos.generate_config, {target.FileText: present},
-                               profile=profile, root="/mnt")
+    run = fake_run({target.FileText: present}, Settings(profile=profile))
+    commands, _, fake = run_op(monkeypatch, nixos, nixos.generate_config, {}, run=run, root="/mnt")
     assert commands == (["nixos-generate-config --root /mnt"] if generates else [])
     if not generates:
         assert fake.noops == ["/mnt/etc/nixos/hardware-configuration.nix is already generated"]

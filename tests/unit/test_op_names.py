@@ -17,7 +17,7 @@ import operations
 from operations import disks, gpt, stages
 from operations.profile import available_profiles, load_profile
 from operations.settings import Settings
-from tests.unit.pyinfra_fake import use_fake_host
+from tests.unit.pyinfra_fake import FakeHost
 from tests import profile_cases
 
 WIDTH = 120
@@ -41,7 +41,7 @@ def record_operations(monkeypatch) -> list[str]:
     names: list[str] = []
 
     def recorder(op):
-        def record(*args, name=None, **kwargs):
+        def record(run, *args, name=None, **kwargs):
             kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}   # global arguments
             names.append(pyinfra_name(op._inner, name, args, kwargs))
         return record
@@ -78,8 +78,8 @@ def run_names(monkeypatch, profile_name: str) -> list[str]:
         monkeypatch.delenv(f"{key}_FILE", raising=False)
     profile = load_profile(profile_name, profile_cases.render_vars(profile_name))
     facts, confirm = confirmed_foreign_disks(profile)
-    use_fake_host(monkeypatch, disks, facts)
-    monkeypatch.setattr(disks, "_is_local_connector", lambda: True)
+    monkeypatch.setattr(stages, "host", FakeHost(facts))
+    monkeypatch.setattr(disks, "_is_local_connector", lambda host: True)
     names = record_operations(monkeypatch)
     stages.deploy(Settings(profile=profile, confirm_wipe=confirm, install=True, export_pools=True, nix_check=False))
     return names
