@@ -404,11 +404,11 @@ def guard(run: Run, rescue: bool = False) -> list[DiskCheck]:
     + rescue: a rescue never wipes, whatever tabula_confirm_wipe says, and never installs
     """
     profile, settings, host = run.profile, run.settings, run.host
-    confirmed = () if rescue else settings.confirm_wipe
+    confirmed = () if rescue else settings.tabula_confirm_wipe
     # Everything the checks read about the disks, in one round trip (the partition tables are
     # kept for the partitioning stage, which reads them next).
     disks = list(profile.disks.values())
-    install = settings.install and not rescue
+    install = settings.tabula_install and not rescue
     tools, devices, swaps, pool_vdevs, *per_disk = run.read_many(
         [tools_request(profile, install), (BlockDevices, {}), (ActiveSwaps, {}), (ImportedPoolVdevs, {})]
         + [(StablePath, {"path": disk.device}) for disk in disks]

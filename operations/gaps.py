@@ -148,7 +148,7 @@ def find(run: Run, root: str) -> tuple[list[Group], list[str]]:
 
 
 def show(run: Run) -> str:
-    root = system_root(run, run.settings.root)
+    root = system_root(run, run.settings.tabula_root)
     groups, how = find(run, root)
     text = report(groups, run.profile, root, how)
     print("\n".join(f"{run.prefix}{line}" for line in text.splitlines()), flush=True)

@@ -201,10 +201,10 @@ def precheck(run: Run) -> None:
     Nix's error. The result is a step of the plan."""
     profile, settings = run.profile, run.settings
     target_has_nix = False
-    if settings.nix_check is not False:
-        fact, arguments = disks.tools_request(profile, settings.install)   # the guard's read, kept
+    if settings.tabula_nix_check is not False:
+        fact, arguments = disks.tools_request(profile, settings.tabula_install)   # the guard's read, kept
         target_has_nix = "nix" in run.read(fact, **arguments)["commands"]
-    where, why = where_to_evaluate(settings.nix_check, settings.nix_inputs, target_has_nix)
+    where, why = where_to_evaluate(settings.tabula_nix_check, settings.tabula_nix_inputs, target_has_nix)
     if where is None:
         evaluated(run, summary=f"not evaluated before the install: {why}", name="NixOS evaluation")
         return
@@ -212,7 +212,7 @@ def precheck(run: Run) -> None:
     files = nixos.render_files(profile, None, None, hardware_module=module, placeholder=True)
     logger.info(f"{run.prefix}evaluating the NixOS configuration {why}")
     hostname = profile.nixos.hostname
-    result = evaluate(files, hostname, settings.nix_inputs) if where == "controller" else \
+    result = evaluate(files, hostname, settings.tabula_nix_inputs) if where == "controller" else \
         evaluate_on_target(run, files, hostname)
     if not result.ok:
         raise EvaluationFailed(

@@ -361,7 +361,7 @@ def checks(host, settings: Settings, root: str) -> list[str]:
             have = read_fact(host, FileText, path=path) or ""
             failures.append(f"{path}: {first_difference(have, text)}" if have != text else
                             f"{path}: mode {present[path]['mode']}, not 644")
-    if settings.install:
+    if settings.tabula_install:
         stamp = under(root, INSTALL_STAMP.removeprefix(ROOT))
         installed = (read_fact(host, FileText, path=stamp) or "").strip()
         if not installed:

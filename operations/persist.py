@@ -306,7 +306,7 @@ def checks(host, settings: Settings, root: str) -> list[str]:
     for path, (kind, mode) in wanted.items():
         have = state.get(path)
         if have is None:
-            if path in hashes and not settings.install:
+            if path in hashes and not settings.tabula_install:
                 continue        # a run that does not install may seed them later
             failures.append(f"{path}: missing")
         elif have["type"] != kind or have["mode"] != mode or have["user"] != "root":

@@ -30,10 +30,10 @@ def deploy(settings: Settings) -> Run:
     btrfs.apply_swapfiles(run)              # swapfiles after their subvolume is mounted
     nixos.apply(run)                        # nixos-generate-config, patched storage, flake + modules
     persist.apply(run)                      # secrets, SSH host keys, machine-id, initrd SSH key
-    if settings.install:
+    if settings.tabula_install:
         nixos.install(run)                  # nixos-install --flake, skipped when already installed
     persist.copy_configuration(run)         # with the flake.lock the install wrote: pinned inputs
-    if settings.export_pools:
+    if settings.tabula_export_pools:
         zfs.export(run)                     # at the very end: unmounted and exported for first boot
     return run
 
@@ -47,7 +47,7 @@ def secrets_needed(run: Run, rescue: bool) -> dict[str, bool]:
     if any(ds.encryption for pool in profile.pools.values() for ds in pool.datasets):
         wanted[zfs.KEY] = True
     if not rescue:
-        wanted.update({name: run.settings.install for name in persist.PASSWORD_SECRETS})
+        wanted.update({name: run.settings.tabula_install for name in persist.PASSWORD_SECRETS})
     return wanted
 
 
@@ -84,6 +84,6 @@ def rescue(settings: Settings) -> Run | None:
     btrfs.rescue(run)                       # the top level mounted, @root restored from @root-blank
     mounts.apply(run)                       # everything under /mnt, parents first, as the install does
     persist.restore_configuration(run)      # /mnt/etc/nixos from the persisted copy
-    if settings.export_pools:
+    if settings.tabula_export_pools:
         zfs.export(run)                     # at the very end: unmounted and exported for the next boot
     return run

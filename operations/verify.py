@@ -4,7 +4,7 @@ through a testinfra host. What ``pytest tests/verify --hosts=ssh://install-targe
 tests/verify/conftest.py and the README's "Day two: is the machine what the profile says?").
 
     settings = settings_from_inventory("install-target", data={"tabula_vars": {...}})
-    root = install_root(host, settings.root)       # /mnt after the install, / on the booted system
+    root = install_root(host, settings.tabula_root)       # /mnt after the install, / on the booted system
     failures = verify(host, settings, root)        # {"gpt": [], "luks": ["..."], ...}
 
 The profile and its vars come from the same inventory data as the deploy's (inventory.py,

@@ -694,7 +694,7 @@ def ordered_datasets(pool: Pool) -> list[Dataset]:
 
 def apply(run: Run) -> None:
     """Pools imported or created, datasets with properties, @empty snapshots, keys loaded. A run
-    that exports the pools at the end (``settings.export_pools``) reads an exported pool read-only."""
+    that exports the pools at the end (``settings.tabula_export_pools``) reads an exported pool read-only."""
     profile = run.profile
     if not profile.pools:
         return
@@ -729,7 +729,7 @@ def pool_view(run: Run, pool_def: Pool) -> PoolView:
     encryption roots and the run's key."""
     roots = tuple(f"{pool_def.name}/{ds.name}" for ds in pool_def.datasets if ds.encryption)
     return PoolView(mounts=tuple(run.profile.all_mounts()), encryption_roots=roots, key=run.secrets.get(KEY),
-                    exported_at_end=run.settings.export_pools)
+                    exported_at_end=run.settings.tabula_export_pools)
 
 
 def export(run: Run) -> None:

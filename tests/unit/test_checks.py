@@ -51,7 +51,7 @@ def captured(name: str) -> str:
 
 @pytest.fixture
 def settings():
-    return Settings(profile=load_profile("zephyrus-btrfs", VM_VARS), install=False)
+    return Settings.of(load_profile("zephyrus-btrfs", VM_VARS), tabula_install=False)
 
 
 READLINK = [(r"readlink -f /dev/disk/by-partlabel/EFI", "/dev/nvme0n1p1\n"),
@@ -160,7 +160,7 @@ def test_persist_names_a_seeded_file_with_the_wrong_mode(settings):
     assert persist.checks(host, settings, "/mnt") == [
         "/mnt/persist/etc/ssh/ssh_host_ed25519_key: file 644 root, the profile wants file 600 root"]
     # a run that installs must have seeded the password hashes
-    installing = Settings(profile=settings.profile, install=True)
+    installing = Settings.of(settings.profile, tabula_install=True)
     assert persist.checks(host, installing, "/mnt")[:2] == [
         "/mnt/persist/secrets/root-password: missing", "/mnt/persist/secrets/sean-password: missing"]
 
@@ -177,14 +177,14 @@ def test_the_install_root_is_found_or_given():
     booted = "\n".join(line for line in installed.splitlines() if " /mnt" not in line)
     assert verify.install_root(FakeTestinfraHost([(r"cat /proc/mounts", booted)])) == "/"
     assert verify.install_root(FakeTestinfraHost([]), "/") == "/"
-    assert verify.settings_from_inventory("nas-live", data={"tabula_root": "/"}).root == "/"
+    assert verify.settings_from_inventory("nas-live", data={"tabula_root": "/"}).tabula_root == "/"
 
 
 def test_settings_come_from_the_inventory_as_the_deploys_do():
     data = verify.parse_data([f'tabula_vars={{"disk": "{NVME}"}}', "tabula_install=false"])
     settings = verify.settings_from_inventory("install-target", data=data)
     assert settings.profile.name == "zephyrus-btrfs" and settings.profile.disks["main"].device == NVME
-    assert settings.install is False
+    assert settings.tabula_install is False
     # a named host of inventory.py brings its own profile and vars
     nas = verify.settings_from_inventory("nas-live")
     assert nas.profile.name == "zfs-raidz1" and nas.profile.nixos.hostname == "nas"

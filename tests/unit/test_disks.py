@@ -74,7 +74,7 @@ def wipes(monkeypatch):
 
 
 def run_guard(monkeypatch, the_profile, fact_table, confirm=()):
-    return disks.guard(fake_run(fact_table, Settings(profile=the_profile, confirm_wipe=tuple(confirm))))
+    return disks.guard(fake_run(fact_table, Settings.of(the_profile, tabula_confirm_wipe=tuple(confirm))))
 
 
 def installed_table():

@@ -76,7 +76,7 @@ def test_zfs_diff_paths_become_installed_paths(monkeypatch):
     diff = zfs.parse_snapshot_diff(["M\t/\t/mnt/", "+\tF\t/mnt/var/lib/app/db", "-\tF\t/mnt/gone",
                                     "R\tF\t/mnt/a\t/mnt/b\\040c", "+\t@\t/mnt/etc/hosts"])
     run = fake_run({(zfs.SnapshotDiff, frozenset({("dataset", f"{pool}/temp/root"), ("snapshot", "empty")})): diff},
-                   Settings(profile=profile))
+                   Settings.of(profile))
     mounts_now = {"/mnt": {"device": f"{pool}/temp/root", "fstype": "zfs", "options": []},
                   "/mnt/tmp": {"device": f"{pool}/temp/tmp", "fstype": "zfs", "options": []}}
     written, how = zfs.written_since_boot(run, mounts_now)

@@ -30,7 +30,7 @@ def profile():
 @pytest.fixture
 def fake(profile) -> Run:
     """A run of the profile on a fake target (``fake.host`` answers its facts)."""
-    return fake_run({}, Settings(profile=profile), secrets=SECRETS)
+    return fake_run({}, Settings.of(profile), secrets=SECRETS)
 
 
 def run(the_run: Run, op, **kwargs) -> list[str]:
@@ -41,7 +41,7 @@ def first_run(profile, fake, knows_nothing: bool = False):
     """The zephyrus-btrfs stages in deploy order: ({stage: facts it read}, {stage: commands}).
     knows_nothing: each stage as if it were the first of a new run (a re-run after a fault)."""
     reads: dict[str, list[str]] = {}
-    settings = Settings(profile=profile)
+    settings = Settings.of(profile)
 
     def stage(label, op, **kwargs):
         the_run = Run(fake.host, settings, secrets=SECRETS) if knows_nothing else fake

@@ -277,7 +277,7 @@ def test_hardware_configuration_is_generated_unless_a_whole_one_is_there(monkeyp
     from tests.unit.pyinfra_fake import fake_run, run_op
 
     profile = load_profile("zephyrus-btrfs", ZEPHYRUS)
-    run = fake_run({target.FileText: present}, Settings(profile=profile))
+    run = fake_run({target.FileText: present}, Settings.of(profile))
     commands, _, fake = run_op(monkeypatch, nixos, nixos.generate_config, {}, run=run, root="/mnt")
     assert commands == (["nixos-generate-config --root /mnt"] if generates else [])
     if not generates:

@@ -81,7 +81,7 @@ def run_names(monkeypatch, profile_name: str) -> list[str]:
     monkeypatch.setattr(stages, "host", FakeHost(facts))
     monkeypatch.setattr(disks, "_is_local_connector", lambda host: True)
     names = record_operations(monkeypatch)
-    stages.deploy(Settings(profile=profile, confirm_wipe=confirm, install=True, export_pools=True, nix_check=False))
+    stages.deploy(Settings.of(profile, tabula_confirm_wipe=confirm, tabula_install=True, tabula_export_pools=True, tabula_nix_check=False))
     return names
 
 

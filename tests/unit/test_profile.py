@@ -220,7 +220,7 @@ def test_settings_name_the_data_key():
     with pytest.raises(TabulaError, match="tabula_confirm_wipe"):
         load_settings({"tabula_profile": "zephyrus-btrfs", "tabula_vars": {"disk": NVME}, "tabula_confirm_wipe": [1]})
     settings = load_settings({"tabula_profile": "zephyrus-btrfs", "tabula_vars": {"disk": NVME}, "tabula_confirm_wipe": NVME})
-    assert settings.confirm_wipe == (NVME,)
+    assert settings.tabula_confirm_wipe == (NVME,)
 
 
 # --- secrets from the controller -----------------------------------------------------------

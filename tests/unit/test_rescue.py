@@ -401,7 +401,7 @@ def test_a_tmpfs_root_needs_no_rescue(monkeypatch, caplog):
     called = []
     monkeypatch.setattr(stages.disks, "guard", lambda *a, **k: called.append("guard"))
     monkeypatch.setattr(stages, "host", type("H", (), {"print_prefix": "[t] "}))
-    stages.rescue(Settings(profile=profile))
+    stages.rescue(Settings.of(profile))
     assert called == []
     assert "/ is a tmpfs, empty at every boot: it needs no rescue" in caplog.text
 
