@@ -1,6 +1,6 @@
 """
-Filesystems (vfat, btrfs, f2fs, ext4) and swap partitions: mkfs/mkswap only where the device
-carries no signature. A device that already holds the wanted filesystem is reused, never
+The filesystems layer: filesystems (vfat, btrfs, f2fs, ext4) and swap partitions, mkfs/mkswap
+only where the device carries no signature. A device that already holds the wanted filesystem is reused, never
 re-formatted; one holding something else is drift and stops the run.
 """
 
@@ -10,12 +10,13 @@ import shlex
 
 from pyinfra.api import QuoteString, StringCommand
 
+from operations.contract import Layer, Target
+from operations.diskolit import bind_hooks, mounted
 from operations.errors import TabulaError
-from operations.nixlit import NixFragments
+from operations.nixlit import DeviceIds, NixFragments
 from operations.profile import Filesystem, Profile, Swap
-from operations.run import Made, Run, one_command, operation
-from operations.target import SIGNATURE_FOUND_ADVICE, WholeDiskSignature, read_fact
-from operations.settings import Settings
+from operations.run import FactRequest, Made, Run, one_command, operation
+from operations.target import SIGNATURE_FOUND_ADVICE, WholeDiskSignature
 
 # mkfs program and its "label" flag, by format.
 MKFS = {
@@ -113,55 +114,94 @@ def formatted(run: Run, filesystems: list[tuple[str, Filesystem]], swaps: list[t
         run.noop("; ".join(kept for _, kept in checks))
 
 
-def apply(run: Run) -> None:
-    wanted, swaps = list(run.profile.filesystems()), list(run.profile.swaps())
-    if wanted or swaps:
-        formatted(run, filesystems=wanted, swaps=swaps, name="Filesystems")
+# --- the layer ------------------------------------------------------------------------------------
 
 
-# --- NixOS ------------------------------------------------------------------------------------
+def mkfs_arguments(fs: Filesystem) -> list[str]:
+    """mkfs's options and label flag as ``mkfs_command`` passes them (the disko export too)."""
+    return [*fs.mkfs_options, *([MKFS[fs.format][1], fs.fs_label] if fs.fs_label else [])]
 
 
-def nix_fragments(profile: Profile, ids: dict | None = None, placeholder: bool = False) -> NixFragments:
-    """configuration.nix: the f2fs module in the initrd when an f2fs is needed for boot (the
-    temproot notes: it must sometimes be there explicitly to mount /.local)."""
-    if any(fs.format == "f2fs" and fs.needed_for_boot for _, fs in profile.filesystems()):
-        return NixFragments(configuration='  boot.initrd.kernelModules = [ "f2fs" ];\n')
-    return NixFragments()
+def formatted_node(node: dict, fs: Filesystem) -> dict:
+    """A disko filesystem node's mkfs arguments and own mount."""
+    if mkfs_arguments(fs):
+        node["extraArgs"] = mkfs_arguments(fs)
+    node.update(mounted(fs.mountpoint, fs.mount_options))
+    return node
 
 
-def required_tools(profile: Profile) -> dict[str, str]:
-    """{command: what needs it} on the target, for the guard's tools check."""
-    needed = {}
-    for part, node, _ in profile.walk():
-        if isinstance(node, Filesystem):
-            needed[MKFS[node.format][0]] = f"{node.format} on {part.label}"
-        elif isinstance(node, Swap):
-            needed["mkswap"] = f"swap partition {part.label}"
-    return needed
+class FilesystemsLayer(Layer):
+    name = "filesystems"
+    absent = "no filesystem or swap partition"
+
+    def make(self, run: Run) -> None:
+        wanted, swaps = list(run.profile.filesystems()), list(run.profile.swaps())
+        if wanted or swaps:
+            formatted(run, filesystems=wanted, swaps=swaps, name="Filesystems")
+
+    def applies(self, profile: Profile) -> bool:
+        return bool(profile.filesystems() or profile.swaps())
+
+    def owns(self, node) -> bool:
+        # (a btrfs with subvolumes is the btrfs layer's node in the disko export)
+        return isinstance(node, Swap) or (isinstance(node, Filesystem) and node.format != "btrfs")
+
+    def tools(self, profile: Profile) -> dict[str, str]:
+        needed = {}
+        for part, node, _ in profile.walk():
+            if isinstance(node, Filesystem):
+                needed[MKFS[node.format][0]] = f"{node.format} on {part.label}"
+            elif isinstance(node, Swap):
+                needed["mkswap"] = f"swap partition {part.label}"
+        return needed
+
+    def secrets(self, settings, rescue: bool) -> dict[str, bool]:
+        return {}
+
+    def observe(self, run: Run) -> list[FactRequest]:
+        devices = [device for device, _ in run.profile.filesystems()] + [device for device, _ in run.profile.swaps()]
+        return [(WholeDiskSignature, {"device": device}) for device in devices]
+
+    def problems(self, target: Target) -> list[str]:
+        """Each filesystem's type and label as blkid probes them on its device, and each swap
+        partition's signature (none to find on a swap with a new random key at every boot)."""
+        failures = []
+        for device, fs in target.settings.profile.filesystems():
+            found = target.read(WholeDiskSignature, device=device)
+            if found.get("TYPE") != fs.format:
+                failures.append(f"{device}: filesystem {found.get('TYPE') or 'none'}, the profile wants {fs.format}")
+            elif fs.fs_label and found.get("LABEL") != fs.fs_label:
+                failures.append(f"{device}: label {found.get('LABEL')!r}, the profile wants {fs.fs_label!r}")
+        for device, swap in target.settings.profile.swaps():
+            if swap.random_encryption:
+                continue
+            found = target.read(WholeDiskSignature, device=device)
+            if found.get("TYPE") != "swap":
+                failures.append(f"{device}: {found.get('TYPE') or 'no signature'}, the profile wants swap")
+        return failures
+
+    def nix(self, profile: Profile, devices: DeviceIds) -> NixFragments:
+        """configuration.nix: the f2fs module in the initrd when an f2fs is needed for boot (the
+        temproot notes: it must sometimes be there explicitly to mount /.local)."""
+        if any(fs.format == "f2fs" and fs.needed_for_boot for _, fs in profile.filesystems()):
+            return NixFragments(configuration='  boot.initrd.kernelModules = [ "f2fs" ];\n')
+        return NixFragments()
+
+    def gaps(self, run: Run, root: str) -> tuple[list, list[str]]:
+        return [], []
+
+    def disko(self, profile: Profile, context) -> dict:
+        return {}
+
+    def disko_node(self, node, device: str, part, context) -> dict | None:
+        if isinstance(node, Swap):
+            made = {"type": "swap"}
+            if node.random_encryption:
+                made["randomEncryption"] = True
+            return made
+        made = formatted_node({"type": "filesystem", "format": node.format}, node)
+        made.update(bind_hooks(context.profile, [node.mountpoint] if node.mountpoint else []))
+        return made
 
 
-# --- checks -------------------------------------------------------------------------------------
-
-
-def checks(host, settings: Settings, root: str) -> list[str]:
-    """Each filesystem's type and label as blkid probes them on its device, and each swap
-    partition's signature (none to find on a swap with a new random key at every boot). One line
-    per mismatch.
-
-    + host: a testinfra host (``read_fact`` runs this layer's facts through it)
-    """
-    failures = []
-    for device, fs in settings.profile.filesystems():
-        found = read_fact(host, WholeDiskSignature, device=device)
-        if found.get("TYPE") != fs.format:
-            failures.append(f"{device}: filesystem {found.get('TYPE') or 'none'}, the profile wants {fs.format}")
-        elif fs.fs_label and found.get("LABEL") != fs.fs_label:
-            failures.append(f"{device}: label {found.get('LABEL')!r}, the profile wants {fs.fs_label!r}")
-    for device, swap in settings.profile.swaps():
-        if swap.random_encryption:
-            continue
-        found = read_fact(host, WholeDiskSignature, device=device)
-        if found.get("TYPE") != "swap":
-            failures.append(f"{device}: {found.get('TYPE') or 'no signature'}, the profile wants swap")
-    return failures
+LAYER = FilesystemsLayer()

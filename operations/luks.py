@@ -1,5 +1,6 @@
 """
-LUKS containers: format a partition that carries no signature yet, and open its mapping.
+The luks layer: LUKS containers, formatted on a partition that carries no signature yet, and
+opened as their mapping.
 
 The passphrase comes from the controller (``TABULA_LUKS_PASSPHRASE`` or ``..._FILE``), is read
 once per run by the stages (``run.secrets``) and reaches cryptsetup on stdin only (pyinfra's ``_stdin``), never argv, output or
@@ -16,14 +17,13 @@ import re
 import shlex
 
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.run import Made, Run, operation
-
+from operations.contract import Layer, Target
 from operations.errors import TabulaError
-from operations.profile import Luks, Partition, Profile
-from operations.nixlit import NixFragments, nix_string, stable_device
+from operations.nixlit import DeviceIds, NixFragments, nix_string
+from operations.profile import Luks, Profile
+from operations.run import FactRequest, Made, Run, operation
 from operations.secrets import Secret
-from operations.settings import Settings
-from operations.target import SIGNATURE_FOUND_ADVICE, CanonicalPath, WholeDiskSignature, read_fact
+from operations.target import SIGNATURE_FOUND_ADVICE, CanonicalPath, WholeDiskSignature
 
 
 # --- facts ------------------------------------------------------------------------------------
@@ -203,6 +203,33 @@ def open_command(device: str, luks: Luks, secret: Secret) -> StringCommand:
     return StringCommand("sh", "-c", QuoteString(script), _stdin=secret.reveal())
 
 
+# --- the rules ----------------------------------------------------------------------------------
+
+
+def wanted_version(luks: Luks) -> int:
+    return int(luks.luks_type.removeprefix("luks"))
+
+
+def version_problem(luks: Luks, header: dict) -> str | None:
+    """The header's LUKS version when it is not the profile's (a drift no run may re-format)."""
+    have = header.get("version")
+    return None if have == wanted_version(luks) else f"LUKS version {have}, the profile wants {wanted_version(luks)}"
+
+
+def open_flags(luks: Luks) -> list[str]:
+    """The flags ``cryptsetup status`` shows for a mapping opened as the profile says."""
+    flags = ["discards"] if luks.allow_discards else []
+    return flags + (["no_read_workqueue", "no_write_workqueue"] if luks.bypass_workqueues else [])
+
+
+def container_reads(device: str) -> list[FactRequest]:
+    return [(LuksHeader, {"device": device}), (WholeDiskSignature, {"device": device})]
+
+
+def mapping_reads(device: str, luks: Luks) -> list[FactRequest]:
+    return [(LuksMapping, {"mapper": luks.mapper}), (CanonicalPath, {"path": device})]
+
+
 # --- operations -------------------------------------------------------------------------------
 
 
@@ -224,10 +251,9 @@ def container(run: Run, device: str, luks: Luks):
     """
     # A partition this run just made is not read: the format command itself checks it is blank.
     header, signature = (None, {}) if run.before_wipe() or run.created_this_run(Made.device(device)) else run.read_many(
-        [(LuksHeader, {"device": device}), (WholeDiskSignature, {"device": device})])
+        container_reads(device))
     if header:
-        want = int(luks.luks_type.removeprefix("luks"))
-        if header.get("version") != want:
+        if version_problem(luks, header):
             raise TabulaError(f"{device} holds a LUKS{header.get('version')} header, the profile wants {luks.luks_type}: "
                               "refusing to re-format an existing container (drift)")
         run.noop(f"{device} already holds a {luks.luks_type} header (UUID {header.get('uuid')})")
@@ -266,9 +292,8 @@ def mapping(run: Run, device: str, luks: Luks):
     # Nothing can be open on a container this run just formatted; the open command itself stops
     # when a mapping of that name is open on another device.
     new = run.created_this_run(Made.luks(device))
-    status = None if new else run.read(LuksMapping, mapper=luks.mapper)
+    status, backing = (None, None) if new else run.read_many(mapping_reads(device, luks))
     if status:
-        backing = run.read(CanonicalPath, path=device)
         if backing and status.get("device") and status["device"] != backing:
             raise TabulaError(f"/dev/mapper/{luks.mapper} is open on {status['device']}, not on {device} "
                               f"({backing}): close it or rename the mapper in the profile")
@@ -280,95 +305,110 @@ def mapping(run: Run, device: str, luks: Luks):
     yield open_command(device, luks, passphrase(run))
 
 
-def apply(run: Run) -> None:
-    if run.profile.luks_devices():
-        # Checked now, while the deploy is prepared: operation bodies run only at execution, so a
-        # passphrase refused there would stop the run after the partition tables were written.
-        passphrase(run)
-    for part, luks in run.profile.luks_devices():
-        container(run, device=part.device, luks=luks, name=f"LUKS format {part.label}")
-        mapping(run, device=part.device, luks=luks, name=f"LUKS open {luks.mapper}")
+# --- the layer ------------------------------------------------------------------------------------
 
 
-def luks_partition(profile: Profile, mapper: str) -> Partition | None:
-    return next((part for part, luks in profile.luks_devices() if luks.mapper == mapper), None)
+class LuksLayer(Layer):
+    name = "luks"
+    absent = "no LUKS container"
+
+    def make(self, run: Run) -> None:
+        if run.profile.luks_devices():
+            # Checked now, while the deploy is prepared: operation bodies run only at execution, so a
+            # passphrase refused there would stop the run after the partition tables were written.
+            passphrase(run)
+        for part, luks in run.profile.luks_devices():
+            container(run, device=part.device, luks=luks, name=f"LUKS format {part.label}")
+            mapping(run, device=part.device, luks=luks, name=f"LUKS open {luks.mapper}")
+
+    def rescue(self, run: Run) -> None:
+        """Open each container with the passphrase on stdin, as the install does; never luksFormat."""
+        if run.profile.luks_devices():
+            passphrase(run)     # checked while the run is prepared, as in make()
+        for part, luks in run.profile.luks_devices():
+            mapping(run, device=part.device, luks=luks, name=f"LUKS open {luks.mapper}")
+
+    def applies(self, profile: Profile) -> bool:
+        return bool(profile.luks_devices())
+
+    def owns(self, node) -> bool:
+        return isinstance(node, Luks)
+
+    def tools(self, profile: Profile) -> dict[str, str]:
+        return {"cryptsetup": f"LUKS container {part.label}" for part, _ in profile.luks_devices()}
+
+    def secrets(self, settings, rescue: bool) -> dict[str, bool]:
+        return {PASSPHRASE: True} if settings.profile.luks_devices() else {}
+
+    def observe(self, run: Run) -> list[FactRequest]:
+        return [read for part, luks in run.profile.luks_devices()
+                for read in container_reads(part.device) + mapping_reads(part.device, luks)]
+
+    def problems(self, target: Target) -> list[str]:
+        """Each container's LUKS header (version, key derivation, cipher when the profile sets
+        one) and its mapping open on that partition with the profile's flags."""
+        failures = []
+        for part, luks in target.settings.profile.luks_devices():
+            header = target.read(LuksHeader, device=part.device)
+            version = wanted_version(luks)
+            if header is None:
+                failures.append(f"{part.device}: no LUKS header (the profile wants {luks.luks_type})")
+            else:
+                if version_problem(luks, header):
+                    failures.append(f"{part.device}: {version_problem(luks, header)}")
+                pbkdfs = sorted({slot.get("pbkdf") for slot in header["keyslots"].values() if slot.get("pbkdf")})
+                if version == 2 and pbkdfs != [luks.pbkdf]:
+                    failures.append(f"{part.device}: key slots derive keys with {', '.join(pbkdfs) or 'nothing'}, "
+                                    f"the profile wants {luks.pbkdf}")
+                if luks.cipher and header.get("cipher") != luks.cipher:
+                    failures.append(f"{part.device}: cipher {header.get('cipher')}, the profile wants {luks.cipher}")
+            mapped = target.read(LuksMapping, mapper=luks.mapper)
+            if mapped is None:
+                failures.append(f"/dev/mapper/{luks.mapper}: not open")
+                continue
+            on = target.read(CanonicalPath, path=part.device)
+            if on and mapped.get("device") and target.read(CanonicalPath, path=mapped["device"]) != on:
+                failures.append(f"/dev/mapper/{luks.mapper}: opened from {mapped['device']}, not {part.device} ({on})")
+            missing = [flag for flag in open_flags(luks) if flag not in mapped["flags"]]
+            if missing:
+                failures.append(f"/dev/mapper/{luks.mapper}: flags {' '.join(mapped['flags']) or 'none'} "
+                                f"lack {' '.join(missing)}")
+        return failures
+
+    def nix(self, profile: Profile, devices: DeviceIds) -> NixFragments:
+        """hardware-configuration.nix: the initrd opens each container (by its UUID) before the
+        filesystems inside it are mounted, asking for the passphrase at boot."""
+        parts: list[str] = []
+        for part, luks in profile.luks_devices():
+            lines = [f"  boot.initrd.luks.devices.{nix_string(luks.mapper)} = {{",
+                     f"    device = {nix_string(devices.path(part.device))};"]
+            if luks.allow_discards:
+                lines.append("    allowDiscards = true;")
+            if luks.bypass_workqueues:
+                lines.append("    bypassWorkqueues = true;")
+            lines.append("  };")
+            parts.append("\n".join(lines))
+        return NixFragments(hardware="\n\n".join(parts))
+
+    def gaps(self, run: Run, root: str) -> tuple[list, list[str]]:
+        return [], []
+
+    def disko(self, profile: Profile, context) -> dict:
+        return {}
+
+    def disko_node(self, node: Luks, device: str, part, context) -> dict | None:
+        """settings become boot.initrd.luks.devices.<name> (and disko's open flags); no passwordFile:
+        disko asks for the passphrase at the terminal (askPassword), Tabula reads it on stdin."""
+        settings = {}
+        if node.allow_discards:
+            settings["allowDiscards"] = True
+        if node.bypass_workqueues:
+            settings["bypassWorkqueues"] = True
+        made = {"type": "luks", "name": node.mapper, "settings": settings, "extraFormatArgs": format_args(node)}
+        inner = context.content(node.content, node.device, part)
+        if inner:
+            made["content"] = inner
+        return made
 
 
-# --- NixOS ------------------------------------------------------------------------------------
-
-
-def nix_fragments(profile: Profile, ids: dict | None = None, placeholder: bool = False) -> NixFragments:
-    """hardware-configuration.nix: the initrd opens each container (by its UUID) before the
-    filesystems inside it are mounted, asking for the passphrase at boot."""
-    parts: list[str] = []
-    for part, luks in profile.luks_devices():
-        lines = [f"  boot.initrd.luks.devices.{nix_string(luks.mapper)} = {{",
-                 f"    device = {nix_string(stable_device(part.device, ids, 'UUID', placeholder))};"]
-        if luks.allow_discards:
-            lines.append("    allowDiscards = true;")
-        if luks.bypass_workqueues:
-            lines.append("    bypassWorkqueues = true;")
-        lines.append("  };")
-        parts.append("\n".join(lines))
-    return NixFragments(hardware="\n\n".join(parts))
-
-
-def required_tools(profile: Profile) -> dict[str, str]:
-    """{command: what needs it} on the target, for the guard's tools check."""
-    return {"cryptsetup": f"LUKS container {part.label}" for part, _ in profile.luks_devices()}
-
-
-# --- rescue -------------------------------------------------------------------------------------
-
-
-def rescue(run: Run) -> None:
-    """Open each container with the passphrase on stdin, as the install does; never luksFormat."""
-    if run.profile.luks_devices():
-        passphrase(run)     # checked while the run is prepared, as in apply()
-    for part, luks in run.profile.luks_devices():
-        mapping(run, device=part.device, luks=luks, name=f"LUKS open {luks.mapper}")
-
-
-# --- checks -------------------------------------------------------------------------------------
-
-
-def checks(host, settings: Settings, root: str) -> list[str]:
-    """Each container's LUKS header (version, key derivation, cipher when the profile sets one)
-    and its mapping open on that partition with the profile's flags. One line per mismatch.
-
-    + host: a testinfra host (``read_fact`` runs this layer's facts through it)
-    """
-    failures = []
-    for part, luks in settings.profile.luks_devices():
-        header = read_fact(host, LuksHeader, device=part.device)
-        version = 2 if luks.luks_type == "luks2" else 1
-        if header is None:
-            failures.append(f"{part.device}: no LUKS header (the profile wants {luks.luks_type})")
-        else:
-            if header.get("version") != version:
-                failures.append(f"{part.device}: LUKS version {header.get('version')}, the profile wants {version}")
-            pbkdfs = sorted({slot.get("pbkdf") for slot in header["keyslots"].values() if slot.get("pbkdf")})
-            if version == 2 and pbkdfs != [luks.pbkdf]:
-                failures.append(f"{part.device}: key slots derive keys with {', '.join(pbkdfs) or 'nothing'}, "
-                                f"the profile wants {luks.pbkdf}")
-            if luks.cipher and header.get("cipher") != luks.cipher:
-                failures.append(f"{part.device}: cipher {header.get('cipher')}, the profile wants {luks.cipher}")
-        mapping = read_fact(host, LuksMapping, mapper=luks.mapper)
-        if mapping is None:
-            failures.append(f"/dev/mapper/{luks.mapper}: not open")
-            continue
-        on = read_fact(host, CanonicalPath, path=part.device)
-        if on and mapping.get("device") and read_fact(host, CanonicalPath, path=mapping["device"]) != on:
-            failures.append(f"/dev/mapper/{luks.mapper}: opened from {mapping['device']}, not {part.device} ({on})")
-        wanted = open_flags(luks)
-        missing = [flag for flag in wanted if flag not in mapping["flags"]]
-        if missing:
-            failures.append(f"/dev/mapper/{luks.mapper}: flags {' '.join(mapping['flags']) or 'none'} "
-                            f"lack {' '.join(missing)}")
-    return failures
-
-
-def open_flags(luks: Luks) -> list[str]:
-    """The flags ``cryptsetup status`` shows for a mapping opened as the profile says."""
-    flags = ["discards"] if luks.allow_discards else []
-    return flags + (["no_read_workqueue", "no_write_workqueue"] if luks.bypass_workqueues else [])
+LAYER = LuksLayer()

@@ -202,14 +202,14 @@ def precheck(run: Run) -> None:
     profile, settings = run.profile, run.settings
     target_has_nix = False
     if settings.tabula_nix_check is not False:
-        fact, arguments = disks.tools_request(profile, settings.tabula_install)   # the guard's read, kept
+        fact, arguments = disks.tools_request(profile, settings.tabula_install, run.layers)   # the guard's read, kept
         target_has_nix = "nix" in run.read(fact, **arguments)["commands"]
     where, why = where_to_evaluate(settings.tabula_nix_check, settings.tabula_nix_inputs, target_has_nix)
     if where is None:
         evaluated(run, summary=f"not evaluated before the install: {why}", name="NixOS evaluation")
         return
     module, _ = nixos.choose_hardware_module(profile, run.read(nixos.DmiProductName))
-    files = nixos.render_files(profile, None, None, hardware_module=module, placeholder=True)
+    files = nixos.rendered_with(run.layers, profile, None, None, hardware_module=module, placeholder=True)
     logger.info(f"{run.prefix}evaluating the NixOS configuration {why}")
     hostname = profile.nixos.hostname
     result = evaluate(files, hostname, settings.tabula_nix_inputs) if where == "controller" else \

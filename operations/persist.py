@@ -1,10 +1,8 @@
 """
-Seed the persistent file system at install time, so the guide's post-install steps are done:
-password hashes in ``<persist>/secrets`` (0700, files 0600), SSH host keys (ed25519 and rsa 4096)
-in ``<persist>/etc/ssh``, ``<persist>/etc/machine-id`` and a copy of /etc/nixos.
-
-    from operations import persist
-    persist.apply(run)
+The persist layer: the persistent file system seeded at install time, so the guide's
+post-install steps are done: password hashes in ``<persist>/secrets`` (0700, files 0600), SSH
+host keys (ed25519 and rsa 4096) in ``<persist>/etc/ssh``, ``<persist>/etc/machine-id`` and a
+copy of /etc/nixos. Where they live is this layer's (``paths``): the NixOS files name the same.
 
 Nothing that exists is ever replaced: a re-run keeps every key, hash and machine-id. Password
 hashes come from the controller (TABULA_ROOT_PASSWORD_HASH, TABULA_USER_PASSWORD_HASH) and go
@@ -16,20 +14,54 @@ from __future__ import annotations
 import posixpath
 import re
 import shlex
+from dataclasses import dataclass
 
 from pyinfra import logger
 from pyinfra.api import QuoteString, StringCommand
-from operations.run import Run, one_command, operation
 
+from operations.contract import Layer, Target
 from operations.errors import TabulaError
+from operations.nixlit import DeviceIds, NixFragments
 from operations.profile import Profile
+from operations.run import FactRequest, Run, one_command, operation
 from operations.secrets import Secret
-from operations.settings import Settings
-from operations.target import CONFIG_DIR, INSTALL_ROOT, DirectoryDigest, PathsState, read_fact, under
+from operations.target import CONFIG_DIR, INSTALL_ROOT, DirectoryDigest, PathsState, under
 
 # crypt(5) hashes as mkpasswd and NixOS's hashedPassword accept them: yescrypt ($y$), sha-512
 # ($6$), sha-256 ($5$), bcrypt ($2b$...), scrypt ($7$), gost-yescrypt ($gy$).
 _CRYPT_RE = re.compile(r"^\$(y|gy|7|6|5|2[abxy]|1)\$[A-Za-z0-9./$=,+-]{8,}$")
+
+
+@dataclass(frozen=True)
+class PersistPaths:
+    """Where the persist stage seeds what NixOS reads at boot, in the installed system.
+
+    + root: the persistent root (``persistence.root``, e.g. /persist)
+    + secrets_dir: the password hashes' folder (0700)
+    + password_files: {user name: the hashedPasswordFile NixOS reads at boot}
+    + etc: the persisted /etc (SSH host keys, machine-id, a copy of the NixOS configuration)
+    + initrd_host_key: the initrd sshd's own host key (remote unlock), in a 0700 folder
+    """
+
+    root: str
+    secrets_dir: str
+    password_files: dict[str, str]
+    etc: str
+    initrd_host_key: str
+
+
+def paths(profile: Profile) -> PersistPaths:
+    root = profile.persistence.root
+    secrets_dir = f"{root}/secrets"
+    return PersistPaths(root=root, secrets_dir=secrets_dir,
+                        password_files={"root": f"{secrets_dir}/root-password",
+                                        profile.nixos.user: f"{secrets_dir}/{profile.nixos.user}-password"},
+                        etc=f"{root}/etc", initrd_host_key=f"{root}/etc/secrets/initrd/ssh_host_ed25519_key")
+
+
+# The password hashes the persist stage seeds, by the secret they come from (run.secrets).
+PASSWORD_SECRETS = ("ROOT_PASSWORD_HASH", "USER_PASSWORD_HASH")
+HOST_KEYS = [("ed25519", None), ("rsa", 4096)]
 
 
 def check_password_hash(secret: Secret) -> str:
@@ -44,14 +76,16 @@ def check_password_hash(secret: Secret) -> str:
 
 
 @operation()
-def secrets(run: Run, directory: str, files: dict[str, Secret]):
+def secrets(run: Run, directory: str, files: dict[str, Secret | None]):
     """
     The secrets directory (mode 0700, root) and its files (mode 0600), in one round trip; the
     values go on stdin, one line each. An existing file is never replaced.
 
     + run: the run (facts, what it made)
     + directory: e.g. /mnt/persist/secrets
-    + files: ``{file name: Secret}`` (a ``Secret`` is never put in argv or output)
+    + files: ``{file name: Secret}`` (a ``Secret`` is never put in argv or output); None: a file
+      this run has no value for (looked at all the same: what a run reads does not depend on the
+      secrets it was given)
 
     .. code:: python
 
@@ -62,9 +96,10 @@ def secrets(run: Run, directory: str, files: dict[str, Secret]):
     present = state.get(directory)
     if present and present["type"] != "directory":
         raise TabulaError(f"{directory} is a {present['type']}, not a directory: move it away and run again")
-    missing = {n: secret for n, secret in files.items() if f"{directory}/{n}" not in state}
+    given = {n: secret for n, secret in files.items() if secret is not None}
+    missing = {n: secret for n, secret in given.items() if f"{directory}/{n}" not in state}
     if present and present["mode"] == "700" and present["user"] == "root" and not missing:
-        kept = f"; {', '.join(files)} kept as they are" if files else ""
+        kept = f"; {', '.join(given)} kept as they are" if given else ""
         run.noop(f"{directory} exists with mode 0700{kept}")
         return
     run.tell(f"{directory} (mode 0700)" + (f" with {', '.join(missing)} (mode 0600)" if missing else ""))
@@ -97,19 +132,19 @@ def host_identity(run: Run, etc: str, keys: list[tuple[str, int | None]], commen
         persist.host_identity(run, "/mnt/persist/etc", [("ed25519", None), ("rsa", 4096)], comment="root@zephyrus")
     """
     ssh_dir, machine_id = f"{etc}/ssh", f"{etc}/machine-id"
-    paths = {key_type: f"{ssh_dir}/ssh_host_{key_type}_key" for key_type, _bits in keys}
-    wanted = [*paths.values(), machine_id]
+    key_paths = {key_type: f"{ssh_dir}/ssh_host_{key_type}_key" for key_type, _bits in keys}
+    wanted = [*key_paths.values(), machine_id]
     state = {} if all(run.is_fresh(path) for path in wanted) else run.read(PathsState, paths=wanted)
     commands = [StringCommand("sh", "-c", QuoteString(KEYGEN_SCRIPT), "keygen", QuoteString(ssh_dir),
-                              QuoteString(paths[key_type]), QuoteString(key_type), QuoteString(str(bits or "")),
+                              QuoteString(key_paths[key_type]), QuoteString(key_type), QuoteString(str(bits or "")),
                               QuoteString(comment))
-                for key_type, bits in keys if paths[key_type] not in state]
+                for key_type, bits in keys if key_paths[key_type] not in state]
     if machine_id not in state:
         commands.append(StringCommand("sh", "-c", QuoteString(MACHINE_ID_SCRIPT), "machine-id", QuoteString(machine_id)))
     if not commands:
-        run.noop(f"{', '.join([*paths.values(), machine_id])} already exist (kept as they are)")
+        run.noop(f"{', '.join([*key_paths.values(), machine_id])} already exist (kept as they are)")
         return
-    made = [f"SSH host key {key_type}" + (f" {bits}" if bits else "") for key_type, bits in keys if paths[key_type] not in state]
+    made = [f"SSH host key {key_type}" + (f" {bits}" if bits else "") for key_type, bits in keys if key_paths[key_type] not in state]
     run.tell(f"in {etc}: " + ", ".join(made + (["machine-id"] if machine_id not in state else [])))
     run.record_fresh(ssh_dir, False)
     run.record_fresh(machine_id, False)
@@ -192,50 +227,6 @@ def _copied_unless_same(run: Run, source: str, dest: str, command: StringCommand
     yield command
 
 
-# The password hashes the persist stage seeds, by the secret they come from (run.secrets).
-PASSWORD_SECRETS = ("ROOT_PASSWORD_HASH", "USER_PASSWORD_HASH")
-
-
-def password_hashes(run: Run) -> dict[str, str]:
-    """{file name in secrets/: hash} from the secrets the stages read, checked to be crypt hashes.
-
-    An install needs both (``users.mutableUsers = false``: without them nobody can log in); a run
-    that does not install may leave them out and seed them on the run that installs.
-    """
-    hashes = {}
-    files = run.profile.password_files
-    for filename, secret_name in ((posixpath.basename(files["root"]), "ROOT_PASSWORD_HASH"),
-                                  (posixpath.basename(files[run.profile.nixos.user]), "USER_PASSWORD_HASH")):
-        secret = run.secrets.get(secret_name)
-        if secret is None:
-            logger.warning(f"TABULA_{secret_name} is not set: {filename} is not seeded (needed before installing)")
-            continue
-        hashes[filename] = check_password_hash(secret)
-    return hashes
-
-
-def apply(run: Run) -> None:
-    profile = run.profile
-    persist = f"{INSTALL_ROOT}{profile.persistence.root}"
-    # Checked before anything runs: a plaintext value stops the run here.
-    hashes = password_hashes(run)
-    secrets(run, f"{INSTALL_ROOT}{profile.secrets_dir}",
-            {filename: Secret(value, filename) for filename, value in hashes.items()}, name="Persist secrets")
-    host_identity(run, f"{persist}/etc", [("ed25519", None), ("rsa", 4096)], comment=f"root@{profile.nixos.hostname}",
-                  name="Persist host identity")
-    if profile.nixos.remote_unlock:
-        # Before nixos-install: it copies the key into the initrd it builds.
-        initrd_host_key(run, f"{INSTALL_ROOT}{profile.initrd_host_key}", comment=f"initrd@{profile.nixos.hostname}",
-                        name="Persist initrd host key")
-
-
-def copy_configuration(run: Run) -> None:
-    """After nixos-install: the copy then holds the flake.lock the system was installed from, so
-    the first rebuild after boot uses the same inputs, not newer ones."""
-    persist = f"{INSTALL_ROOT}{run.profile.persistence.root}"
-    config_copy(run, CONFIG_DIR, f"{persist}/etc/nixos", name="Persist configuration copy")
-
-
 # --- rescue -------------------------------------------------------------------------------------
 
 
@@ -267,75 +258,155 @@ RESTORE_CONFIG_SCRIPT = (
 )
 
 
-def restore_configuration(run: Run) -> None:
-    """After a rescue: /mnt/etc/nixos from <persist>/etc/nixos, as the install left it."""
-    persist = f"{INSTALL_ROOT}{run.profile.persistence.root}"
-    config_restored(run, f"{persist}/etc/nixos", CONFIG_DIR, name="Persist configuration restore")
+def password_hashes(run: Run) -> dict[str, str | None]:
+    """{file name in secrets/: hash or None} from the secrets the stages read, checked to be crypt
+    hashes. An install needs both (``users.mutableUsers = false``: without them nobody can log
+    in); a run that does not install may leave them out and seed them on the run that installs."""
+    hashes = {}
+    files = paths(run.profile).password_files
+    for filename, secret_name in ((posixpath.basename(files["root"]), "ROOT_PASSWORD_HASH"),
+                                  (posixpath.basename(files[run.profile.nixos.user]), "USER_PASSWORD_HASH")):
+        secret = run.secrets.get(secret_name)
+        if secret is None:
+            logger.warning(f"TABULA_{secret_name} is not set: {filename} is not seeded (needed before installing)")
+        hashes[filename] = None if secret is None else check_password_hash(secret)
+    return hashes
 
 
-# --- checks -------------------------------------------------------------------------------------
+def _host_identity_paths(etc: str, keys: list[tuple[str, int | None]]) -> tuple[dict[str, str], str]:
+    return {key_type: f"{etc}/ssh/ssh_host_{key_type}_key" for key_type, _bits in keys}, f"{etc}/machine-id"
 
 
-def checks(host, settings: Settings, root: str) -> list[str]:
-    """What the persist stage seeds, with its modes: ``<persist>/secrets`` (0700) with the
-    password hashes (0600, crypt hashes: checked on the target, never read back; required when
-    the run installs), the SSH host keys (ed25519, rsa 4096; private 0600, public 0644), the
-    machine-id (0444, 32 hex digits), the initrd's own SSH host key with remote unlock (0600 in a
-    0700 folder, not one of the system's keys), and the copy of the NixOS configuration. One line
-    per mismatch.
+def _secret_files(run: Run) -> tuple[str, list[str]]:
+    folder = f"{INSTALL_ROOT}{paths(run.profile).secrets_dir}"
+    return folder, [posixpath.basename(path) for path in paths(run.profile).password_files.values()]
 
-    + host: a testinfra host (``read_fact`` runs this layer's facts through it)
-    """
-    profile = settings.profile
-    persist = under(root, profile.persistence.root)
-    secrets_dir = under(root, profile.secrets_dir)
-    hashes = [under(root, path) for path in profile.password_files.values()]
-    keys = {key_type: f"{persist}/etc/ssh/ssh_host_{key_type}_key" for key_type in ("ed25519", "rsa")}
-    machine_id = f"{persist}/etc/machine-id"
-    initrd_key = under(root, profile.initrd_host_key) if profile.nixos.remote_unlock else None
-    wanted = {secrets_dir: ("directory", "700")}
-    wanted.update({path: ("file", "600") for path in hashes})
-    for path in keys.values():
-        wanted.update({path: ("file", "600"), f"{path}.pub": ("file", "644")})
-    wanted[machine_id] = ("file", "444")
-    if initrd_key:
-        wanted.update({posixpath.dirname(initrd_key): ("directory", "700"), initrd_key: ("file", "600")})
-    state = read_fact(host, PathsState, paths=list(wanted))
 
-    failures = []
-    for path, (kind, mode) in wanted.items():
-        have = state.get(path)
-        if have is None:
-            if path in hashes and not settings.tabula_install:
-                continue        # a run that does not install may seed them later
-            failures.append(f"{path}: missing")
-        elif have["type"] != kind or have["mode"] != mode or have["user"] != "root":
-            failures.append(f"{path}: {have['type']} {have['mode']} {have['user']}, the profile wants {kind} {mode} root")
-    for path in hashes:
-        # On the target, so the hash never travels back: a crypt hash, not a plaintext password.
-        if path in state and host.run(f"grep -qE {shlex.quote(_CRYPT_RE.pattern)} {shlex.quote(path)}").rc != 0:
-            failures.append(f"{path}: not a crypt password hash")
-    for key_type, path in keys.items():
-        if path in state:
-            shown = host.run(f"ssh-keygen -lf {shlex.quote(path)}").stdout.split()
-            want = ["4096", "(RSA)"] if key_type == "rsa" else ["(ED25519)"]
-            if not shown or not all(word in shown for word in want):
-                failures.append(f"{path}: {' '.join(shown[:1] + shown[-1:]) or 'not a key'}, the profile wants "
-                                f"{key_type}{' 4096' if key_type == 'rsa' else ''}")
-    if machine_id in state and not re.fullmatch(r"[0-9a-f]{32}", host.run(f"cat {shlex.quote(machine_id)}").stdout.strip()):
-        failures.append(f"{machine_id}: not 32 lower-case hex digits")
-    if initrd_key and initrd_key in state:
-        fingerprints = {path: host.run(f"ssh-keygen -lf {shlex.quote(path)}").stdout.split()[1:2]
-                        for path in [initrd_key, *keys.values()] if path in state}
-        initrd = fingerprints.pop(initrd_key)
-        if not initrd:
-            failures.append(f"{initrd_key}: not a key")
-        elif initrd in fingerprints.values():
-            failures.append(f"{initrd_key}: the initrd carries one of the system's host keys")
-    config, copy = under(root, "/etc/nixos"), f"{persist}/etc/nixos"
-    original, copied = read_fact(host, DirectoryDigest, path=config), read_fact(host, DirectoryDigest, path=copy)
-    if not copied:
-        failures.append(f"{copy}: missing (the copy of {config})")
-    elif copied != original:
-        failures.append(f"{copy}: differs from {config}")
-    return failures
+class PersistLayer(Layer):
+    name = "persist"
+    absent = "nothing to persist"
+
+    def fill(self, run: Run) -> None:
+        where = paths(run.profile)
+        # Checked before anything runs: a plaintext value stops the run here.
+        hashes = password_hashes(run)
+        secrets(run, f"{INSTALL_ROOT}{where.secrets_dir}",
+                {filename: None if value is None else Secret(value, filename) for filename, value in hashes.items()},
+                name="Persist secrets")
+        host_identity(run, f"{INSTALL_ROOT}{where.etc}", HOST_KEYS, comment=f"root@{run.profile.nixos.hostname}",
+                      name="Persist host identity")
+        if run.profile.nixos.remote_unlock:
+            # Before nixos-install: it copies the key into the initrd it builds.
+            initrd_host_key(run, f"{INSTALL_ROOT}{where.initrd_host_key}", comment=f"initrd@{run.profile.nixos.hostname}",
+                            name="Persist initrd host key")
+
+    def install(self, run: Run) -> None:
+        """After nixos-install: the copy then holds the flake.lock the system was installed from, so
+        the first rebuild after boot uses the same inputs, not newer ones."""
+        config_copy(run, CONFIG_DIR, f"{INSTALL_ROOT}{paths(run.profile).etc}/nixos", name="Persist configuration copy")
+
+    def rescue(self, run: Run) -> None:
+        """After a rescue: /mnt/etc/nixos from <persist>/etc/nixos, as the install left it."""
+        config_restored(run, f"{INSTALL_ROOT}{paths(run.profile).etc}/nixos", CONFIG_DIR,
+                        name="Persist configuration restore")
+
+    def applies(self, profile: Profile) -> bool:
+        return True             # every profile persists the secrets, the host identity and the configuration
+
+    def owns(self, node) -> bool:
+        return False
+
+    def tools(self, profile: Profile) -> dict[str, str]:
+        return {}               # ssh-keygen, sha256sum and the like are every run's
+
+    def secrets(self, settings, rescue: bool) -> dict[str, bool]:
+        return {} if rescue else {name: settings.tabula_install for name in PASSWORD_SECRETS}
+
+    def observe(self, run: Run) -> list[FactRequest]:
+        folder, names = _secret_files(run)
+        keys, machine_id = _host_identity_paths(f"{INSTALL_ROOT}{paths(run.profile).etc}", HOST_KEYS)
+        reads: list[FactRequest] = [(PathsState, {"paths": [folder, *(f"{folder}/{n}" for n in names)]}),
+                                    (PathsState, {"paths": [*keys.values(), machine_id]})]
+        if run.profile.nixos.remote_unlock:
+            key = f"{INSTALL_ROOT}{paths(run.profile).initrd_host_key}"
+            reads.append((PathsState, {"paths": [posixpath.dirname(key), key]}))
+        copy = f"{INSTALL_ROOT}{paths(run.profile).etc}/nixos"
+        return reads + [(DirectoryDigest, {"path": CONFIG_DIR}), (DirectoryDigest, {"path": copy})]
+
+    def problems(self, target: Target) -> list[str]:
+        """What the persist stage seeds, with its modes: ``<persist>/secrets`` (0700) with the
+        password hashes (0600, crypt hashes: checked on the target, never read back; required
+        when the run installs), the SSH host keys (ed25519, rsa 4096; private 0600, public 0644),
+        the machine-id (0444, 32 hex digits), the initrd's own SSH host key with remote unlock
+        (0600 in a 0700 folder, not one of the system's keys), and the copy of the NixOS
+        configuration."""
+        profile, root = target.settings.profile, target.root
+        where = paths(profile)
+        persist = under(root, where.root)
+        secrets_dir = under(root, where.secrets_dir)
+        hashes = [under(root, path) for path in where.password_files.values()]
+        keys, machine_id = _host_identity_paths(under(root, where.etc), HOST_KEYS)
+        initrd_key = under(root, where.initrd_host_key) if profile.nixos.remote_unlock else None
+        wanted = {secrets_dir: ("directory", "700")}
+        wanted.update({path: ("file", "600") for path in hashes})
+        for path in keys.values():
+            wanted.update({path: ("file", "600"), f"{path}.pub": ("file", "644")})
+        wanted[machine_id] = ("file", "444")
+        if initrd_key:
+            wanted.update({posixpath.dirname(initrd_key): ("directory", "700"), initrd_key: ("file", "600")})
+        state = target.read(PathsState, paths=list(wanted))
+
+        failures = []
+        for path, (kind, mode) in wanted.items():
+            have = state.get(path)
+            if have is None:
+                if path in hashes and not target.settings.tabula_install:
+                    continue        # a run that does not install may seed them later
+                failures.append(f"{path}: missing")
+            elif have["type"] != kind or have["mode"] != mode or have["user"] != "root":
+                failures.append(f"{path}: {have['type']} {have['mode']} {have['user']}, "
+                                f"the profile wants {kind} {mode} root")
+        for path in hashes:
+            # On the target, so the hash never travels back: a crypt hash, not a plaintext password.
+            if path in state and target.run(f"grep -qE {shlex.quote(_CRYPT_RE.pattern)} {shlex.quote(path)}").rc != 0:
+                failures.append(f"{path}: not a crypt password hash")
+        for key_type, path in keys.items():
+            if path in state:
+                shown = target.run(f"ssh-keygen -lf {shlex.quote(path)}").stdout.split()
+                want = ["4096", "(RSA)"] if key_type == "rsa" else ["(ED25519)"]
+                if not shown or not all(word in shown for word in want):
+                    failures.append(f"{path}: {' '.join(shown[:1] + shown[-1:]) or 'not a key'}, the profile wants "
+                                    f"{key_type}{' 4096' if key_type == 'rsa' else ''}")
+        if machine_id in state and not re.fullmatch(r"[0-9a-f]{32}",
+                                                    target.run(f"cat {shlex.quote(machine_id)}").stdout.strip()):
+            failures.append(f"{machine_id}: not 32 lower-case hex digits")
+        if initrd_key and initrd_key in state:
+            fingerprints = {path: target.run(f"ssh-keygen -lf {shlex.quote(path)}").stdout.split()[1:2]
+                            for path in [initrd_key, *keys.values()] if path in state}
+            initrd = fingerprints.pop(initrd_key)
+            if not initrd:
+                failures.append(f"{initrd_key}: not a key")
+            elif initrd in fingerprints.values():
+                failures.append(f"{initrd_key}: the initrd carries one of the system's host keys")
+        config, copy = under(root, "/etc/nixos"), f"{persist}/etc/nixos"
+        original, copied = target.read(DirectoryDigest, path=config), target.read(DirectoryDigest, path=copy)
+        if not copied:
+            failures.append(f"{copy}: missing (the copy of {config})")
+        elif copied != original:
+            failures.append(f"{copy}: differs from {config}")
+        return failures
+
+    def nix(self, profile: Profile, devices: DeviceIds) -> NixFragments:
+        return NixFragments()   # the NixOS files name its paths (``paths``) in their templates
+
+    def gaps(self, run: Run, root: str) -> tuple[list, list[str]]:
+        return [], []
+
+    def disko(self, profile: Profile, context) -> dict:
+        return {}
+
+    def disko_node(self, node, device: str, part, context) -> dict | None:
+        return None
+
+
+LAYER = PersistLayer()

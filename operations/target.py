@@ -40,6 +40,16 @@ def install_path(mountpoint: str) -> str:
     return INSTALL_ROOT if mountpoint == "/" else f"{INSTALL_ROOT}{mountpoint}"
 
 
+def system_root(wanted: str, mounts: dict) -> str:
+    """Where the installed system is, for the day-two tools (gaps.py, verify): the install root
+    while the live system holds it after the install (something is mounted there), "/" once it
+    booted. ``wanted`` (inventory data ``tabula_root``: "auto", "/", "/mnt") decides when not
+    "auto"; ``mounts``: the ``Mounts`` fact."""
+    if wanted != "auto":
+        return wanted
+    return INSTALL_ROOT if INSTALL_ROOT in mounts else "/"
+
+
 def under(root: str, path: str) -> str:
     """A path of the installed system as seen from where it is checked: the install root while it
     is built (``/mnt``: / -> /mnt, /home -> /mnt/home) or ``/`` on the booted system itself."""
@@ -167,13 +177,24 @@ class FileText(FactBase):
         return None
 
 
+def digest_script(folder: str = '"$1"') -> str:
+    """Shell printing the digest of a folder (a shell word): sha256 over the names and contents
+    of every file below it. The one digest: the fact reads it, the install stamp records it."""
+    return f'cd {folder} && find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum | sha256sum | cut -d" " -f1'
+
+
+def directory_digest(files: dict[str, str]) -> str:
+    """The digest ``digest_script`` computes on the target for these files (for tests and review)."""
+    lines = "".join(f"{hashlib.sha256(text.encode()).hexdigest()}  ./{name}\n" for name, text in sorted(files.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
 class DirectoryDigest(FactBase):
-    """sha256 over the names and contents of every file below a directory, "" if it is absent."""
+    """``digest_script`` of a directory, "" if it is absent."""
 
     def command(self, path) -> StringCommand:
-        script = ('[ -d "$1" ] || exit 0; cd "$1" && find . -type f -print0 | LC_ALL=C sort -z '
-                  '| xargs -0r sha256sum | sha256sum | cut -d" " -f1')
-        return StringCommand("sh", "-c", QuoteString(script), "digest", QuoteString(path))
+        return StringCommand("sh", "-c", QuoteString(f'[ -d "$1" ] || exit 0; {digest_script()}'), "digest",
+                             QuoteString(path))
 
     def process(self, output):
         return "\n".join(output).strip()

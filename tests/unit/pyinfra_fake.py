@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from operations.layers import LAYERS
 from operations.run import FactBatch, Run
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -57,7 +58,7 @@ class PlanningState:
 
 
 def fake_run(facts: dict | None = None, settings=None, secrets: dict | None = None, executing: bool = True,
-             layers: tuple = ()) -> Run:
+             layers: tuple = LAYERS) -> Run:
     """A run on a fake host answering ``facts``: it has read and made nothing yet."""
     return Run(FakeHost(facts, executing), settings, layers=layers, secrets=dict(secrets or {}))
 

@@ -2,6 +2,7 @@
 import pytest
 
 from operations import filesystems
+from operations.nixlit import DeviceIds
 from operations.target import WholeDiskSignature, parse_blkid_export
 from operations.errors import TabulaError
 import yaml
@@ -91,6 +92,6 @@ def test_an_f2fs_needed_for_boot_puts_its_module_in_the_initrd_with_or_without_a
         path.write_text(yaml.safe_dump(data))
         profile = load_profile(str(path), vars)
         assert bool(profile.pools) == (data is light)
-        assert filesystems.nix_fragments(profile).configuration == '  boot.initrd.kernelModules = [ "f2fs" ];\n'
+        assert filesystems.LAYER.nix(profile, DeviceIds()).configuration == '  boot.initrd.kernelModules = [ "f2fs" ];\n'
     without_f2fs = load_profile("zephyrus-btrfs", {"disk": "/dev/disk/by-id/nvme-TEST"})
-    assert filesystems.nix_fragments(without_f2fs).configuration == ""
+    assert filesystems.LAYER.nix(without_f2fs, DeviceIds()).configuration == ""

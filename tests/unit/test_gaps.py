@@ -75,10 +75,10 @@ def test_zfs_diff_paths_become_installed_paths(monkeypatch):
     pool = profile.pools["rpool"].name
     diff = zfs.parse_snapshot_diff(["M\t/\t/mnt/", "+\tF\t/mnt/var/lib/app/db", "-\tF\t/mnt/gone",
                                     "R\tF\t/mnt/a\t/mnt/b\\040c", "+\t@\t/mnt/etc/hosts"])
-    run = fake_run({(zfs.SnapshotDiff, frozenset({("dataset", f"{pool}/temp/root"), ("snapshot", "empty")})): diff},
-                   Settings.of(profile))
     mounts_now = {"/mnt": {"device": f"{pool}/temp/root", "fstype": "zfs", "options": []},
                   "/mnt/tmp": {"device": f"{pool}/temp/tmp", "fstype": "zfs", "options": []}}
-    written, how = zfs.written_since_boot(run, mounts_now)
+    run = fake_run({(zfs.SnapshotDiff, frozenset({("dataset", f"{pool}/temp/root"), ("snapshot", "empty")})): diff,
+                    mounts.Mounts: mounts_now}, Settings.of(profile))
+    written, how = zfs.LAYER.gaps(run, "/mnt")
     assert [(w.path, w.kind) for w in written] == [("/var/lib/app/db", "file"), ("/b c", "file"), ("/etc/hosts", "link")]
     assert how == [f"zfs diff {pool}/temp/root@empty", f"zfs diff {pool}/temp/tmp@empty"]

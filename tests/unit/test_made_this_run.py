@@ -57,7 +57,7 @@ def first_run(profile, fake, knows_nothing: bool = False):
     commands["open"] = stage("open", luks.mapping, device=part.device, luks=spec)
     commands["mkfs"] = stage("mkfs", filesystems.formatted, filesystems=list(profile.filesystems()),
                              swaps=list(profile.swaps()))
-    [(device, fs)] = btrfs._btrfs_filesystems(profile)
+    [(device, fs)] = btrfs.btrfs_filesystems(profile)
     top = btrfs.top_level_path(device, fs)
     commands["top"] = stage("top", btrfs.top_level, device=device, path=top, options=())
     commands["subvolumes"] = stage("subvolumes", btrfs.subvolumes, top=top, wanted=list(fs.subvolumes), device=device)

@@ -10,7 +10,8 @@ from operations import btrfs, nixos, zfs
 from operations.errors import TabulaError
 from operations.btrfs import rollback_script as btrfs_rollback_script
 from operations.nixlit import systemd_escape
-from operations.nixos import choose_hardware_module, model_module, render_files
+from operations.nixfiles import render_files
+from operations.nixos import choose_hardware_module, model_module
 from operations.persist import check_password_hash
 from operations.profile import load_profile
 from operations.secrets import Secret

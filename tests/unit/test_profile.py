@@ -4,6 +4,7 @@ import textwrap
 
 import pytest
 
+from operations import persist
 from operations.profile import ProfileError, host_hash, load_profile, parse_size
 from operations.secrets import SecretError, read_secret
 from operations.settings import load_settings
@@ -277,7 +278,7 @@ def test_authorized_keys_are_checked_and_remote_unlock_needs_one():
     light = load_profile("light-tmpfs-f2fs", {**LIGHT_VARS, "remote_unlock": True,
                                               "authorized_keys": [f"  {TEST_AUTHORIZED_KEY}\n"]})
     assert light.nixos.authorized_keys == [TEST_AUTHORIZED_KEY]
-    assert light.initrd_host_key == "/remote/etc/secrets/initrd/ssh_host_ed25519_key"
+    assert persist.paths(light).initrd_host_key == "/remote/etc/secrets/initrd/ssh_host_ed25519_key"
 
 
 def test_inventory_examples_load():
