@@ -9,6 +9,7 @@ Imports read top-down: stages -> layers -> shared modules (tests/unit/test_layer
 from __future__ import annotations
 
 from pyinfra import host, logger
+from pyinfra.context import ctx_host
 
 from operations import disks, gaps, nixeval
 from operations.errors import TabulaError
@@ -26,8 +27,14 @@ from operations.settings import Settings
 STEPS = ("make", "mount", "fill", "install", "close")
 
 
+def this_host():
+    """The host pyinfra runs the deploy file for (the Host itself, not the context's proxy, which
+    follows whichever host pyinfra works on: a run belongs to one host)."""
+    return ctx_host.get() if ctx_host.isset() else host
+
+
 def deploy(settings: Settings) -> Run:
-    run = Run(host, settings, LAYERS)
+    run = Run(this_host(), settings, LAYERS)
     disks.guard(run)                        # refuse wrong/in-use/foreign disks, missing tools: facts only
     nixeval.precheck(run)                   # the NixOS configuration evaluates, before any disk change
     run.secrets = read_secrets(secrets_needed(run, rescue=False))   # once, before the first step using one
@@ -44,7 +51,7 @@ def secrets_needed(run: Run, rescue: bool) -> dict[str, bool]:
 
 def gaps_report(settings: Settings) -> Run:
     """gaps.py: what the ephemeral root holds since the last boot that nothing keeps (read only)."""
-    run = Run(host, settings, LAYERS)
+    run = Run(this_host(), settings, LAYERS)
     gaps.show(run)
     return run
 
@@ -52,7 +59,7 @@ def gaps_report(settings: Settings) -> Run:
 def rescue(settings: Settings) -> Run | None:
     """From the live system, for a machine that no longer boots: its root put back to the state
     the boot-time rollback restores, everything mounted under /mnt as the install left it."""
-    run = Run(host, settings, LAYERS)
+    run = Run(this_host(), settings, LAYERS)
     profile = settings.profile
     blank = any(sub.blank_snapshot for _, fs in profile.filesystems() for sub in fs.subvolumes)
     empty = any(ds.empty_snapshot for pool in profile.pools.values() for ds in pool.datasets)
