@@ -37,5 +37,6 @@ def host_hash(hostname: str) -> str:
 
 
 class _Node(BaseModel):
-    # extra="forbid": a misspelled key is an error naming it, not a silently ignored setting
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # extra="forbid": a misspelled key is an error naming it, not a silently ignored setting; a
+    # field's docstring is its description (docs/profiles.md is generated from the schema)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)

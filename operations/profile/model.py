@@ -17,13 +17,21 @@ from operations.profile.system import NixosSettings, Persistence
 
 class Profile(_Node):
     name: str
+    """The profile's name."""
     description: str = ""
+    """What the layout is, in a line."""
     nixos: NixosSettings
+    """The installed system."""
     disks: dict[str, Disk]
+    """The disks, by key (``disks.<key>`` in messages)."""
     pools: dict[str, Pool] = {}
+    """ZFS pools, by key (members say ``pool: <key>``)."""
     mounts: list[ExtraMount] = []
+    """tmpfs and bind mounts."""
     persistence: Persistence = Persistence()
-    vars: dict[str, Any] = {}  # the resolved vars, kept for reference
+    """What persists, and where."""
+    vars: dict[str, Any] = {}
+    """(set by the loader: the resolved vars, kept for reference)"""
 
     # --- walking the tree -------------------------------------------------------------------
 

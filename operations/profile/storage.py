@@ -24,6 +24,7 @@ _MAPPER_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,127}$")
 
 class Swapfile(_Node):
     size: str
+    """Its size (a size string: 512M, 32GiB...)."""
 
     @field_validator("size")
     @classmethod
@@ -40,13 +41,18 @@ class Subvolume(_Node):
     """A top-level btrfs subvolume, e.g. ``@home`` mounted at ``/home``."""
 
     path: str
+    """Its name at the top level, e.g. ``@home`` (no ``/``)."""
     mountpoint: str | None = None
+    """Where the installed system mounts it, e.g. ``/home``; none: not mounted."""
     mount_options: list[str] = []
+    """Its mount options (``subvol=`` is added)."""
     needed_for_boot: bool = False
-    # Name of a read-only snapshot taken right after this subvolume is created empty: the state
-    # the root is rolled back to at every boot (the guide's @root-blank).
+    """Mounted in the initrd (NixOS ``neededForBoot``)."""
     blank_snapshot: str | None = None
+    """Name of a read-only snapshot taken right after this subvolume is created empty: the state the root is
+    rolled back to at every boot (the guide's ``@root-blank``)."""
     swapfile: Swapfile | None = None
+    """A swapfile in this subvolume (at ``<mountpoint>/swapfile``)."""
 
     @field_validator("path", "blank_snapshot")
     @classmethod
@@ -63,13 +69,21 @@ class Subvolume(_Node):
 
 class Filesystem(_Node):
     type: Literal["filesystem"] = "filesystem"
+    """``filesystem``."""
     format: Literal["vfat", "btrfs", "f2fs", "ext4"]
+    """The filesystem made on the device."""
     fs_label: str | None = None
+    """Its label (mkfs ``-L``/``-n``/``-l``)."""
     mkfs_options: list[str] = []
+    """More mkfs arguments."""
     mountpoint: str | None = None
+    """Where the installed system mounts it; none: not mounted (a btrfs whose subvolumes are)."""
     mount_options: list[str] = []
+    """Its mount options."""
     needed_for_boot: bool = False
+    """Mounted in the initrd (NixOS ``neededForBoot``)."""
     subvolumes: list[Subvolume] = []
+    """btrfs only: its top-level subvolumes."""
 
     @model_validator(mode="after")
     def _subvolumes_only_on_btrfs(self) -> "Filesystem":
@@ -104,9 +118,10 @@ class Filesystem(_Node):
 
 class Swap(_Node):
     type: Literal["swap"] = "swap"
-    # Encrypted with a fresh random key at every boot (NixOS swapDevices.*.randomEncryption):
-    # swap holds no state worth keeping across boots, so no key has to be stored anywhere.
+    """``swap``."""
     random_encryption: bool = False
+    """Encrypted with a fresh random key at every boot (NixOS ``swapDevices.*.randomEncryption``): swap holds no
+    state worth keeping across boots, so no key is stored anywhere."""
 
     @property
     def signatures(self) -> set[str]:
@@ -121,7 +136,9 @@ class Swap(_Node):
 
 class ZfsMember(_Node):
     type: Literal["zfs"] = "zfs"
-    pool: str  # key of the pool in Profile.pools
+    """``zfs``."""
+    pool: str
+    """The key of its pool under ``pools``."""
 
     signatures: ClassVar[frozenset[str]] = frozenset({"zfs_member"})
     needs_ids: ClassVar[bool] = False       # the pool finds its members by partlabel
@@ -132,18 +149,28 @@ class ZfsMember(_Node):
 
 class Luks(_Node):
     type: Literal["luks"] = "luks"
+    """``luks``."""
     mapper: str
+    """The device-mapper name: the container opens as ``/dev/mapper/<mapper>``."""
     luks_type: Literal["luks2", "luks1"] = "luks2"
+    """The header version."""
     cipher: str | None = None
+    """luksFormat ``--cipher``; none: cryptsetup's default."""
     key_size: int | None = None
-    # Key derivation. The default (argon2id with cryptsetup's own cost) is what a real install
-    # should use; tests choose pbkdf2 with few iterations through profile vars.
+    """luksFormat ``--key-size``; none: cryptsetup's default."""
     pbkdf: Literal["argon2id", "argon2i", "pbkdf2"] = "argon2id"
+    """Key derivation. The default (argon2id with cryptsetup's own cost) is what a real install should use; tests
+    choose pbkdf2 with few iterations through profile vars."""
     pbkdf_iterations: int | None = None
+    """luksFormat ``--pbkdf-force-iterations`` (at least 1000)."""
     pbkdf_memory: int | None = None
+    """luksFormat ``--pbkdf-memory`` (KiB)."""
     allow_discards: bool = False
+    """Open it with ``--allow-discards`` (and ``allowDiscards`` in the initrd)."""
     bypass_workqueues: bool = False
+    """Open it without the read and write workqueues (``bypassWorkqueues``)."""
     content: Annotated[Union[Filesystem, Swap, ZfsMember], Field(discriminator="type")]
+    """What the container holds, on its mapping."""
 
     signatures: ClassVar[frozenset[str]] = frozenset({"crypto_LUKS"})
     needs_ids: ClassVar[bool] = True
@@ -176,9 +203,13 @@ Content = Annotated[Union[Filesystem, Luks, Swap, ZfsMember], Field(discriminato
 
 class Partition(_Node):
     label: str
-    type: str = "8300"  # sgdisk type code
-    size: str  # a size, or "rest" for the remainder of the disk (last partition only)
+    """Its GPT partlabel: how every step and the installed system find it (1-36 of A-Z a-z 0-9 . _ + -)."""
+    type: str = "8300"
+    """Its sgdisk type code, e.g. ``ef00``, ``8300`` (one of ``operations/gpt/types.py``)."""
+    size: str
+    """A size, or ``rest`` for the remainder of the disk (last partition only)."""
     content: Content | None = None
+    """What it holds: a filesystem, a LUKS container, swap or a ZFS pool member; none: left empty."""
 
     @field_validator("label")
     @classmethod
@@ -215,11 +246,14 @@ class Partition(_Node):
 
 
 class Disk(_Node):
-    # A stable path: /dev/disk/by-id/... (or by-path). Never /dev/sdX: those move between boots.
     device: str
+    """A stable path: ``/dev/disk/by-id/...`` (or by-path). Never ``/dev/sdX``: those move between boots."""
     serial: str | None = None
-    size: str | None = None  # declared size: the real disk may be larger, never smaller
+    """Its serial, checked against the disk found."""
+    size: str | None = None
+    """Its declared size: the real disk may be larger, never smaller."""
     partitions: list[Partition]
+    """Its GPT partitions, in order."""
 
     @field_validator("device")
     @classmethod
@@ -249,7 +283,9 @@ class Disk(_Node):
 
 class Vdev(_Node):
     mode: Literal["raidz1", "raidz2", "raidz3", "mirror", "stripe"] = "stripe"
-    members: list[str]  # partlabels
+    """The vdev's redundancy (``stripe``: single devices)."""
+    members: list[str]
+    """Its members, by partlabel."""
 
     @model_validator(mode="after")
     def _enough_members(self) -> "Vdev":
@@ -260,21 +296,30 @@ class Vdev(_Node):
 
 
 class DatasetEncryption(_Node):
-    # The key comes from the controller like the LUKS passphrase (stdin, never argv); the installed
-    # system reads it from keylocation at boot.
     keyformat: Literal["passphrase", "hex", "raw"] = "passphrase"
+    """``zfs create -o keyformat``; the key comes from the controller like the LUKS passphrase (stdin, never
+    argv)."""
     keylocation: str = "prompt"
+    """Where the installed system reads the key at boot (``prompt``: asked for)."""
     encryption: str = "aes-256-gcm"
+    """The cipher."""
 
 
 class Dataset(_Node):
-    name: str  # relative to the pool, e.g. "temp/root"
+    name: str
+    """Its name relative to the pool, e.g. ``temp/root`` (its parent declared too)."""
     properties: dict[str, str] = {}
-    mountpoint: str | None = None  # mounted with mountpoint=legacy under /mnt
+    """Properties it is created with and kept at (one-time properties only checked)."""
+    mountpoint: str | None = None
+    """Where the installed system mounts it (with ``mountpoint=legacy``); none: not mounted."""
     mount_options: list[str] = []
+    """Its mount options."""
     needed_for_boot: bool = False
-    empty_snapshot: bool = False  # take @empty right after creation (temp datasets)
+    """Mounted in the initrd (NixOS ``neededForBoot``)."""
+    empty_snapshot: bool = False
+    """Take ``@empty`` right after creation and roll back to it at every boot (temp datasets)."""
     encryption: DatasetEncryption | None = None
+    """Native encryption: this dataset is an encryption root."""
 
     @field_validator("name")
     @classmethod
@@ -296,12 +341,19 @@ class Dataset(_Node):
 
 class Pool(_Node):
     name: str
+    """The pool's name (the temproot profiles end it with the host hash)."""
     vdevs: list[Vdev]
+    """Its data vdevs: the exact topology a found pool must have."""
     log: list[str] = []
+    """Its log (SLOG) members, by partlabel."""
     cache: list[str] = []
+    """Its cache (L2ARC) members, by partlabel."""
     options: dict[str, str] = {"ashift": "12"}
+    """Pool options (``zpool create -o``)."""
     root_properties: dict[str, str] = {}
+    """Properties of its root dataset (``zpool create -O``)."""
     datasets: list[Dataset] = []
+    """Its datasets."""
 
     @field_validator("name")
     @classmethod
@@ -325,9 +377,13 @@ class Pool(_Node):
 
 class Tmpfs(_Node):
     type: Literal["tmpfs"] = "tmpfs"
+    """``tmpfs``."""
     mountpoint: str
+    """Where the installed system mounts it."""
     options: list[str] = []
+    """Its mount options (``size=`` bounds it)."""
     needed_for_boot: bool = False
+    """Mounted in the initrd (NixOS ``neededForBoot``)."""
 
     def mount(self) -> "Mount":
         return Mount(mountpoint=self.mountpoint, device="none", fstype="tmpfs",
@@ -336,10 +392,15 @@ class Tmpfs(_Node):
 
 class Bind(_Node):
     type: Literal["bind"] = "bind"
-    source: str  # path on the installed system, e.g. /.local/nix
+    """``bind``."""
+    source: str
+    """A path of the installed system, e.g. ``/.local/nix``."""
     mountpoint: str
+    """Where the installed system mounts it."""
     options: list[str] = []
+    """Its mount options (after ``bind``)."""
     needed_for_boot: bool = False
+    """Mounted in the initrd (NixOS ``neededForBoot``)."""
 
     def mount(self) -> "Mount":
         return Mount(mountpoint=self.mountpoint, device=self.source, fstype="none",

@@ -24,8 +24,11 @@ class Persistence(_Node):
     its place, so inventory data can add paths without editing the profile."""
 
     root: str = "/persist"
+    """The persistent root: where state persists (impermanence's ``environment.persistence`` key)."""
     directories: list[str] = []
+    """Directories kept there (a list var such as ``${persist_directories}`` adds its items)."""
     files: list[str] = []
+    """Files kept there (a list var such as ``${persist_files}`` adds its items)."""
 
     @field_validator("directories", "files", mode="before")
     @classmethod
@@ -48,31 +51,42 @@ class Persistence(_Node):
 
 class NixosSettings(_Node):
     hostname: str
+    """The host name (also: the host hash of the temproot profiles' labels and ``networking.hostId``)."""
     user: str
+    """The login user (not root)."""
     timezone: str = "UTC"
+    """``time.timeZone``."""
     locale: str = "en_US.UTF-8"
+    """``i18n.defaultLocale``."""
     state_version: str = "24.11"
+    """``system.stateVersion``."""
     system: str = "x86_64-linux"
-    # nixos-hardware module name, e.g. asus-zephyrus-gu605my; null: none, or chosen from DMI
+    """The flake's system."""
     hardware_module: str | None = None
+    """nixos-hardware module name, e.g. ``asus-zephyrus-gu605my``; none: none; ``auto``: chosen from DMI."""
     user_groups: list[str] = ["wheel"]
-    extra_config: str | None = None  # name of a template under templates/ (or a path) with host extras
-    # Unfree packages the configuration may install, by name (lib.getName): nixpkgs refuses to
-    # evaluate any other unfree package, so nothing unfree comes in unnoticed.
+    """The user's groups."""
+    extra_config: str | None = None
+    """Name of a template under ``templates/`` (or a path) with host extras, imported by configuration.nix."""
     unfree_packages: list[str] = []
+    """Unfree packages the configuration may install, by name (``lib.getName``): nixpkgs refuses to evaluate any
+    other unfree package, so nothing unfree comes in unnoticed."""
 
-    # Who may log in over SSH: public keys (one "type base64 [comment]" line each) for the user
-    # and, only if given, for root (by key only).
     authorized_keys: list[str] = []
+    """Public keys (one ``type base64 [comment]`` line each) that may log in over SSH as the user."""
     root_authorized_keys: list[str] = []
-    ssh_password_login: bool = False       # PasswordAuthentication of sshd
-    # A machine without a console (a server): SSH is the only way in once it is installed.
+    """Public keys that may log in as root (by key only)."""
+    ssh_password_login: bool = False
+    """sshd's ``PasswordAuthentication``."""
     headless: bool = False
-    # Unlock the encrypted storage over SSH in the initrd (systemd stage 1), with a host key of
-    # its own and the authorized keys above; port of that initrd sshd.
+    """A machine without a console (a server): SSH is the only way in, so it needs a key or password login."""
     remote_unlock: bool = False
+    """Unlock the encrypted storage over SSH in the initrd (systemd stage 1), with a host key of its own and the
+    authorized keys above."""
     remote_unlock_port: int = 2222
-    remote_unlock_modules: list[str] = []  # the network card's driver (lspci -k), for the initrd
+    """The port of the initrd's sshd."""
+    remote_unlock_modules: list[str] = []
+    """The network card's driver (``lspci -k``), for the initrd."""
 
     @field_validator("authorized_keys", "root_authorized_keys")
     @classmethod
