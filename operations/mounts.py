@@ -11,8 +11,8 @@ drift and stops the run. Swap: the installed system's swapDevices, and whether t
 
 from __future__ import annotations
 
+import json
 import shlex
-
 from collections.abc import Callable
 
 from pyinfra.api import FactBase, QuoteString, StringCommand
@@ -148,7 +148,12 @@ def mounted(run: Run, mounts: list[Mount]):
         mounts.mounted(run, [Mount(mountpoint="/home", device="/dev/mapper/cryptroot", fstype="btrfs",
                               options=("subvol=@home", "noatime"))])
     """
-    current = run.read(Mounts)
+    # Every source this run has just made (a first run): none of it can be mounted yet, so what
+    # was mounted at the start of the run is all there is to check; the command checks again.
+    new = all(is_empty_when_mounted(run, m) for m in mounts if m.fstype not in ("tmpfs", "none"))
+    current = run.read_at_start(Mounts) if new else None
+    if current is None:
+        new, current = False, run.read(Mounts)
     commands, present, fresh, plans = [], [], {}, []
     for mount in mounts:
         target = install_path(mount.mountpoint)
@@ -169,9 +174,25 @@ def mounted(run: Run, mounts: list[Mount]):
             run.tell(f"mount {describe(mount)}")
         if present:
             run.tell(f"{', '.join(present)} {'are' if len(present) > 1 else 'is'} already mounted as the profile says")
-        yield one_command(*commands)
+        yield one_command(free_command([install_path(m.mountpoint) for m in plans]) if new else None, *commands)
     else:
         run.noop(f"{', '.join(present)} {'are' if len(present) > 1 else 'is'} already mounted as the profile says")
+
+
+def free_command(targets: list[str]) -> StringCommand:
+    """Shell that stops unless nothing is mounted at any of the targets (one awk over /proc/mounts,
+    which escapes a space as \\040: the targets are compared so)."""
+    wanted = "".join(f"want[{json.dumps(_escaped(t))}] = 1; " for t in targets)
+    program = f"BEGIN {{ {wanted}}} ($2 in want) {{ print $2 }}"
+    script = (f"taken=$(awk {shlex.quote(program)} /proc/mounts); "
+              '[ -z "$taken" ] || { echo "tabula: $taken already mounted, by something this run did not mount: '
+              'unmount it (umount -R) and run again" >&2; exit 1; }')
+    return StringCommand(script)
+
+
+def _escaped(path: str) -> str:
+    """A path as /proc/mounts writes it (space, tab, newline and backslash octal-escaped)."""
+    return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
 
 
 def subvolume_option(options) -> str | None:

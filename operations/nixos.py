@@ -13,11 +13,13 @@ are put into the templates and into nixos-generate-config's hardware-configurati
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import jinja2
 from pyinfra import logger
 from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand
+from pyinfra.api.util import print_host_combined_output
 
 from operations import persist
 from operations.contract import Layer, Target
@@ -25,7 +27,7 @@ from operations.errors import TabulaError
 from operations.nixlit import DeviceIds, MissingDeviceIds, NixFragments, nix_attr, nix_string
 from operations.nixpatch import is_valid, patch_hardware_configuration
 from operations.profile import Profile
-from operations.run import FactRequest, Made, Run, operation
+from operations.run import FactBatch, FactRequest, Made, Run, operation
 from operations.target import (INSTALL_ROOT, BlockDeviceIds, DirectoryDigest, FileText, PathExists, PathsState,
                                digest_script, is_file_with, under, write_files_command)
 
@@ -223,7 +225,26 @@ def generate_config(run: Run, root: str = ROOT):
     run.tell(f"detect the hardware into {hardware}" + (" (the one in place does not parse)" if generated is not None else ""))
     run.record_fresh(config_dir, False)
     run.record_created(Made.generated(config_dir))
-    yield StringCommand("nixos-generate-config", "--root", QuoteString(root))
+    # What the next step reads is what this command leaves: its own output, not another round trip.
+    yield FunctionCommand(_generate_and_read, (run, root, configuration_reads(run, config_dir, files_in_place=False)), {})
+
+
+def generate_command(root: str, reads: list[FactRequest]) -> tuple[StringCommand, FactBatch]:
+    """nixos-generate-config (its own output on stderr), then the facts ``reads`` in the same
+    command: (the command, the batch that reads its output)."""
+    batch = FactBatch()
+    return StringCommand(f"nixos-generate-config --root {shlex.quote(root)} >&2 && {batch.command(reads)}"), batch
+
+
+def _generate_and_read(state, host, run: Run, root: str, reads: list[FactRequest]) -> bool:
+    command, batch = generate_command(root, reads)
+    status, output = host.run_shell_command(command, print_output=state.print_output, print_input=state.print_input)
+    if not status:
+        if not state.print_output:
+            print_host_combined_output(host, output)
+        return False
+    run.remember(reads, batch.process(output.stdout_lines))
+    return True
 
 
 @operation()
@@ -244,7 +265,10 @@ def configuration(run: Run, root: str = ROOT):
     config_dir = f"{root}/etc/nixos"
     # Right after this run's nixos-generate-config, none of the files can be ours yet: all are written.
     just_generated = run.created_this_run(Made.generated(config_dir))
-    generated, ids, product_name = run.read_many(configuration_reads(run, config_dir, not just_generated))[:3]
+    if just_generated and not run.executing:
+        generated, ids, product_name = None, {}, ""     # (planned: the generator has not run yet)
+    else:
+        generated, ids, product_name = run.read_many(configuration_reads(run, config_dir, not just_generated))[:3]
     missing = [d for d in id_devices(profile) if not ids.get(d, {}).get("UUID") and not ids.get(d, {}).get("PARTUUID")]
     if generated is None or missing:
         # Prepare time on blank disks: nothing to read yet; this runs again at execution.

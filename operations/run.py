@@ -15,8 +15,8 @@ Fewer SSH round trips, the main cost of a run (each command is one round trip to
   (each part's output goes to its own fact's ``process``) and kept like single reads. The stages
   read every layer's ``observe`` this way before the first step: a converged re-run reads the
   target once and has nothing else to read.
-- ``one_command(...)``: the commands of one step go to the target as one ``sh -c`` script that
-  stops at the first failure, instead of one round trip each.
+- ``one_command(...)``: the commands of one step go to the target as one shell script that stops
+  at the first failure, instead of one round trip each.
 - ``run.before_first_change(key, prepare)``: commands that must run before this run's first
   change, if it makes one (a read-only view of a pool is made writable first), yielded ahead of it.
 - ``run.tell(text)``: what an operation is about to do, one line of its own output. Operation
@@ -51,109 +51,20 @@ one included: at execution when it ends (a state callback), while planning when 
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable
 
 from pyinfra import logger
-from pyinfra.api import FactBase, QuoteString, StringCommand
+from pyinfra.api import StringCommand
 from pyinfra.api import operation as pyinfra_operation
 from pyinfra.api.state import BaseStateCallback
 
 from operations.errors import TabulaError
+from operations.factbatch import FAILED, FactBatch, FactRequest, request_key
 
-# A fact and its arguments, as a layer asks for it: ``(PathsState, {"paths": [...]})``.
-FactRequest = tuple[type[FactBase], dict]
-
-
-def request_key(fact, kwargs: dict) -> tuple:
-    return (fact, repr(sorted(kwargs.items())))
-
-
-# --- reading several facts in one round trip ------------------------------------------------------
-
-_PART = "##tabula-part##"
-_MISSING = "##tabula-missing-command##"
-# Shell words whose effect must not reach the next part of a batch: such a part runs in a subshell.
-_LEAKING = re.compile(r"\b(exit|cd|set|shift|trap|exec|umask|return)\b")
-
-
-def group(text: str) -> str:
-    """A fact command as one shell group: ``{ ...; }`` (no extra process: each costs ~30 ms on a
-    slow target) unless it may exit or change the shell, then a ``( ... )`` subshell."""
-    return f"( {text}\n)" if _LEAKING.search(text) else f"{{ {text}\n}}"
-
-
-def fact_command(fact, kwargs: dict) -> str:
-    """A fact's command as shell text, guarded by ``requires_command`` as pyinfra guards it."""
-    instance = fact()
-    command = instance.command(**kwargs)
-    text = command.get_raw_value() if isinstance(command, StringCommand) else str(command)
-    required = instance.requires_command(**kwargs)
-    if required:
-        text = f"if command -v {required} >/dev/null 2>&1; then {group(text)}; else echo '{_MISSING}'; fi"
-    return text
-
-
-# A part of a batch whose command failed: it is read again alone, so pyinfra reports it as usual.
-FAILED = object()
-
-
-def processed(fact, kwargs: dict, status: int, lines: list[str], prefix: str = ""):
-    """A part's value as pyinfra's own fact reading gives it: the default unless it printed something."""
-    if status != 0:
-        return FAILED
-    if lines == [_MISSING]:
-        logger.warning(f"{prefix}fact {fact.__name__} skipped: {fact().requires_command(**kwargs)} is not installed")
-        return fact().default()
-    if not lines:
-        return fact().default()
-    return fact().process(lines)
-
-
-class FactBatch(FactBase):
-    """
-    Several facts in one round trip: their values in order (``FAILED`` for a part whose command
-    failed). Each part's output goes to its own fact's ``process``.
-
-    + requests: ``[(Fact, kwargs), ...]``
-
-    .. code:: python
-
-        host.get_fact(FactBatch, requests=[(Mounts, {}), (FileText, {"path": "/mnt/etc/nixos/flake.nix"})])
-    """
-
-    def command(self, requests) -> str:
-        self.requests = list(requests)      # pyinfra processes the output with this same instance
-        return "; ".join(f"echo '{_PART}'; {group(fact_command(fact, kwargs))}; echo \"{_PART} $?\""
-                         for fact, kwargs in self.requests)
-
-    def process(self, output):
-        return [processed(fact, kwargs, status, lines)
-                for (fact, kwargs), (status, lines) in zip(self.requests, split_sections(output))]
-
-    @staticmethod
-    def default():
-        return []
-
-
-def split_sections(output) -> list[tuple[int, list[str]]]:
-    """A batch's output as ``[(exit status, output lines), ...]`` in order."""
-    sections, lines = [], None
-    for line in output:
-        if line == _PART:
-            lines = []
-        elif _PART + " " in line and lines is not None:
-            # (after output that did not end in a newline, the status marker ends its last line)
-            before, _, status = line.partition(_PART + " ")
-            if before:
-                lines.append(before)
-            sections.append((int(status), lines))
-            lines = None
-        elif lines is not None:
-            lines.append(line)
-    return sections
+__all__ = ["FAILED", "FactBatch", "FactRequest", "request_key", "Made", "MadeKind", "Phase", "Run", "operation",
+           "one_command"]
 
 
 # --- what this run made ---------------------------------------------------------------------------
@@ -227,6 +138,8 @@ class Phase:
     + planned_wipes: the stable paths of the disks this run wipes first (confirmed by the guard)
     + stock_changes_seen: planning: changes other (stock pyinfra) operations had planned when the
       facts were last checked
+    + at_start: the facts as they were read before the run's first command (None until then): what
+      the target held before this run changed anything
     """
 
     facts: dict = field(default_factory=dict)
@@ -235,6 +148,14 @@ class Phase:
     before_change: dict[str, Callable] = field(default_factory=dict)
     planned_wipes: set[str] = field(default_factory=set)
     stock_changes_seen: int = 0
+    at_start: dict | None = None
+
+    def lose_facts(self) -> None:
+        """A command may have changed the target: the kept facts are thrown away (the first time,
+        kept as what the target held before this run changed anything)."""
+        if self.at_start is None:
+            self.at_start = dict(self.facts)
+        self.facts.clear()
 
 
 class Run:
@@ -282,6 +203,8 @@ class Run:
             if executing and planned is not None:
                 phase.facts = dict(planned.facts)
                 phase.planned_wipes = set(planned.planned_wipes)
+                # (no command has run before execution: what planning found first is still the start)
+                phase.at_start = dict(planned.at_start if planned.at_start is not None else planned.facts)
             self._watch_operations()
         return self._phases[executing]
 
@@ -292,7 +215,7 @@ class Run:
         phase = self.phase()
         changes = self._stock_changes()
         if changes != phase.stock_changes_seen:
-            phase.facts.clear()
+            phase.lose_facts()
             phase.stock_changes_seen = changes
         return phase.facts
 
@@ -331,9 +254,24 @@ class Run:
             found[key] = self.host.get_fact(fact, **kwargs) if value is FAILED else value
         return found
 
+    def remember(self, requests: list[FactRequest], values: list) -> None:
+        """Keep what a command of this run read as its last act (``FactBatch`` values; a part that
+        failed is read again when asked): the target as the command left it."""
+        kept = self.phase().facts
+        kept.update({request_key(fact, kwargs): value for (fact, kwargs), value in zip(requests, values)
+                     if value is not FAILED})
+
     def forget(self) -> None:
         """Throw away every fact kept (a command may change anything)."""
-        self.phase().facts.clear()
+        self.phase().lose_facts()
+
+    def read_at_start(self, fact, **kwargs):
+        """The fact as it was read before this run's first command, or None when it was not read
+        then. For a step about what this run has just made: nothing could be there before, so
+        what stood in its place then is all there is to check (the step's command checks again)."""
+        phase = self.phase()
+        kept = phase.facts if phase.at_start is None else phase.at_start
+        return kept.get(request_key(fact, kwargs))
 
     # --- what this run made --------------------------------------------------------------------
 
@@ -439,7 +377,7 @@ class _ForgetAfterStockOperations(BaseStateCallback):
     def _forget_after(self, op_host, op_hash) -> None:
         run = self.run
         if op_host is run.host and op_hash not in run._tabula_ops and True in run._phases:
-            run._phases[True].facts.clear()
+            run._phases[True].lose_facts()
 
 
 def operation(**operation_kwargs):
@@ -469,7 +407,7 @@ def operation(**operation_kwargs):
 
 
 def one_command(*commands: StringCommand) -> StringCommand:
-    """The commands as one ``sh -c`` script run in order, stopping at the first failure.
+    """The commands as one shell script run in order, stopping at the first failure.
 
     Connector arguments (``_stdin``...) of the parts are kept; at most one part may read stdin.
     """
@@ -482,5 +420,5 @@ def one_command(*commands: StringCommand) -> StringCommand:
             if key in arguments and arguments[key] != value:
                 raise ValueError(f"one_command: two parts set {key} differently")
             arguments[key] = value
-    script = " && ".join(part.get_raw_value() for part in parts)
-    return StringCommand("sh", "-c", QuoteString(script), **arguments)
+    # The script itself: pyinfra runs every command in a shell of its own (sh -c), no second one.
+    return StringCommand(" && ".join(part.get_raw_value() for part in parts), **arguments)

@@ -76,16 +76,23 @@ def run_op(monkeypatch, module, op, facts, *, run: Run | None = None, **kwargs):
 
 
 def unjoined(commands: list[str]) -> list[str]:
-    """The parts of commands that ``run.one_command`` joined into one ``sh -c`` script."""
-    import shlex
-
+    """The parts of commands that ``run.one_command`` joined into one script (``a && b``: split
+    where ``&&`` stands outside any quotes)."""
     parts = []
     for text in commands:
-        words = shlex.split(text) if text.startswith("sh -c ") else []
-        if len(words) == 3 and " && " in words[2]:
-            parts += words[2].split(" && ")
-        else:
-            parts.append(text)
+        quote, start, i = None, 0, 0
+        while i < len(text):
+            char = text[i]
+            if quote:
+                quote = None if char == quote else quote
+            elif char in "'\"":
+                quote = char
+            elif text.startswith(" && ", i):
+                parts.append(text[start:i])
+                start = i = i + 4
+                continue
+            i += 1
+        parts.append(text[start:])
     return parts
 
 

@@ -9,7 +9,7 @@ import operations
 PACKAGE = Path(operations.__file__).parent
 # Modules every layer may use; they import no layer (gpt.types: the GPT type table the profile
 # model checks codes against, data only).
-SHARED = {"errors", "profile", "run", "target", "nixlit", "diskolit", "secrets", "nixpatch", "settings", "contract",
+SHARED = {"errors", "profile", "run", "factbatch", "target", "nixlit", "diskolit", "secrets", "nixpatch", "settings", "contract",
           "gpt.types"}
 # One module or package per layer: facts, operations, Nix fragment, problems.
 LAYERS = {"gpt", "luks", "filesystems", "btrfs", "zfs", "mounts", "nixos", "persist"}

@@ -84,11 +84,12 @@ def blank_target_facts(profile) -> dict:
 
 def test_a_first_run_reads_only_what_it_did_not_make(fake, profile):
     fake.host.facts.update(blank_target_facts(profile))
+    fake.read(mounts.Mounts)            # the guard's first read: /proc/mounts before the run changed anything
     reads, commands = first_run(profile, fake)
-    # Read: the disk's table, /proc/mounts (a mount point may be taken by something else), and
-    # what nixos-generate-config wrote. Nothing else: every other stage works on what it made.
+    # Read: the disk's table and what nixos-generate-config wrote. Nothing else: every other
+    # stage works on what it made (what was mounted at the start is all the mounts can meet).
     assert reads == {"gpt": ["PartitionTable"], "format": [], "open": [], "mkfs": [], "top": [], "subvolumes": [],
-                     "mounts": ["Mounts"], "swapfile": [], "ngc": [],
+                     "mounts": [], "swapfile": [], "ngc": [],
                      "config": ["FileText", "BlockDeviceIds", "DmiProductName"],
                      "secrets": [], "identity": [], "copy": []}
     assert all(commands[stage] for stage in reads), "every stage of a first run has a command"
@@ -97,6 +98,7 @@ def test_a_first_run_reads_only_what_it_did_not_make(fake, profile):
     assert "if [ -e /dev/mapper/cryptroot ]" in commands["open"][0]
     assert commands["mkfs"][0].count("blkid -p -o value -s TYPE") == 2
     assert "mountpoint -q /run/tabula/btrfs/nixos" in commands["top"][0]
+    assert "already mounted, by something this run did not mount" in commands["mounts"][0]
     # all NixOS files are written over what nixos-generate-config left (configuration.nix)
     assert all(name in commands["config"][0] for name in ('"$s/"flake.nix', '"$s/"configuration.nix',
                                                            '"$s/"hardware-configuration.nix'))

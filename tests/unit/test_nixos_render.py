@@ -279,7 +279,35 @@ def test_hardware_configuration_is_generated_unless_a_whole_one_is_there(monkeyp
 
     profile = load_profile("zephyrus-btrfs", ZEPHYRUS)
     run = fake_run({target.FileText: present}, Settings.of(profile))
-    commands, _, fake = run_op(monkeypatch, nixos, nixos.generate_config, {}, run=run, root="/mnt")
-    assert commands == (["nixos-generate-config --root /mnt"] if generates else [])
+    commands = [str(c) for c in nixos.generate_config._inner(run, root="/mnt")]
+    fake = run.host
+    assert [c.startswith("FunctionCommand(_generate_and_read,") for c in commands] == ([True] if generates else [])
     if not generates:
         assert fake.noops == ["/mnt/etc/nixos/hardware-configuration.nix is already generated"]
+
+
+def test_what_the_generator_leaves_is_read_in_its_own_command(tmp_path):
+    """nixos-generate-config and the reads of the next step in one command (a stand-in generator
+    in a real shell): the configuration step then reads nothing more."""
+    from operations.settings import Settings
+    from tests.unit.pyinfra_fake import fake_run
+
+    profile = load_profile("zephyrus-btrfs", ZEPHYRUS)
+    root = tmp_path / "root"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nixos-generate-config").write_text(
+        '#!/bin/sh\necho "writing $2/etc/nixos/hardware-configuration.nix"\nmkdir -p "$2/etc/nixos"\n'
+        'printf "{ ... }:\\n{ }\\n" > "$2/etc/nixos/hardware-configuration.nix"\n')
+    (bin_dir / "nixos-generate-config").chmod(0o755)
+    run = fake_run({}, Settings.of(profile))
+    reads = nixos.configuration_reads(run, f"{root}/etc/nixos", files_in_place=False)
+    command, batch = nixos.generate_command(str(root), reads)
+    done = subprocess.run(["sh", "-c", command.get_raw_value()], capture_output=True, text=True,
+                          env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    assert "writing" in done.stderr and "writing" not in done.stdout        # the generator's words stay out
+    run.remember(reads, batch.process(done.stdout.splitlines()))
+    before = len(run.host.reads)
+    assert run.read_many(reads)[0] == "{ ... }:\n{ }\n"
+    assert run.host.reads[before:] == []                                   # kept: no round trip

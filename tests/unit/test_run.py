@@ -5,6 +5,7 @@ import subprocess
 import pytest
 from pyinfra.api import FactBase, QuoteString, StringCommand
 
+from operations import factbatch
 from operations import run as runs
 from operations.run import Run
 from tests.unit.pyinfra_fake import FakeState, fake_run
@@ -81,8 +82,8 @@ def test_one_command_runs_in_order_and_stops_at_the_first_failure(tmp_path):
     marker = tmp_path / "a b"
     command = runs.one_command(StringCommand("touch", QuoteString(str(marker))), StringCommand("false"),
                                      StringCommand("rm", QuoteString(str(marker))))
-    assert str(command).startswith("sh -c ")
-    assert subprocess.run(command.get_raw_value(), shell=True).returncode != 0
+    assert not str(command).startswith("sh -c ")        # pyinfra's own shell runs it: no second one
+    assert subprocess.run(["sh", "-c", command.get_raw_value()]).returncode != 0
     assert marker.exists()
 
 
@@ -120,7 +121,7 @@ def test_a_batch_gives_each_fact_what_it_would_read_alone(tmp_path):
                 (FileText, {"path": str(tmp_path / "none")})]          # absent: the fact's default
     batch = runs.FactBatch()
     out = subprocess.run(["sh", "-c", batch.command(requests=requests)], capture_output=True, text=True).stdout.splitlines()
-    assert [status for status, _ in runs.split_sections(out)] == [0, 0, 0, 0, 0]
+    assert [status for status, _ in factbatch.split_sections(out)] == [0, 0, 0, 0, 0]
     values = batch.process(out)
     assert values[0] == {}                                           # its program is missing: the default
     values, requests = values[1:], requests[1:]
@@ -176,7 +177,7 @@ def test_a_failing_part_of_a_batch_in_a_real_shell():
 def batch_sections(texts: list[str], cwd: str | None = None) -> list[tuple[int, list[str]]]:
     command = runs.FactBatch().command(requests=[(Shell, {"text": text}) for text in texts])
     out = subprocess.run(["sh", "-c", command], capture_output=True, text=True, cwd=cwd).stdout.splitlines()
-    return runs.split_sections(out)
+    return factbatch.split_sections(out)
 
 
 def test_output_without_a_final_newline_keeps_its_last_line():
@@ -186,8 +187,8 @@ def test_output_without_a_final_newline_keeps_its_last_line():
 def test_parts_run_in_the_batch_shell_unless_they_may_exit_or_change_it():
     # No subshell (a process each, ~30 ms on a slow target) for a plain part; a part that exits,
     # cd's or sets shell options gets its own, so the parts after it still run as before.
-    assert runs.group("cat /proc/swaps") == "{ cat /proc/swaps\n}"
-    assert runs.group("udevadm settle; exit 1").startswith("( ")
+    assert factbatch.group("cat /proc/swaps") == "{ cat /proc/swaps\n}"
+    assert factbatch.group("udevadm settle; exit 1").startswith("( ")
     parts = ["echo $$", "cd / && exit 3", "set -e; false; echo same shell", "echo $$; pwd", "x=1; echo ends;"]
     sections = batch_sections(parts, cwd="/tmp")
     assert [status for status, _ in sections] == [0, 3, 1, 0, 0]
