@@ -119,10 +119,8 @@ def dataset(run: Run, dataset_name: str, properties: dict[str, str] | None = Non
 
 
 def property_problems(name: str, wanted: dict[str, str], current: dict) -> list[str]:
-    """Each wanted property the dataset (``ZfsPoolDatasets``' entry) does not have, one line each."""
-    problems = []
-    for key, value in wanted.items():
-        have = current.get(key, (None, None))[0]
-        if have != canonical(key, value):
-            problems.append(f"{name}: {key}={have if have is not None else '(none)'}, the profile wants {value}")
-    return problems
+    """Each wanted property the dataset (``ZfsPoolDatasets``' entry) does not have, one line each
+    (what ``property_drift`` finds, settable or not)."""
+    settable, fixed = property_drift(wanted, current)
+    return [f"{name}: {key}={have if (have := current.get(key, (None, None))[0]) is not None else '(none)'}, "
+            f"the profile wants {value}" for key, value in wanted.items() if key in settable or key in fixed]
