@@ -31,12 +31,17 @@ class FakeHost:
         self.noops: list[str] = []
         self.reads: list[str] = []              # the facts read from the "target", in order
         self.batches: list[list[str]] = []      # the facts of each batched read (one round trip each)
+        self.round_trips = 0                    # each read alone, and each batch, is one
 
     def get_fact(self, fact, **kwargs):
+        self.round_trips += 1
         if fact is FactBatch:
             # One round trip: each part answered from the table as it would be alone.
             self.batches.append([part.__name__ for part, _ in kwargs["requests"]])
-            return [self.get_fact(part, **arguments) for part, arguments in kwargs["requests"]]
+            return [self._answer(part, arguments) for part, arguments in kwargs["requests"]]
+        return self._answer(fact, kwargs)
+
+    def _answer(self, fact, kwargs: dict):
         self.reads.append(fact.__name__)
         try:
             key = (fact, frozenset(kwargs.items()))

@@ -36,18 +36,21 @@ def pyinfra_name(op, name: str | None, args: tuple, kwargs: dict) -> str:
     return f"{op.__module__.split('.')[-1]}.{op.__name__} ({', '.join(words)})"
 
 
-def record_operations(monkeypatch) -> list[str]:
-    """Replace every pyinfra operation of the package by a recorder of its row name."""
+def record_operations(monkeypatch, calls: list | None = None) -> list[str]:
+    """Replace every pyinfra operation of the package by a recorder of its row name (and, into
+    ``calls``, of (operation, arguments, keyword arguments) to run it later as pyinfra would)."""
     names: list[str] = []
 
     def recorder(op):
         def record(run, *args, name=None, **kwargs):
             kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}   # global arguments
             names.append(pyinfra_name(op._inner, name, args, kwargs))
+            if calls is not None:
+                calls.append((op, args, kwargs))
         return record
 
-    for info in pkgutil.iter_modules(operations.__path__):
-        module = importlib.import_module(f"operations.{info.name}")
+    for info in pkgutil.walk_packages(operations.__path__, prefix="operations."):
+        module = importlib.import_module(info.name)
         for attr, value in list(vars(module).items()):
             if callable(value) and hasattr(value, "_inner"):
                 monkeypatch.setattr(module, attr, recorder(value))
