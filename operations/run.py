@@ -172,7 +172,7 @@ class Run:
         self.host = host
         self.settings = settings
         self.layers = tuple(layers)
-        self.secrets = secrets
+        self.secrets = secrets if secrets is not None else {}     # (the stages read them: read_secrets)
         self._phases: dict[bool, Phase] = {}
         self._tabula_ops: set[str] = set()          # this host's operations that are Tabula's
         self._tabula_changes: set[str] = set()      # ...and those that planned a change
