@@ -212,7 +212,6 @@ def generate_config(run: Run, root: str = ROOT):
 
         nixos.generate_config(run, root="/mnt")
     """
-    profile = run.profile
     config_dir = f"{root}/etc/nixos"
     hardware = f"{config_dir}/hardware-configuration.nix"
     # On a root this run just made and mounted empty there is nothing to read. A file that does

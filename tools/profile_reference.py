@@ -25,7 +25,7 @@ from pydantic import BaseModel  # noqa: E402
 from pydantic_core import PydanticUndefined  # noqa: E402
 
 from operations import profile as profile_package  # noqa: E402
-from operations.profile import (PROFILE_DIR, REQUIRED, Bind, Dataset, DatasetEncryption, Disk, Filesystem,  # noqa: E402
+from operations.profile import (REQUIRED, Bind, Dataset, DatasetEncryption, Disk, Filesystem,  # noqa: E402
                                 Luks, NixosSettings, Partition, Persistence, Pool, Profile, Subvolume, Swap, Swapfile,
                                 Tmpfs, Vdev, ZfsMember, available_profiles, profile_path)
 from operations.settings import Settings  # noqa: E402

@@ -275,7 +275,7 @@ def test_review_command_writes_files_and_touches_no_disk(tmp_path):
 ])
 def test_hardware_configuration_is_generated_unless_a_whole_one_is_there(monkeypatch, present, generates):
     from operations.settings import Settings
-    from tests.unit.pyinfra_fake import fake_run, run_op
+    from tests.unit.pyinfra_fake import fake_run
 
     profile = load_profile("zephyrus-btrfs", ZEPHYRUS)
     run = fake_run({target.FileText: present}, Settings.of(profile))
