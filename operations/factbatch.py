@@ -22,6 +22,8 @@ def request_key(fact, kwargs: dict) -> tuple:
 
 _PART = "##tabula-part##"
 _MISSING = "##tabula-missing-command##"
+# How a fact that probes block devices starts (udev may be re-reading a partition table).
+SETTLE = "udevadm settle 2>/dev/null; "
 # Shell words whose effect must not reach the next part of a batch: such a part runs in a subshell.
 _LEAKING = re.compile(r"\b(exit|cd|set|shift|trap|exec|umask|return)\b")
 
@@ -32,12 +34,18 @@ def group(text: str) -> str:
     return f"( {text}\n)" if _LEAKING.search(text) else f"{{ {text}\n}}"
 
 
-def fact_command(fact, kwargs: dict) -> str:
-    """A fact's command as shell text, guarded by ``requires_command`` as pyinfra guards it."""
-    instance = fact()
-    command = instance.command(**kwargs)
-    text = command.get_raw_value() if isinstance(command, StringCommand) else str(command)
-    required = instance.requires_command(**kwargs)
+def _own_command(fact, kwargs: dict) -> str:
+    command = fact().command(**kwargs)
+    return command.get_raw_value() if isinstance(command, StringCommand) else str(command)
+
+
+def fact_command(fact, kwargs: dict, settled: bool = False) -> str:
+    """A fact's command as shell text, guarded by ``requires_command`` as pyinfra guards it.
+    ``settled``: udev has just settled (the batch did it once for all its parts)."""
+    text = _own_command(fact, kwargs)
+    if settled:
+        text = text.removeprefix(SETTLE)
+    required = fact().requires_command(**kwargs)
     if required:
         text = f"if command -v {required} >/dev/null 2>&1; then {group(text)}; else echo '{_MISSING}'; fi"
     return text
@@ -73,8 +81,11 @@ class FactBatch(FactBase):
 
     def command(self, requests) -> str:
         self.requests = list(requests)      # pyinfra processes the output with this same instance
-        return "; ".join(f"echo '{_PART}'; {group(fact_command(fact, kwargs))}; echo \"{_PART} $?\""
-                         for fact, kwargs in self.requests)
+        # Facts that first let udev settle (a partition table may be re-read): once for them all.
+        settle = any(_own_command(fact, kwargs).startswith(SETTLE) for fact, kwargs in self.requests)
+        return (SETTLE if settle else "") + "; ".join(
+            f"echo '{_PART}'; {group(fact_command(fact, kwargs, settle))}; echo \"{_PART} $?\""
+            for fact, kwargs in self.requests)
 
     def process(self, output):
         return [processed(fact, kwargs, status, lines)

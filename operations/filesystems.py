@@ -15,7 +15,7 @@ from operations.diskolit import bind_hooks, mounted
 from operations.errors import TabulaError
 from operations.nixlit import DeviceIds, NixFragments
 from operations.profile import Filesystem, Profile, Swap
-from operations.run import FactRequest, Made, Run, one_command, operation
+from operations.run import FactRequest, Made, Run, one_command, operation, script
 from operations.target import SIGNATURE_FOUND_ADVICE, WholeDiskSignature
 
 # mkfs program and its "label" flag, by format.
@@ -35,8 +35,8 @@ def mkfs_command(device: str, fs: Filesystem) -> StringCommand:
     if fs.format == "ext4":
         args.append("-q")
     args.append(QuoteString(device))
-    return StringCommand("sh", "-c", QuoteString(blank_guard(device) + " ".join(
-        str(a) if not isinstance(a, QuoteString) else shlex.quote(a.obj) for a in args)))
+    return script(blank_guard(device) + " ".join(str(a) if not isinstance(a, QuoteString) else shlex.quote(a.obj)
+                                                 for a in args))
 
 
 def blank_guard(device: str) -> str:
@@ -74,7 +74,7 @@ def swap_check(device: str, swap: Swap, found: dict) -> tuple[StringCommand | No
         return None, f"{device} already holds a swap signature (UUID {found.get('UUID')})"
     if found.get("TYPE") or found.get("PTTYPE"):
         raise TabulaError(f"refusing to mkswap {device}: it holds {found.get('TYPE') or found.get('PTTYPE')}")
-    return StringCommand("sh", "-c", QuoteString(blank_guard(device) + f"mkswap {shlex.quote(device)}")), ""
+    return script(blank_guard(device) + f"mkswap {shlex.quote(device)}"), ""
 
 
 @operation()

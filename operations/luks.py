@@ -16,12 +16,14 @@ from __future__ import annotations
 import re
 import shlex
 
-from pyinfra.api import FactBase, QuoteString, StringCommand
+from pyinfra.api import FactBase, StringCommand
 from operations.contract import Layer, Target
 from operations.errors import TabulaError
 from operations.nixlit import DeviceIds, NixFragments, nix_string
 from operations.profile import Luks, Profile
+from operations.factbatch import SETTLE
 from operations.run import FactRequest, Made, Run, operation
+from operations.run import script as shell_script
 from operations.secrets import Secret
 from operations.target import SIGNATURE_FOUND_ADVICE, CanonicalPath, WholeDiskSignature
 
@@ -40,7 +42,7 @@ class LuksHeader(FactBase):
 
     def command(self, device: str) -> str:
         quoted = shlex.quote(device)
-        return f"udevadm settle 2>/dev/null; if [ -b {quoted} ]; then cryptsetup luksDump {quoted} 2>/dev/null || true; fi"
+        return SETTLE + f"if [ -b {quoted} ]; then cryptsetup luksDump {quoted} 2>/dev/null || true; fi"
 
     def requires_command(self, device: str) -> str:
         return "cryptsetup"
@@ -178,7 +180,7 @@ def format_command(device: str, luks: Luks, secret: Secret) -> StringCommand:
               f"echo 'tabula: {device} already carries a signature: not formatting it {SIGNATURE_FOUND_ADVICE}' >&2; "
               "exit 1; fi; "
               + " ".join(str(a) for a in args))
-    return StringCommand("sh", "-c", QuoteString(script), _stdin=secret.reveal())
+    return shell_script(script, _stdin=secret.reveal())
 
 
 def open_options(luks: Luks) -> list[str]:
@@ -200,7 +202,7 @@ def open_command(device: str, luks: Luks, secret: Secret) -> StringCommand:
         f"{{ echo \"tabula: the LUKS passphrase does not open {device} (or cryptsetup failed): "
         "the header is kept; check TABULA_LUKS_PASSPHRASE\" >&2; exit 1; }"
     )
-    return StringCommand("sh", "-c", QuoteString(script), _stdin=secret.reveal())
+    return shell_script(script, _stdin=secret.reveal())
 
 
 # --- the rules ----------------------------------------------------------------------------------

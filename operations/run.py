@@ -51,6 +51,7 @@ one included: at execution when it ends (a state callback), while planning when 
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Callable
@@ -64,7 +65,7 @@ from operations.errors import TabulaError
 from operations.factbatch import FAILED, FactBatch, FactRequest, request_key
 
 __all__ = ["FAILED", "FactBatch", "FactRequest", "request_key", "Made", "MadeKind", "Phase", "Run", "operation",
-           "one_command"]
+           "one_command", "script"]
 
 
 # --- what this run made ---------------------------------------------------------------------------
@@ -420,5 +421,16 @@ def one_command(*commands: StringCommand) -> StringCommand:
             if key in arguments and arguments[key] != value:
                 raise ValueError(f"one_command: two parts set {key} differently")
             arguments[key] = value
-    # The script itself: pyinfra runs every command in a shell of its own (sh -c), no second one.
-    return StringCommand(" && ".join(part.get_raw_value() for part in parts), **arguments)
+    # The script itself: pyinfra runs every command in a shell of its own (sh -c), no second one;
+    # a part that is a list of commands is a group, so the next part runs only when it succeeded.
+    return StringCommand(" && ".join(_one(part.get_raw_value()) for part in parts), **arguments)
+
+
+def _one(text: str) -> str:
+    return f"{{ {text}\n}}" if re.search(r"[;&|\n]", text) else text
+
+
+def script(text: str, **arguments) -> StringCommand:
+    """Shell text run as it is, in the shell pyinfra runs each command in (no ``sh -c`` of its
+    own: a process fewer, ~50 ms on a slow target). For a script without positional arguments."""
+    return StringCommand(text, **arguments)

@@ -16,7 +16,7 @@ from operations.btrfs.rollback import BlankProblem, blank_problems
 from operations.errors import TabulaError
 from operations.mounts import Mounts
 from operations.profile import Subvolume
-from operations.run import Made, Run, one_command, operation
+from operations.run import Made, Run, one_command, operation, script
 from operations.target import CanonicalPath
 
 
@@ -51,9 +51,8 @@ def top_level(run: Run, device: str, path: str, options: tuple[str, ...] = ()):
         run.noop(f"the top level of {device} is already mounted at {path}")
         return
     # (not read, so checked: nothing may be mounted there already)
-    free = StringCommand("sh", "-c", QuoteString(
-        f"if mountpoint -q {shlex.quote(path)}; then echo 'tabula: {path} is already mounted: unmount it' >&2; exit 1; fi"
-    )) if new else None
+    free = script(f"if mountpoint -q {shlex.quote(path)}; then echo 'tabula: {path} is already mounted: unmount it' >&2; "
+                  "exit 1; fi") if new else None
     run.tell(f"mount the top level of {device} at {path}" + (f" ({','.join(options)})" if options else ""))
     yield one_command(StringCommand("mkdir", "-p", QuoteString(path)), free,
                       StringCommand("mount", "-t", "btrfs", "-o", QuoteString(",".join(["subvolid=5", *options])),

@@ -23,6 +23,7 @@ from operations.errors import TabulaError
 from operations.gpt.types import GPT_TYPE_GUIDS, type_guid
 from operations.nixlit import DeviceIds, NixFragments
 from operations.run import FactRequest, Made, Run, one_command, operation
+from operations.run import script as shell_script
 from operations.target import WholeDiskSignature
 
 if TYPE_CHECKING:       # (the profile model imports this layer's type table: no import at run time)
@@ -217,7 +218,7 @@ def settle_command(links: list[str], disk_path: str) -> StringCommand:
         "if [ $n -gt 150 ]; then echo \"tabula: $link did not appear after partitioning\" >&2; exit 1; fi; "
         "sleep 0.2; udevadm settle; done; done"
     )
-    return StringCommand("sh", "-c", QuoteString(script))
+    return shell_script(script)
 
 
 # --- the layer ------------------------------------------------------------------------------------

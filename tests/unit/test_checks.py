@@ -51,6 +51,14 @@ def problems(layer_module, host, settings, root: str) -> list[str]:
     return layer_module.LAYER.problems(verify.HostTarget(host, settings, root))
 
 
+def stat_output(states: dict[str, tuple[str, str, str]]) -> str:
+    """What PathsState's command prints for {path: (type, "mode user", sha256 or "")}."""
+    kinds = {"file": "regular file", "directory": "directory"}
+    lines = [f"{kinds[kind]}\t{mode_user}\t{path}" for path, (kind, mode_user, _) in states.items()]
+    lines += ["##sha256##"] + [f"{sha}  {path}" for path, (kind, _, sha) in states.items() if kind == "file"]
+    return "\n".join(lines) + "\n"
+
+
 def captured(name: str) -> str:
     return (FIXTURES / name).read_text()
 
@@ -150,12 +158,12 @@ def test_btrfs_after_a_rollback_the_root_is_restored_from_the_blank(settings):
 
 
 def test_persist_names_a_seeded_file_with_the_wrong_mode(settings):
-    wanted = {"/mnt/persist/secrets": "directory\t700 root\t", "/mnt/persist/etc/machine-id": "file\t444 root\tx"}
+    wanted = {"/mnt/persist/secrets": ("directory", "700 root", ""), "/mnt/persist/etc/machine-id": ("file", "444 root", "x")}
     for key_type in ("ed25519", "rsa"):
         key = f"/mnt/persist/etc/ssh/ssh_host_{key_type}_key"
-        wanted[key] = "file\t644 root\tx" if key_type == "ed25519" else "file\t600 root\tx"
-        wanted[f"{key}.pub"] = "file\t644 root\tx"
-    state = "".join(f"{line}\t{path}\n" for path, line in wanted.items())
+        wanted[key] = ("file", "644 root", "x") if key_type == "ed25519" else ("file", "600 root", "x")
+        wanted[f"{key}.pub"] = ("file", "644 root", "x")
+    state = stat_output(wanted)
     host = FakeTestinfraHost([
         (r"stat -c", state),
         (r"ssh-keygen -lf \S+ed25519", "256 SHA256:aaaa root@zephyrus (ED25519)\n"),
@@ -222,8 +230,8 @@ def test_generated_files_as_rendered_match_and_a_changed_line_is_quoted(settings
     def host_with(files: dict[str, str]) -> FakeTestinfraHost:
         def filetext(name):
             return "present\n" + base64.b64encode(files[name].encode()).decode() + "\n"
-        state = "".join(f"file\t644 root\t{hashlib.sha256(text.encode()).hexdigest()}\t/mnt/etc/nixos/{name}\n"
-                        for name, text in files.items())
+        state = stat_output({f"/mnt/etc/nixos/{name}": ("file", "644 root", hashlib.sha256(text.encode()).hexdigest())
+                             for name, text in files.items()})
         return FakeTestinfraHost([
             (r"filetext /mnt/etc/nixos/hardware-configuration.nix", filetext("hardware-configuration.nix")),
             (r"filetext /mnt/etc/nixos/configuration.nix", filetext("configuration.nix")),

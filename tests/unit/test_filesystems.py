@@ -31,7 +31,7 @@ def test_parse_blkid():
 ])
 def test_absent_filesystem_is_made(monkeypatch, fs, device, expected):
     commands, _, _ = run_op(monkeypatch, filesystems, filesystems.formatted, {}, filesystems=[(device, fs)], swaps=[])
-    assert len(commands) == 1 and commands[0].endswith(f"; {expected}'")
+    assert len(commands) == 1 and commands[0].endswith(f"; {expected}")
     assert f"blkid -p -o value -s TYPE {device}" in commands[0]   # re-checked in the same command
 
 
@@ -54,7 +54,7 @@ def test_wrong_label_is_drift(monkeypatch):
 
 def test_swap_partition(monkeypatch):
     commands, _, _ = run_op(monkeypatch, filesystems, filesystems.formatted, {}, filesystems=[], swaps=[("/dev/sw", Swap())])
-    assert len(commands) == 1 and commands[0].endswith("mkswap /dev/sw'")
+    assert len(commands) == 1 and commands[0].endswith("mkswap /dev/sw")
     assert "blkid -p -o value -s TYPE /dev/sw" in commands[0]            # mkswap re-checks its device too
 
 
@@ -63,7 +63,7 @@ def test_all_filesystems_and_swaps_in_one_round_trip_and_drift_stops_before_any(
     commands, _, _ = run_op(monkeypatch, filesystems, filesystems.formatted, {}, filesystems=wanted,
                             swaps=[("/dev/sw", Swap())])
     assert len(commands) == 1
-    assert unjoined(commands)[-1].endswith("mkswap /dev/sw'")
+    assert unjoined(commands)[-1].endswith("mkswap /dev/sw\n}")      # (a part that is a list: a group)
     assert commands[0].index("mkfs.vfat") < commands[0].index("mkfs.btrfs") < commands[0].index("mkswap")
     assert commands[0].count("blkid -p -o value -s TYPE") == 3           # each mkfs/mkswap re-checks its device
     drift = {(WholeDiskSignature, frozenset({("device", "/dev/mapper/cryptroot")})): {"TYPE": "ext4"}}

@@ -1,6 +1,5 @@
 """LUKS layer: luksDump / cryptsetup status parsing (captured in the VM) and the commands for an
 absent, present and drifted container and mapping. The passphrase only ever travels as _stdin."""
-import shlex
 
 import pytest
 
@@ -53,9 +52,9 @@ def test_parse_status():
 
 def test_format_blank_device(monkeypatch, profile_luks):
     commands, stdins, _ = run_op(monkeypatch, luks, luks.container, {}, device=DEVICE, luks=profile_luks)
-    assert len(commands) == 1 and commands[0].startswith("sh -c 'udevadm settle; ")
+    assert len(commands) == 1 and commands[0].startswith("udevadm settle; ")     # in pyinfra's own shell
     assert commands[0].endswith("; cryptsetup luksFormat --batch-mode --type luks2 --pbkdf pbkdf2 "
-                                f"--pbkdf-force-iterations 1000 {DEVICE}'")
+                                f"--pbkdf-force-iterations 1000 {DEVICE}")
     assert f"cryptsetup isLuks {DEVICE}" in commands[0] and "not formatting it" in commands[0]
     assert stdins == [SECRET]
     assert SECRET not in " ".join(commands)
@@ -87,7 +86,7 @@ def test_other_signature_refused(monkeypatch, profile_luks):
 
 def test_open_closed_mapping(monkeypatch, profile_luks):
     commands, stdins, _ = run_op(monkeypatch, luks, luks.mapping, {}, device=DEVICE, luks=profile_luks)
-    script = shlex.split(commands[0])[2]
+    script = commands[0]
     assert script.startswith("if [ -e /dev/mapper/cryptroot ]; then echo 'tabula: /dev/mapper/cryptroot is already "
                              "open on another device")    # a name in use stops the run: no read needed for that
     assert ("; cryptsetup open --allow-discards --perf-no_read_workqueue "
