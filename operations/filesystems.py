@@ -1,6 +1,6 @@
 """
-Filesystems (vfat, btrfs, f2fs, ext4) and swap partitions: mkfs/mkswap only where the device
-carries no signature. A device that already holds the wanted filesystem is reused, never
+The filesystems layer: filesystems (vfat, btrfs, f2fs, ext4) and swap partitions, mkfs/mkswap
+only where the device carries no signature. A device that already holds the wanted filesystem is reused, never
 re-formatted; one holding something else is drift and stops the run.
 """
 
@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import shlex
 
-from pyinfra import host
 from pyinfra.api import QuoteString, StringCommand
 
+from operations.contract import Layer, Target
+from operations.diskolit import bind_hooks, mounted
 from operations.errors import TabulaError
-from operations.nixlit import NixFragments
+from operations.nixlit import DeviceIds, NixFragments
 from operations.profile import Filesystem, Profile, Swap
-from operations.roundtrips import Made, before_wipe, created_this_run, one_command, operation, read_many, record_created, tell
-from operations.target import SIGNATURE_FOUND_ADVICE, WholeDiskSignature, read_fact
-from operations.settings import Settings
+from operations.run import FactRequest, Made, Run, one_command, operation, script
+from operations.target import SIGNATURE_FOUND_ADVICE, WholeDiskSignature
 
 # mkfs program and its "label" flag, by format.
 MKFS = {
@@ -35,8 +35,8 @@ def mkfs_command(device: str, fs: Filesystem) -> StringCommand:
     if fs.format == "ext4":
         args.append("-q")
     args.append(QuoteString(device))
-    return StringCommand("sh", "-c", QuoteString(blank_guard(device) + " ".join(
-        str(a) if not isinstance(a, QuoteString) else shlex.quote(a.obj) for a in args)))
+    return script(blank_guard(device) + " ".join(str(a) if not isinstance(a, QuoteString) else shlex.quote(a.obj)
+                                                 for a in args))
 
 
 def blank_guard(device: str) -> str:
@@ -74,16 +74,17 @@ def swap_check(device: str, swap: Swap, found: dict) -> tuple[StringCommand | No
         return None, f"{device} already holds a swap signature (UUID {found.get('UUID')})"
     if found.get("TYPE") or found.get("PTTYPE"):
         raise TabulaError(f"refusing to mkswap {device}: it holds {found.get('TYPE') or found.get('PTTYPE')}")
-    return StringCommand("sh", "-c", QuoteString(blank_guard(device) + f"mkswap {shlex.quote(device)}")), ""
+    return script(blank_guard(device) + f"mkswap {shlex.quote(device)}"), ""
 
 
 @operation()
-def formatted(filesystems: list[tuple[str, Filesystem]], swaps: list[tuple[str, Swap]]):
+def formatted(run: Run, filesystems: list[tuple[str, Filesystem]], swaps: list[tuple[str, Swap]]):
     """
     Make the filesystems and swap signatures on the devices that have no signature yet, all in
     one round trip (signatures read in one too). A device that already holds the wanted
     filesystem is reused; one holding anything else stops the run before any mkfs.
 
+    + run: the run (facts, what it made)
     + filesystems: ``(device, Filesystem)`` pairs (format, label, mkfs options)
     + swaps: ``(device, Swap)`` pairs
 
@@ -91,14 +92,14 @@ def formatted(filesystems: list[tuple[str, Filesystem]], swaps: list[tuple[str, 
 
     .. code:: python
 
-        filesystems.formatted(filesystems=[("/dev/mapper/cryptroot", Filesystem(format="btrfs", fs_label="nixos"))],
+        filesystems.formatted(run, filesystems=[("/dev/mapper/cryptroot", Filesystem(format="btrfs", fs_label="nixos"))],
                               swaps=[])
     """
     devices = [device for device, _ in filesystems] + [device for device, _ in swaps]
     # Devices this run just made are not read: each mkfs command checks its device is blank itself.
-    to_read = [] if before_wipe() else [device for device in devices if not created_this_run(Made.device(device))]
+    to_read = [] if run.before_wipe() else [device for device in devices if not run.created_this_run(Made.device(device))]
     found = {device: {} for device in devices}
-    found.update(zip(to_read, read_many([(WholeDiskSignature, {"device": device}) for device in to_read])))
+    found.update(zip(to_read, run.read_many([(WholeDiskSignature, {"device": device}) for device in to_read])))
     checks = [filesystem_check(device, fs, found[device]) for device, fs in filesystems]
     checks += [swap_check(device, swap, found[device]) for device, swap in swaps]
     commands = [command for command, _ in checks if command is not None]
@@ -106,62 +107,101 @@ def formatted(filesystems: list[tuple[str, Filesystem]], swaps: list[tuple[str, 
         plans = [f"make {fs.format} on {device}" + (f", labelled {fs.fs_label!r}" if fs.fs_label else "")
                  for device, fs in filesystems] + [f"make swap on {device}" for device, _ in swaps]
         for (command, kept), plan in zip(checks, plans):
-            tell(plan if command is not None else kept)
-        record_created(*(Made.filesystem(device) for (device, _), (command, _) in zip(filesystems, checks) if command))
+            run.tell(plan if command is not None else kept)
+        run.record_created(*(Made.filesystem(device) for (device, _), (command, _) in zip(filesystems, checks) if command))
         yield one_command(*commands)
     else:
-        host.noop("; ".join(kept for _, kept in checks))
+        run.noop("; ".join(kept for _, kept in checks))
 
 
-def apply(profile: Profile) -> None:
-    wanted, swaps = list(profile.filesystems()), list(profile.swaps())
-    if wanted or swaps:
-        formatted(filesystems=wanted, swaps=swaps, name="Filesystems")
+# --- the layer ------------------------------------------------------------------------------------
 
 
-# --- NixOS ------------------------------------------------------------------------------------
+def mkfs_arguments(fs: Filesystem) -> list[str]:
+    """mkfs's options and label flag as ``mkfs_command`` passes them (the disko export too)."""
+    return [*fs.mkfs_options, *([MKFS[fs.format][1], fs.fs_label] if fs.fs_label else [])]
 
 
-def nix_fragments(profile: Profile, ids: dict | None = None, placeholder: bool = False) -> NixFragments:
-    """configuration.nix: the f2fs module in the initrd when an f2fs is needed for boot (the
-    temproot notes: it must sometimes be there explicitly to mount /.local)."""
-    if any(fs.format == "f2fs" and fs.needed_for_boot for _, fs in profile.filesystems()):
-        return NixFragments(configuration='  boot.initrd.kernelModules = [ "f2fs" ];\n')
-    return NixFragments()
+def formatted_node(node: dict, fs: Filesystem) -> dict:
+    """A disko filesystem node's mkfs arguments and own mount."""
+    if mkfs_arguments(fs):
+        node["extraArgs"] = mkfs_arguments(fs)
+    node.update(mounted(fs.mountpoint, fs.mount_options))
+    return node
 
 
-def required_tools(profile: Profile) -> dict[str, str]:
-    """{command: what needs it} on the target, for the guard's tools check."""
-    needed = {}
-    for part, node, _ in profile.walk():
-        if isinstance(node, Filesystem):
-            needed[MKFS[node.format][0]] = f"{node.format} on {part.label}"
-        elif isinstance(node, Swap):
-            needed["mkswap"] = f"swap partition {part.label}"
-    return needed
+class FilesystemsLayer(Layer):
+    name = "filesystems"
+    absent = "no filesystem or swap partition"
+
+    def make(self, run: Run) -> None:
+        wanted, swaps = list(run.profile.filesystems()), list(run.profile.swaps())
+        if wanted or swaps:
+            formatted(run, filesystems=wanted, swaps=swaps, name="Filesystems")
+
+    def applies(self, profile: Profile) -> bool:
+        return bool(profile.filesystems() or profile.swaps())
+
+    def owns(self, node) -> bool:
+        # (a btrfs with subvolumes is the btrfs layer's node in the disko export)
+        return isinstance(node, Swap) or (isinstance(node, Filesystem) and node.format != "btrfs")
+
+    def tools(self, profile: Profile) -> dict[str, str]:
+        needed = {}
+        for part, node, _ in profile.walk():
+            if isinstance(node, Filesystem):
+                needed[MKFS[node.format][0]] = f"{node.format} on {part.label}"
+            elif isinstance(node, Swap):
+                needed["mkswap"] = f"swap partition {part.label}"
+        return needed
+
+    def secrets(self, settings, rescue: bool) -> dict[str, bool]:
+        return {}
+
+    def observe(self, run: Run) -> list[FactRequest]:
+        devices = [device for device, _ in run.profile.filesystems()] + [device for device, _ in run.profile.swaps()]
+        return [(WholeDiskSignature, {"device": device}) for device in devices]
+
+    def problems(self, target: Target) -> list[str]:
+        """Each filesystem's type and label as blkid probes them on its device, and each swap
+        partition's signature (none to find on a swap with a new random key at every boot)."""
+        failures = []
+        for device, fs in target.settings.profile.filesystems():
+            found = target.read(WholeDiskSignature, device=device)
+            if found.get("TYPE") != fs.format:
+                failures.append(f"{device}: filesystem {found.get('TYPE') or 'none'}, the profile wants {fs.format}")
+            elif fs.fs_label and found.get("LABEL") != fs.fs_label:
+                failures.append(f"{device}: label {found.get('LABEL')!r}, the profile wants {fs.fs_label!r}")
+        for device, swap in target.settings.profile.swaps():
+            if swap.random_encryption:
+                continue
+            found = target.read(WholeDiskSignature, device=device)
+            if found.get("TYPE") != "swap":
+                failures.append(f"{device}: {found.get('TYPE') or 'no signature'}, the profile wants swap")
+        return failures
+
+    def nix(self, profile: Profile, devices: DeviceIds) -> NixFragments:
+        """configuration.nix: the f2fs module in the initrd when an f2fs is needed for boot (the
+        temproot notes: it must sometimes be there explicitly to mount /.local)."""
+        if any(fs.format == "f2fs" and fs.needed_for_boot for _, fs in profile.filesystems()):
+            return NixFragments(configuration='  boot.initrd.kernelModules = [ "f2fs" ];\n')
+        return NixFragments()
+
+    def gaps(self, run: Run, root: str) -> tuple[list, list[str]]:
+        return [], []
+
+    def disko(self, profile: Profile, context) -> dict:
+        return {}
+
+    def disko_node(self, node, device: str, part, context) -> dict | None:
+        if isinstance(node, Swap):
+            made = {"type": "swap"}
+            if node.random_encryption:
+                made["randomEncryption"] = True
+            return made
+        made = formatted_node({"type": "filesystem", "format": node.format}, node)
+        made.update(bind_hooks(context.profile, [node.mountpoint] if node.mountpoint else []))
+        return made
 
 
-# --- checks -------------------------------------------------------------------------------------
-
-
-def checks(host, settings: Settings, root: str) -> list[str]:
-    """Each filesystem's type and label as blkid probes them on its device, and each swap
-    partition's signature (none to find on a swap with a new random key at every boot). One line
-    per mismatch.
-
-    + host: a testinfra host (``read_fact`` runs this layer's facts through it)
-    """
-    failures = []
-    for device, fs in settings.profile.filesystems():
-        found = read_fact(host, WholeDiskSignature, device=device)
-        if found.get("TYPE") != fs.format:
-            failures.append(f"{device}: filesystem {found.get('TYPE') or 'none'}, the profile wants {fs.format}")
-        elif fs.fs_label and found.get("LABEL") != fs.fs_label:
-            failures.append(f"{device}: label {found.get('LABEL')!r}, the profile wants {fs.fs_label!r}")
-    for device, swap in settings.profile.swaps():
-        if swap.random_encryption:
-            continue
-        found = read_fact(host, WholeDiskSignature, device=device)
-        if found.get("TYPE") != "swap":
-            failures.append(f"{device}: {found.get('TYPE') or 'no signature'}, the profile wants swap")
-    return failures
+LAYER = FilesystemsLayer()

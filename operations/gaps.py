@@ -3,7 +3,7 @@ The gap report: what was written to the ephemeral root since the last boot that 
 path and no mount keeps, so it is lost at the next boot (the guide's "Detecting Impermanence
 Gaps"), with the persistence entries that would keep it.
 
-Each layer finds what its ephemeral root holds by its own means (``written_since_boot``):
+Each layer finds what its ephemeral root holds by its own means (``Layer.gaps``):
 btrfs compares the root subvolume with its blank snapshot, ZFS runs ``zfs diff <temp>@empty``,
 and a tmpfs root lists its files (it starts empty). This module leaves out what persistence or
 a mount covers and what NixOS makes again at every boot, groups the rest by directory, and
@@ -19,13 +19,11 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass, field
 
-from pyinfra import host
-
-from operations import btrfs, mounts, zfs
+from operations.mounts import Mounts
 from operations.nixlit import nix_list, nix_string
 from operations.profile import Profile
-from operations.roundtrips import read
-from operations.target import INSTALL_ROOT, Written
+from operations.run import Run
+from operations.target import Written, system_root
 
 # What NixOS makes again at every boot (activation, systemd), or what is never state.
 RECREATED = ("/run", "/tmp", "/proc", "/sys", "/dev", "/etc/static", "/etc/NIXOS", "/etc/.clean", "/etc/.updated",
@@ -131,27 +129,19 @@ def _yaml_list(items: list[str]) -> str:
     return "[" + ", ".join(f'"{i}"' for i in dict.fromkeys(items)) + "]"
 
 
-def system_root(wanted: str) -> str:
-    """Where the installed system is: "/mnt" while the live system holds it after the install
-    (something is mounted there), "/" once it booted; ``wanted`` ("auto", "/", "/mnt") decides."""
-    if wanted != "auto":
-        return wanted
-    return INSTALL_ROOT if INSTALL_ROOT in read(mounts.Mounts) else "/"
-
-
-def find(profile: Profile, root: str) -> tuple[list[Group], list[str]]:
+def find(run: Run, root: str) -> tuple[list[Group], list[str]]:
     """(the groups of what is lost at the next boot, how each layer looked)."""
     entries, how = [], []
-    for found, said in (btrfs.written_since_boot(profile), zfs.written_since_boot(profile, read(mounts.Mounts)),
-                        mounts.written_since_boot(profile, root)):
+    for layer in run.layers:
+        found, said = layer.gaps(run, root)
         entries += found
         how += said
-    return grouped(uncovered(entries, profile)), how
+    return grouped(uncovered(entries, run.profile)), how
 
 
-def show(profile: Profile, wanted_root: str = "auto") -> str:
-    root = system_root(wanted_root)
-    groups, how = find(profile, root)
-    text = report(groups, profile, root, how)
-    print("\n".join(f"{host.print_prefix}{line}" for line in text.splitlines()), flush=True)
+def show(run: Run) -> str:
+    root = system_root(run.settings.tabula_root, run.read(Mounts))
+    groups, how = find(run, root)
+    text = report(groups, run.profile, root, how)
+    print("\n".join(f"{run.prefix}{line}" for line in text.splitlines()), flush=True)
     return text

@@ -1,8 +1,9 @@
 """
-LUKS containers: format a partition that carries no signature yet, and open its mapping.
+The luks layer: LUKS containers, formatted on a partition that carries no signature yet, and
+opened as their mapping.
 
 The passphrase comes from the controller (``TABULA_LUKS_PASSPHRASE`` or ``..._FILE``), is read
-once per run and reaches cryptsetup on stdin only (pyinfra's ``_stdin``), never argv, output or
+once per run by the stages (``run.secrets``) and reaches cryptsetup on stdin only (pyinfra's ``_stdin``), never argv, output or
 files. cryptsetup reads it without ``--key-file``: piped stdin is then read up to the first
 newline, exactly like a passphrase typed at the boot prompt. (``--key-file=-`` would keep the
 newline pyinfra appends to stdin as part of the key, and the typed passphrase would not open it.)
@@ -14,18 +15,17 @@ from __future__ import annotations
 
 import re
 import shlex
-from functools import lru_cache
 
-from pyinfra import host
-from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import Made, before_wipe, created_this_run, operation, read, read_many, record_created, tell
-
+from pyinfra.api import FactBase, StringCommand
+from operations.contract import Layer, Target
 from operations.errors import TabulaError
-from operations.profile import Luks, Partition, Profile
-from operations.nixlit import NixFragments, nix_string, stable_device
-from operations.secrets import Secret, read_secret
-from operations.settings import Settings
-from operations.target import SIGNATURE_FOUND_ADVICE, CanonicalPath, WholeDiskSignature, read_fact
+from operations.nixlit import DeviceIds, NixFragments, nix_string
+from operations.profile import Luks, Profile
+from operations.factbatch import SETTLE
+from operations.run import FactRequest, Made, Run, operation
+from operations.run import script as shell_script
+from operations.secrets import Secret
+from operations.target import SIGNATURE_FOUND_ADVICE, CanonicalPath, WholeDiskSignature
 
 
 # --- facts ------------------------------------------------------------------------------------
@@ -42,7 +42,7 @@ class LuksHeader(FactBase):
 
     def command(self, device: str) -> str:
         quoted = shlex.quote(device)
-        return f"udevadm settle 2>/dev/null; if [ -b {quoted} ]; then cryptsetup luksDump {quoted} 2>/dev/null || true; fi"
+        return SETTLE + f"if [ -b {quoted} ]; then cryptsetup luksDump {quoted} 2>/dev/null || true; fi"
 
     def requires_command(self, device: str) -> str:
         return "cryptsetup"
@@ -138,10 +138,13 @@ def parse_cryptsetup_status(lines) -> dict | None:
 # --- secret -----------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=1)
-def passphrase() -> Secret:
-    """The LUKS passphrase, read once per run."""
-    secret = read_secret("LUKS_PASSPHRASE")
+PASSPHRASE = "LUKS_PASSPHRASE"
+
+
+def passphrase(run: Run) -> Secret:
+    """The LUKS passphrase the stages read for this run, refused when it could not be typed at
+    the boot prompt."""
+    secret = run.secrets[PASSPHRASE]
     if "\n" in secret.reveal() or "\r" in secret.reveal():
         raise TabulaError(f"the LUKS passphrase from {secret.source} has a line break inside: it could not "
                           "be typed at the boot prompt")
@@ -177,7 +180,7 @@ def format_command(device: str, luks: Luks, secret: Secret) -> StringCommand:
               f"echo 'tabula: {device} already carries a signature: not formatting it {SIGNATURE_FOUND_ADVICE}' >&2; "
               "exit 1; fi; "
               + " ".join(str(a) for a in args))
-    return StringCommand("sh", "-c", QuoteString(script), _stdin=secret.reveal())
+    return shell_script(script, _stdin=secret.reveal())
 
 
 def open_options(luks: Luks) -> list[str]:
@@ -199,18 +202,46 @@ def open_command(device: str, luks: Luks, secret: Secret) -> StringCommand:
         f"{{ echo \"tabula: the LUKS passphrase does not open {device} (or cryptsetup failed): "
         "the header is kept; check TABULA_LUKS_PASSPHRASE\" >&2; exit 1; }"
     )
-    return StringCommand("sh", "-c", QuoteString(script), _stdin=secret.reveal())
+    return shell_script(script, _stdin=secret.reveal())
+
+
+# --- the rules ----------------------------------------------------------------------------------
+
+
+def wanted_version(luks: Luks) -> int:
+    return int(luks.luks_type.removeprefix("luks"))
+
+
+def version_problem(luks: Luks, header: dict) -> str | None:
+    """The header's LUKS version when it is not the profile's (a drift no run may re-format)."""
+    have = header.get("version")
+    return None if have == wanted_version(luks) else f"LUKS version {have}, the profile wants {wanted_version(luks)}"
+
+
+def open_flags(luks: Luks) -> list[str]:
+    """The flags ``cryptsetup status`` shows for a mapping opened as the profile says."""
+    flags = ["discards"] if luks.allow_discards else []
+    return flags + (["no_read_workqueue", "no_write_workqueue"] if luks.bypass_workqueues else [])
+
+
+def container_reads(device: str) -> list[FactRequest]:
+    return [(LuksHeader, {"device": device}), (WholeDiskSignature, {"device": device})]
+
+
+def mapping_reads(device: str, luks: Luks) -> list[FactRequest]:
+    return [(LuksMapping, {"mapper": luks.mapper}), (CanonicalPath, {"path": device})]
 
 
 # --- operations -------------------------------------------------------------------------------
 
 
 @operation()
-def container(device: str, luks: Luks):
+def container(run: Run, device: str, luks: Luks):
     """
     Format a LUKS container on a device that has no signature yet. A device that already carries a
     LUKS header is kept as it is; one with any other signature is refused.
 
+    + run: the run (facts, what it made, the passphrase)
     + device: the partition, by its stable path (/dev/disk/by-partlabel/...)
     + luks: the profile's Luks node (type, cipher, key derivation)
 
@@ -218,17 +249,16 @@ def container(device: str, luks: Luks):
 
     .. code:: python
 
-        luks.container(device="/dev/disk/by-partlabel/cryptroot", luks=profile_luks)
+        luks.container(run, device="/dev/disk/by-partlabel/cryptroot", luks=profile_luks)
     """
     # A partition this run just made is not read: the format command itself checks it is blank.
-    header, signature = (None, {}) if before_wipe() or created_this_run(Made.device(device)) else read_many(
-        [(LuksHeader, {"device": device}), (WholeDiskSignature, {"device": device})])
+    header, signature = (None, {}) if run.before_wipe() or run.created_this_run(Made.device(device)) else run.read_many(
+        container_reads(device))
     if header:
-        want = int(luks.luks_type.removeprefix("luks"))
-        if header.get("version") != want:
+        if version_problem(luks, header):
             raise TabulaError(f"{device} holds a LUKS{header.get('version')} header, the profile wants {luks.luks_type}: "
                               "refusing to re-format an existing container (drift)")
-        host.noop(f"{device} already holds a {luks.luks_type} header (UUID {header.get('uuid')})")
+        run.noop(f"{device} already holds a {luks.luks_type} header (UUID {header.get('uuid')})")
         return
     if signature.get("TYPE") or signature.get("PTTYPE"):
         found = signature.get("TYPE") or f"{signature['PTTYPE']} partition table"
@@ -240,17 +270,18 @@ def container(device: str, luks: Luks):
                               f"the partition holds nothing you need, clear it with `wipefs -a {device}` on the target "
                               "and re-run; otherwise restore the header from a backup (cryptsetup luksHeaderRestore)")
         raise TabulaError(f"refusing to luksFormat {device}: it holds a {found} signature")
-    tell(f"luksFormat {device}: a {luks.luks_type} container (key derivation {luks.pbkdf})")
-    record_created(Made.luks(device))
-    yield format_command(device, luks, passphrase())
+    run.tell(f"luksFormat {device}: a {luks.luks_type} container (key derivation {luks.pbkdf})")
+    run.record_created(Made.luks(device))
+    yield format_command(device, luks, passphrase(run))
 
 
 @operation()
-def mapping(device: str, luks: Luks):
+def mapping(run: Run, device: str, luks: Luks):
     """
     Open the LUKS container as /dev/mapper/<mapper>, with the profile's discard and workqueue
     settings. A mapping of that name on another device is refused.
 
+    + run: the run (facts, what it made, the passphrase)
     + device: the partition holding the container (/dev/disk/by-partlabel/...)
     + luks: the profile's Luks node (mapper name, open options)
 
@@ -258,115 +289,128 @@ def mapping(device: str, luks: Luks):
 
     .. code:: python
 
-        luks.mapping(device="/dev/disk/by-partlabel/cryptroot", luks=profile_luks)
+        luks.mapping(run, device="/dev/disk/by-partlabel/cryptroot", luks=profile_luks)
     """
     # Nothing can be open on a container this run just formatted; the open command itself stops
     # when a mapping of that name is open on another device.
-    new = created_this_run(Made.luks(device))
-    status = None if new else read(LuksMapping, mapper=luks.mapper)
+    new = run.created_this_run(Made.luks(device))
+    status, backing = (None, None) if new else run.read_many(mapping_reads(device, luks))
     if status:
-        backing = read(CanonicalPath, path=device)
         if backing and status.get("device") and status["device"] != backing:
             raise TabulaError(f"/dev/mapper/{luks.mapper} is open on {status['device']}, not on {device} "
                               f"({backing}): close it or rename the mapper in the profile")
-        host.noop(f"/dev/mapper/{luks.mapper} is already open on {status.get('device', device)}")
+        run.noop(f"/dev/mapper/{luks.mapper} is already open on {status.get('device', device)}")
         return
-    tell(f"open {device} as /dev/mapper/{luks.mapper}" + (f" ({', '.join(open_options(luks))})" if open_options(luks) else ""))
+    run.tell(f"open {device} as /dev/mapper/{luks.mapper}" + (f" ({', '.join(open_options(luks))})" if open_options(luks) else ""))
     if new:
-        record_created(Made.device(f"/dev/mapper/{luks.mapper}"))
-    yield open_command(device, luks, passphrase())
+        run.record_created(Made.device(f"/dev/mapper/{luks.mapper}"))
+    yield open_command(device, luks, passphrase(run))
 
 
-def apply(profile: Profile) -> None:
-    if profile.luks_devices():
-        # Read (and check) the passphrase now, while the deploy is prepared: operation bodies run
-        # only at execution, so a missing or unreadable passphrase found there would stop the run
-        # after the partition tables were already written.
-        passphrase()
-    for part, luks in profile.luks_devices():
-        container(device=part.device, luks=luks, name=f"LUKS format {part.label}")
-        mapping(device=part.device, luks=luks, name=f"LUKS open {luks.mapper}")
+# --- the layer ------------------------------------------------------------------------------------
 
 
-def luks_partition(profile: Profile, mapper: str) -> Partition | None:
-    return next((part for part, luks in profile.luks_devices() if luks.mapper == mapper), None)
+class LuksLayer(Layer):
+    name = "luks"
+    absent = "no LUKS container"
+
+    def make(self, run: Run) -> None:
+        if run.profile.luks_devices():
+            # Checked now, while the deploy is prepared: operation bodies run only at execution, so a
+            # passphrase refused there would stop the run after the partition tables were written.
+            passphrase(run)
+        for part, luks in run.profile.luks_devices():
+            container(run, device=part.device, luks=luks, name=f"LUKS format {part.label}")
+            mapping(run, device=part.device, luks=luks, name=f"LUKS open {luks.mapper}")
+
+    def rescue(self, run: Run) -> None:
+        """Open each container with the passphrase on stdin, as the install does; never luksFormat."""
+        if run.profile.luks_devices():
+            passphrase(run)     # checked while the run is prepared, as in make()
+        for part, luks in run.profile.luks_devices():
+            mapping(run, device=part.device, luks=luks, name=f"LUKS open {luks.mapper}")
+
+    def applies(self, profile: Profile) -> bool:
+        return bool(profile.luks_devices())
+
+    def owns(self, node) -> bool:
+        return isinstance(node, Luks)
+
+    def tools(self, profile: Profile) -> dict[str, str]:
+        return {"cryptsetup": f"LUKS container {part.label}" for part, _ in profile.luks_devices()}
+
+    def secrets(self, settings, rescue: bool) -> dict[str, bool]:
+        return {PASSPHRASE: True} if settings.profile.luks_devices() else {}
+
+    def observe(self, run: Run) -> list[FactRequest]:
+        return [read for part, luks in run.profile.luks_devices()
+                for read in container_reads(part.device) + mapping_reads(part.device, luks)]
+
+    def problems(self, target: Target) -> list[str]:
+        """Each container's LUKS header (version, key derivation, cipher when the profile sets
+        one) and its mapping open on that partition with the profile's flags."""
+        failures = []
+        for part, luks in target.settings.profile.luks_devices():
+            header = target.read(LuksHeader, device=part.device)
+            version = wanted_version(luks)
+            if header is None:
+                failures.append(f"{part.device}: no LUKS header (the profile wants {luks.luks_type})")
+            else:
+                if version_problem(luks, header):
+                    failures.append(f"{part.device}: {version_problem(luks, header)}")
+                pbkdfs = sorted({slot.get("pbkdf") for slot in header["keyslots"].values() if slot.get("pbkdf")})
+                if version == 2 and pbkdfs != [luks.pbkdf]:
+                    failures.append(f"{part.device}: key slots derive keys with {', '.join(pbkdfs) or 'nothing'}, "
+                                    f"the profile wants {luks.pbkdf}")
+                if luks.cipher and header.get("cipher") != luks.cipher:
+                    failures.append(f"{part.device}: cipher {header.get('cipher')}, the profile wants {luks.cipher}")
+            mapped = target.read(LuksMapping, mapper=luks.mapper)
+            if mapped is None:
+                failures.append(f"/dev/mapper/{luks.mapper}: not open")
+                continue
+            on = target.read(CanonicalPath, path=part.device)
+            if on and mapped.get("device") and target.read(CanonicalPath, path=mapped["device"]) != on:
+                failures.append(f"/dev/mapper/{luks.mapper}: opened from {mapped['device']}, not {part.device} ({on})")
+            missing = [flag for flag in open_flags(luks) if flag not in mapped["flags"]]
+            if missing:
+                failures.append(f"/dev/mapper/{luks.mapper}: flags {' '.join(mapped['flags']) or 'none'} "
+                                f"lack {' '.join(missing)}")
+        return failures
+
+    def nix(self, profile: Profile, devices: DeviceIds) -> NixFragments:
+        """hardware-configuration.nix: the initrd opens each container (by its UUID) before the
+        filesystems inside it are mounted, asking for the passphrase at boot."""
+        parts: list[str] = []
+        for part, luks in profile.luks_devices():
+            lines = [f"  boot.initrd.luks.devices.{nix_string(luks.mapper)} = {{",
+                     f"    device = {nix_string(devices.path(part.device))};"]
+            if luks.allow_discards:
+                lines.append("    allowDiscards = true;")
+            if luks.bypass_workqueues:
+                lines.append("    bypassWorkqueues = true;")
+            lines.append("  };")
+            parts.append("\n".join(lines))
+        return NixFragments(hardware="\n\n".join(parts))
+
+    def gaps(self, run: Run, root: str) -> tuple[list, list[str]]:
+        return [], []
+
+    def disko(self, profile: Profile, context) -> dict:
+        return {}
+
+    def disko_node(self, node: Luks, device: str, part, context) -> dict | None:
+        """settings become boot.initrd.luks.devices.<name> (and disko's open flags); no passwordFile:
+        disko asks for the passphrase at the terminal (askPassword), Tabula reads it on stdin."""
+        settings = {}
+        if node.allow_discards:
+            settings["allowDiscards"] = True
+        if node.bypass_workqueues:
+            settings["bypassWorkqueues"] = True
+        made = {"type": "luks", "name": node.mapper, "settings": settings, "extraFormatArgs": format_args(node)}
+        inner = context.content(node.content, node.device, part)
+        if inner:
+            made["content"] = inner
+        return made
 
 
-# --- NixOS ------------------------------------------------------------------------------------
-
-
-def nix_fragments(profile: Profile, ids: dict | None = None, placeholder: bool = False) -> NixFragments:
-    """hardware-configuration.nix: the initrd opens each container (by its UUID) before the
-    filesystems inside it are mounted, asking for the passphrase at boot."""
-    parts: list[str] = []
-    for part, luks in profile.luks_devices():
-        lines = [f"  boot.initrd.luks.devices.{nix_string(luks.mapper)} = {{",
-                 f"    device = {nix_string(stable_device(part.device, ids, 'UUID', placeholder))};"]
-        if luks.allow_discards:
-            lines.append("    allowDiscards = true;")
-        if luks.bypass_workqueues:
-            lines.append("    bypassWorkqueues = true;")
-        lines.append("  };")
-        parts.append("\n".join(lines))
-    return NixFragments(hardware="\n\n".join(parts))
-
-
-def required_tools(profile: Profile) -> dict[str, str]:
-    """{command: what needs it} on the target, for the guard's tools check."""
-    return {"cryptsetup": f"LUKS container {part.label}" for part, _ in profile.luks_devices()}
-
-
-# --- rescue -------------------------------------------------------------------------------------
-
-
-def rescue(profile: Profile) -> None:
-    """Open each container with the passphrase on stdin, as the install does; never luksFormat."""
-    if profile.luks_devices():
-        passphrase()        # read and checked while the run is prepared, as in apply()
-    for part, luks in profile.luks_devices():
-        mapping(device=part.device, luks=luks, name=f"LUKS open {luks.mapper}")
-
-
-# --- checks -------------------------------------------------------------------------------------
-
-
-def checks(host, settings: Settings, root: str) -> list[str]:
-    """Each container's LUKS header (version, key derivation, cipher when the profile sets one)
-    and its mapping open on that partition with the profile's flags. One line per mismatch.
-
-    + host: a testinfra host (``read_fact`` runs this layer's facts through it)
-    """
-    failures = []
-    for part, luks in settings.profile.luks_devices():
-        header = read_fact(host, LuksHeader, device=part.device)
-        version = 2 if luks.luks_type == "luks2" else 1
-        if header is None:
-            failures.append(f"{part.device}: no LUKS header (the profile wants {luks.luks_type})")
-        else:
-            if header.get("version") != version:
-                failures.append(f"{part.device}: LUKS version {header.get('version')}, the profile wants {version}")
-            pbkdfs = sorted({slot.get("pbkdf") for slot in header["keyslots"].values() if slot.get("pbkdf")})
-            if version == 2 and pbkdfs != [luks.pbkdf]:
-                failures.append(f"{part.device}: key slots derive keys with {', '.join(pbkdfs) or 'nothing'}, "
-                                f"the profile wants {luks.pbkdf}")
-            if luks.cipher and header.get("cipher") != luks.cipher:
-                failures.append(f"{part.device}: cipher {header.get('cipher')}, the profile wants {luks.cipher}")
-        mapping = read_fact(host, LuksMapping, mapper=luks.mapper)
-        if mapping is None:
-            failures.append(f"/dev/mapper/{luks.mapper}: not open")
-            continue
-        on = read_fact(host, CanonicalPath, path=part.device)
-        if on and mapping.get("device") and read_fact(host, CanonicalPath, path=mapping["device"]) != on:
-            failures.append(f"/dev/mapper/{luks.mapper}: opened from {mapping['device']}, not {part.device} ({on})")
-        wanted = open_flags(luks)
-        missing = [flag for flag in wanted if flag not in mapping["flags"]]
-        if missing:
-            failures.append(f"/dev/mapper/{luks.mapper}: flags {' '.join(mapping['flags']) or 'none'} "
-                            f"lack {' '.join(missing)}")
-    return failures
-
-
-def open_flags(luks: Luks) -> list[str]:
-    """The flags ``cryptsetup status`` shows for a mapping opened as the profile says."""
-    flags = ["discards"] if luks.allow_discards else []
-    return flags + (["no_read_workqueue", "no_write_workqueue"] if luks.bypass_workqueues else [])
+LAYER = LuksLayer()

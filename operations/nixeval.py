@@ -27,13 +27,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyinfra import host, logger
+from pyinfra import logger
 from pyinfra.api import FactBase, QuoteString, StringCommand
 
 from operations.errors import TabulaError
 from operations import disks, nixos
 from operations.target import files_tar
-from operations.roundtrips import operation, read
+from operations.run import Run, operation
 
 NIX_FLAGS = ("--extra-experimental-features", "nix-command flakes")
 # What nixos-install evaluates before it builds.
@@ -186,54 +186,56 @@ def where_to_evaluate(mode, inputs: dict | None, target_has_nix: bool) -> tuple[
                   "nixos-install will be the first to evaluate the configuration")
 
 
-def evaluate_on_target(files: dict[str, str], hostname: str) -> Evaluation:
-    answer = read(TargetEvaluation, archive=files_archive(files), hostname=hostname) or \
+def evaluate_on_target(run: Run, files: dict[str, str], hostname: str) -> Evaluation:
+    answer = run.read(TargetEvaluation, archive=files_archive(files), hostname=hostname) or \
         {"status": 1, "value": "", "stderr": "error: no answer from the target"}
     error, traces = parse_stderr(answer["stderr"])
     return Evaluation(ok=answer["status"] == 0, value=answer["value"],
                       error=error or answer["stderr"].strip(), traces=traces)
 
 
-def precheck(profile, settings) -> None:
+def precheck(run: Run) -> None:
     """The stage, while the run is prepared (before any operation runs): render the files this
     run will write (placeholder devices: the partitions do not exist yet) for the hardware module
     the target's DMI selects, and evaluate them; a configuration Nix refuses stops the run with
     Nix's error. The result is a step of the plan."""
+    profile, settings = run.profile, run.settings
     target_has_nix = False
-    if settings.nix_check is not False:
-        fact, arguments = disks.tools_request(profile, settings.install)   # the guard's read, kept
-        target_has_nix = "nix" in read(fact, **arguments)["commands"]
-    where, why = where_to_evaluate(settings.nix_check, settings.nix_inputs, target_has_nix)
+    if settings.tabula_nix_check is not False:
+        fact, arguments = disks.tools_request(profile, settings.tabula_install, run.layers)   # the guard's read, kept
+        target_has_nix = "nix" in run.read(fact, **arguments)["commands"]
+    where, why = where_to_evaluate(settings.tabula_nix_check, settings.tabula_nix_inputs, target_has_nix)
     if where is None:
-        evaluated(summary=f"not evaluated before the install: {why}", name="NixOS evaluation")
+        evaluated(run, summary=f"not evaluated before the install: {why}", name="NixOS evaluation")
         return
-    module, _ = nixos.choose_hardware_module(profile, read(nixos.DmiProductName))
-    files = nixos.render_files(profile, None, None, hardware_module=module, placeholder=True)
-    logger.info(f"{host.print_prefix}evaluating the NixOS configuration {why}")
+    module, _ = nixos.choose_hardware_module(profile, run.read(nixos.DmiProductName))
+    files = nixos.rendered_with(run.layers, profile, None, None, hardware_module=module, placeholder=True)
+    logger.info(f"{run.prefix}evaluating the NixOS configuration {why}")
     hostname = profile.nixos.hostname
-    result = evaluate(files, hostname, settings.nix_inputs) if where == "controller" else \
-        evaluate_on_target(files, hostname)
+    result = evaluate(files, hostname, settings.tabula_nix_inputs) if where == "controller" else \
+        evaluate_on_target(run, files, hostname)
     if not result.ok:
         raise EvaluationFailed(
             f"the NixOS configuration does not evaluate ({why}); nothing was changed on the disks.\n"
             f"{result.error}\n"
             "Fix the profile (nixos.extra_config, vars) and run again; tabula_nix_check=false skips this check.")
     for trace in result.traces:
-        logger.warning(f"{host.print_prefix}Nix evaluation: {trace}")
-    evaluated(summary=f"evaluates ({why}): {result.value.strip()}", name="NixOS evaluation")
+        logger.warning(f"{run.prefix}Nix evaluation: {trace}")
+    evaluated(run, summary=f"evaluates ({why}): {result.value.strip()}", name="NixOS evaluation")
 
 
 @operation()
-def evaluated(summary: str):
+def evaluated(run: Run, summary: str):
     """
     The plan's line for the evaluation ``precheck`` did before any operation: it changes nothing.
 
+    + run: the run
     + summary: what was evaluated where, and the result (or why it was skipped)
 
     .. code:: python
 
-        nixeval.evaluated(summary="evaluates (on the controller): /nix/store/...-nixos-system-g16.drv")
+        nixeval.evaluated(run, summary="evaluates (on the controller): /nix/store/...-nixos-system-g16.drv")
     """
-    host.noop(f"NixOS configuration {summary}")
+    run.noop(f"NixOS configuration {summary}")
     return
     yield  # an operation is a generator

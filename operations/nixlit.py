@@ -105,3 +105,21 @@ def stable_device(device: str, ids: dict | None, key: str = "UUID", placeholder:
         return device
     folder = "by-uuid" if key == "UUID" else "by-partuuid"
     return f"/dev/disk/{folder}/{value}"
+
+
+@dataclass(frozen=True)
+class DeviceIds:
+    """Where the generated configuration takes the devices' ids from: blkid's view of the
+    target (``BlockDeviceIds``), or none yet (``placeholder``: a partition keeps its by-partlabel
+    path, for review without disks and the evaluation before the install).
+
+    + ids: ``{device: {"UUID": ..., "PARTUUID": ...}}``
+    + placeholder: partitions without ids keep their by-partlabel paths
+    """
+
+    ids: dict | None = None
+    placeholder: bool = False
+
+    def path(self, device: str, key: str = "UUID") -> str:
+        """The path the installed system uses for ``device`` (``stable_device``)."""
+        return stable_device(device, self.ids, key, self.placeholder)

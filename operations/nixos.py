@@ -1,47 +1,41 @@
 """
-NixOS configuration: render the flake, configuration.nix and impermanence.nix from the profile,
-patch nixos-generate-config's hardware-configuration.nix with the profile's storage (real UUIDs
-from the target), and run nixos-install once per configuration.
+The nixos layer: the NixOS configuration rendered from the profile (the flake, configuration.nix,
+impermanence.nix), nixos-generate-config's hardware-configuration.nix patched with the profile's
+storage (real UUIDs from the target), and nixos-install run once per configuration.
 
-    from operations import nixos
-    nixos.apply(profile, settings)      # generate + patch + write /mnt/etc/nixos
-    nixos.install(profile, settings)    # nixos-install --flake, skipped when already installed
-
-Rendering is pure (``render_files``) so ``tools/render.py`` shows the files without a disk.
-This module only assembles: each layer of ``LAYERS`` renders its own ``NixFragments`` (luks: the
-initrd's devices; mounts: fileSystems and swapDevices; btrfs and zfs: the rollback service,
-pool import, maintenance; filesystems: initrd modules), and they are put into the templates and
-into nixos-generate-config's hardware-configuration.nix here.
+Rendering is pure (``render_files``) so ``tools/render.py`` shows the files without a disk
+(``operations.nixfiles``). This layer only assembles: each layer of the run's registry renders
+its own ``NixFragments`` (luks: the initrd's devices; mounts: fileSystems and swapDevices; btrfs
+and zfs: the rollback service, pool import, maintenance; filesystems: initrd modules), and they
+are put into the templates and into nixos-generate-config's hardware-configuration.nix here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
+import shlex
 from pathlib import Path
 
 import jinja2
-from pyinfra import host, logger
+from pyinfra import logger
 from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand
+from pyinfra.api.util import print_host_combined_output
 
-from operations import btrfs, filesystems, luks, mounts, zfs
+from operations import persist
+from operations.contract import Layer, Target
 from operations.errors import TabulaError
-from operations.nixlit import MissingDeviceIds, nix_attr, nix_string
+from operations.nixlit import DeviceIds, MissingDeviceIds, NixFragments, nix_attr, nix_string
 from operations.nixpatch import is_valid, patch_hardware_configuration
 from operations.profile import Profile
-from operations.roundtrips import Made, created_this_run, is_fresh, operation, read, read_many, record_created, record_fresh, tell
-from operations.settings import Settings
-from operations.target import (INSTALL_ROOT, BlockDeviceIds, DirectoryDigest, FileText, PathExists,
-                               PathsState, is_file_with, read_fact, under, write_files_command)
+from operations.run import FactBatch, FactRequest, Made, Run, operation
+from operations.target import (INSTALL_ROOT, BlockDeviceIds, DirectoryDigest, FileText, PathExists, PathsState,
+                               digest_script, is_file_with, under, write_files_command)
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 ROOT = INSTALL_ROOT
 # Where a successful nixos-install leaves the digest of the configuration it installed: on the
 # target's /nix, so it lives exactly as long as the installed system does.
 INSTALL_STAMP = f"{ROOT}/nix/var/lib/tabula/installed-config.sha256"
-
-# The layers that add Nix, in stage order: each has nix_fragments(profile, ids, placeholder).
-LAYERS = (luks, filesystems, btrfs, zfs, mounts)
 
 
 # --- device identities (facts) -------------------------------------------------------------------
@@ -127,10 +121,9 @@ HARDWARE_SKELETON = """\
 """
 
 
-def render_storage(profile: Profile, ids: dict | None, placeholder: bool = False) -> str:
-    """The layers' hardware-configuration.nix bindings (the storage), in stage order."""
-    fragments = [layer.nix_fragments(profile, ids, placeholder) for layer in LAYERS]
-    return "\n\n".join(f.hardware.rstrip("\n") for f in fragments if f.hardware) + "\n"
+def fragments(layers: tuple, profile: Profile, devices: DeviceIds) -> list[NixFragments]:
+    """Every layer's fragment, in the registry's (stage) order."""
+    return [layer.nix(profile, devices) for layer in layers]
 
 
 def extra_config_name(extra_config: str) -> str:
@@ -150,34 +143,33 @@ def _tmpfiles_dirs(root: str) -> list[str]:
     return [root, f"{root}/etc", f"{root}/var", f"{root}/var/lib"]
 
 
-def render_files(profile: Profile, generated_hardware: str | None, ids: dict | None,
-                 hardware_module: str | None = None, placeholder: bool = False) -> dict[str, str]:
+def render_files(profile: Profile, parts: list[NixFragments], generated_hardware: str | None,
+                 hardware_module: str | None = None) -> dict[str, str]:
     """Every file of /etc/nixos: name -> text.
 
+    + parts: the layers' fragments (``fragments``), with the devices' ids they were rendered with
     + generated_hardware: nixos-generate-config's hardware-configuration.nix (None: a skeleton)
-    + ids: BlockDeviceIds of the profile's partitions (UUIDs)
     + hardware_module: nixos-hardware module for the flake (see choose_hardware_module)
-    + placeholder: partitions without ids keep by-partlabel paths (review without disks)
     """
-    fragments = [layer.nix_fragments(profile, ids, placeholder) for layer in LAYERS]
     env = _environment()
     n = profile.nixos
     persist_root = profile.persistence.root
-    common = dict(profile=profile, n=n, persist_root=persist_root, persistence=profile.persistence)
+    common = dict(profile=profile, n=n, persist_root=persist_root, persistence=profile.persistence,
+                  persist=persist.paths(profile))
+    storage = "\n\n".join(f.hardware.rstrip("\n") for f in parts if f.hardware) + "\n"
     out = {
         "flake.nix": env.get_template("flake.nix.j2").render(**common, hardware_module=hardware_module),
         "configuration.nix": env.get_template("configuration.nix.j2").render(
             **common, imports=([extra_config_name(n.extra_config)] if n.extra_config else [])
-            + [name for f in fragments for name, _ in f.files],
-            layer_fragments=[f.configuration.rstrip("\n") for f in fragments if f.configuration]),
+            + [name for f in parts for name, _ in f.files],
+            layer_fragments=[f.configuration.rstrip("\n") for f in parts if f.configuration]),
         "impermanence.nix": env.get_template("impermanence.nix.j2").render(
             **common, tmpfiles_dirs=_tmpfiles_dirs(persist_root),
-            layer_fragments=[f.impermanence.rstrip("\n") for f in fragments if f.impermanence]),
+            layer_fragments=[f.impermanence.rstrip("\n") for f in parts if f.impermanence]),
         "hardware-configuration.nix": patch_hardware_configuration(
-            generated_hardware if generated_hardware is not None else HARDWARE_SKELETON,
-            render_storage(profile, ids, placeholder)),
+            generated_hardware if generated_hardware is not None else HARDWARE_SKELETON, storage),
     }
-    for fragment in fragments:
+    for fragment in parts:
         out.update(dict(fragment.files))
     if n.extra_config:
         extra = TEMPLATE_DIR / n.extra_config     # an absolute path stays as it is
@@ -187,94 +179,123 @@ def render_files(profile: Profile, generated_hardware: str | None, ids: dict | N
     return out
 
 
-def config_digest(rendered: dict[str, str]) -> str:
-    """The digest DirectoryDigest computes on the target for these files (for tests and review)."""
-    lines = "".join(f"{hashlib.sha256(text.encode()).hexdigest()}  ./{name}\n" for name, text in sorted(rendered.items()))
-    return hashlib.sha256(lines.encode()).hexdigest()
+def rendered_with(layers: tuple, profile: Profile, generated: str | None, ids: dict | None,
+                  hardware_module: str | None = None, placeholder: bool = False) -> dict[str, str]:
+    """``render_files`` with every layer's fragment for these ids."""
+    return render_files(profile, fragments(layers, profile, DeviceIds(ids, placeholder)), generated, hardware_module)
 
 
 # --- operations -------------------------------------------------------------------------------
 
 
-def configuration_reads(profile: Profile, config_dir: str, files_in_place: bool = True) -> list[tuple[type, dict]]:
+def configuration_reads(run: Run, config_dir: str, files_in_place: bool = True) -> list[FactRequest]:
     """What rendering the configuration reads from the target, asked in one round trip: the
     generated hardware configuration, the devices' UUIDs, the DMI name and the files in place."""
-    reads = [(FileText, {"path": f"{config_dir}/hardware-configuration.nix"}),
-             (BlockDeviceIds, {"devices": id_devices(profile)}),
-             (DmiProductName, {})]
+    reads: list[FactRequest] = [(FileText, {"path": f"{config_dir}/hardware-configuration.nix"}),
+                                (BlockDeviceIds, {"devices": id_devices(run.profile)}),
+                                (DmiProductName, {})]
     if files_in_place:
-        names = render_files(profile, None, None, placeholder=True)     # the file names only
+        names = rendered_with(run.layers, run.profile, None, None, placeholder=True)     # the file names only
         reads.append((PathsState, {"paths": [f"{config_dir}/{name}" for name in names]}))
     return reads
 
 
 @operation()
-def generate_config(profile: Profile, root: str = ROOT):
+def generate_config(run: Run, root: str = ROOT):
     """
     Run nixos-generate-config once: it detects the hardware into hardware-configuration.nix.
 
-    + profile: the loaded profile (what the next step reads is read together with the check)
+    + run: the run (its profile; what the next step reads is read together with the check)
     + root: the mounted target (``--root``)
 
     .. code:: python
 
-        nixos.generate_config(profile, root="/mnt")
+        nixos.generate_config(run, root="/mnt")
     """
     config_dir = f"{root}/etc/nixos"
     hardware = f"{config_dir}/hardware-configuration.nix"
     # On a root this run just made and mounted empty there is nothing to read. A file that does
     # not parse was cut short by an interrupted run: the tool writes it again (it always
     # overwrites hardware-configuration.nix, never a configuration.nix in place).
-    generated = None if is_fresh(config_dir) else read_many(configuration_reads(profile, config_dir))[0]
+    generated = None if run.is_fresh(config_dir) else run.read_many(configuration_reads(run, config_dir))[0]
     if generated is not None and is_valid(generated):
-        host.noop(f"{hardware} is already generated")
+        run.noop(f"{hardware} is already generated")
         return
-    tell(f"detect the hardware into {hardware}" + (" (the one in place does not parse)" if generated is not None else ""))
-    record_fresh(config_dir, False)
-    record_created(Made.generated(config_dir))
-    yield StringCommand("nixos-generate-config", "--root", QuoteString(root))
+    run.tell(f"detect the hardware into {hardware}" + (" (the one in place does not parse)" if generated is not None else ""))
+    run.record_fresh(config_dir, False)
+    run.record_created(Made.generated(config_dir))
+    # What the next step reads is what this command leaves: its own output, not another round trip.
+    yield FunctionCommand(_generate_and_read, (run, root, configuration_reads(run, config_dir, files_in_place=False)), {})
+
+
+def generate_command(root: str, reads: list[FactRequest]) -> tuple[StringCommand, FactBatch]:
+    """nixos-generate-config (its own output on stderr), then the facts ``reads`` in the same
+    command: (the command, the batch that reads its output)."""
+    batch = FactBatch()
+    return StringCommand(f"nixos-generate-config --root {shlex.quote(root)} >&2 && {batch.command(reads)}"), batch
+
+
+def _generate_and_read(state, host, run: Run, root: str, reads: list[FactRequest]) -> bool:
+    command, batch = generate_command(root, reads)
+    status, output = host.run_shell_command(command, print_output=state.print_output, print_input=state.print_input)
+    if not status:
+        if not state.print_output:
+            print_host_combined_output(host, output)
+        return False
+    run.remember(reads, batch.process(output.stdout_lines))
+    return True
 
 
 @operation()
-def configuration(profile: Profile, root: str = ROOT):
+def configuration(run: Run, root: str = ROOT):
     """
     Write the profile's NixOS files to ``<root>/etc/nixos``: the generated hardware configuration
     patched with the profile's storage (real UUIDs), the flake, configuration.nix,
     impermanence.nix and the profile's extra module. Unchanged files are left alone.
 
-    + profile: the loaded profile
+    + run: the run (its profile, facts, what it made)
     + root: the mounted target
 
     .. code:: python
 
-        nixos.configuration(profile, root="/mnt")
+        nixos.configuration(run, root="/mnt")
     """
+    profile = run.profile
     config_dir = f"{root}/etc/nixos"
     # Right after this run's nixos-generate-config, none of the files can be ours yet: all are written.
-    just_generated = created_this_run(Made.generated(config_dir))
-    generated, ids, product_name = read_many(configuration_reads(profile, config_dir, not just_generated))[:3]
+    just_generated = run.created_this_run(Made.generated(config_dir))
+    if just_generated and not run.executing:
+        generated, ids, product_name = None, {}, ""     # (planned: the generator has not run yet)
+    else:
+        generated, ids, product_name = run.read_many(configuration_reads(run, config_dir, not just_generated))[:3]
     missing = [d for d in id_devices(profile) if not ids.get(d, {}).get("UUID") and not ids.get(d, {}).get("PARTUUID")]
     if generated is None or missing:
         # Prepare time on blank disks: nothing to read yet; this runs again at execution.
         waiting = ", ".join(missing) if missing else "hardware-configuration.nix"
-        host.noop(f"NixOS files render once {waiting} exist{'s' if not missing else ''}")
-        if host.state.is_executing:
+        run.noop(f"NixOS files render once {waiting} exist{'s' if not missing else ''}")
+        if run.executing:
             raise MissingDeviceIds(f"cannot render the NixOS configuration: {waiting} missing on the target")
         return
 
     module, note = choose_hardware_module(profile, product_name)
-    if host.state.is_executing:
-        logger.info(f"{host.print_prefix}{note}")
-    rendered = render_files(profile, generated, ids, hardware_module=module)
-    present = {} if just_generated else read(PathsState, paths=[f"{config_dir}/{name}" for name in rendered])
+    if run.executing:
+        logger.info(f"{run.prefix}{note}")
+    rendered = rendered_with(run.layers, profile, generated, ids, hardware_module=module)
+    present = {} if just_generated else run.read(PathsState, paths=[f"{config_dir}/{name}" for name in rendered])
     stale = {name: text for name, text in rendered.items()
              if not is_file_with(present.get(f"{config_dir}/{name}"), text, "644")}
     if not stale:
-        host.noop(f"{config_dir} already holds the rendered {', '.join(rendered)} (mode 0644)")
+        run.noop(f"{config_dir} already holds the rendered {', '.join(rendered)} (mode 0644)")
         return
-    tell(f"write {', '.join(stale)} to {config_dir} (mode 0644)")
-    record_fresh(config_dir, False)
+    run.tell(f"write {', '.join(stale)} to {config_dir} (mode 0644)")
+    run.record_fresh(config_dir, False)
     yield write_files_command(config_dir, stale, mode="644")
+
+
+def _install_reads(config_dir: str, stamp: str, root: str) -> list[FactRequest]:
+    """What tells whether the system is installed from the current files."""
+    return [(DirectoryDigest, {"path": config_dir}), (FileText, {"path": stamp}),
+            (PathExists, {"path": f"{root}/nix/var/nix/profiles/system"})]
 
 
 def _stream(state, host, command: StringCommand) -> bool:
@@ -284,87 +305,115 @@ def _stream(state, host, command: StringCommand) -> bool:
 
 
 @operation()
-def nixos_install(hostname: str, root: str = ROOT, stamp: str = INSTALL_STAMP):
+def nixos_install(run: Run, hostname: str, root: str = ROOT, stamp: str = INSTALL_STAMP):
     """
     Install the flake's system with ``nixos-install --no-root-passwd``, output streamed live;
     skipped when the installed system was built from the same configuration files.
 
+    + run: the run (facts)
     + hostname: the flake's nixosConfigurations attribute
     + root: the mounted target
     + stamp: where the digest of the installed configuration is recorded
 
     .. code:: python
 
-        nixos.nixos_install("zephyrus", root="/mnt")
+        nixos.nixos_install(run, "zephyrus", root="/mnt")
     """
     config_dir = f"{root}/etc/nixos"
-    current = read(DirectoryDigest, path=config_dir)
-    installed = (read(FileText, path=stamp) or "").strip()
-    system = read(PathExists, path=f"{root}/nix/var/nix/profiles/system")
+    current, installed, system = run.read_many(_install_reads(config_dir, stamp, root))
+    installed = (installed or "").strip()
     if current and installed == current and system:
-        host.noop(f"the system in {root} is already installed from the current {config_dir} ({current[:12]})")
+        run.noop(f"the system in {root} is already installed from the current {config_dir} ({current[:12]})")
         return
-    tell(f"install the system {config_dir}#{hostname} into {root}"
+    run.tell(f"install the system {config_dir}#{hostname} into {root}"
          + (" (its configuration changed since the last install)" if installed else ""))
     command = StringCommand("nixos-install", "--root", QuoteString(root),
                             "--flake", QuoteString(f"{config_dir}#{hostname}"), "--no-root-passwd")
     yield FunctionCommand(_stream, (command,), {})
     # Record what was installed; the digest is taken again now, after the install ran.
-    record = ('d=$(cd "$1" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0r sha256sum | sha256sum | cut -d" " -f1)'
-              ' && mkdir -p "$(dirname "$2")" && printf "%s\\n" "$d" > "$2"')
+    record = f'd=$({digest_script()}) && mkdir -p "$(dirname "$2")" && printf "%s\\n" "$d" > "$2"'
     yield StringCommand("sh", "-c", QuoteString(record), "stamp", QuoteString(config_dir), QuoteString(stamp))
 
 
-# --- stages -----------------------------------------------------------------------------------
+# --- the layer ------------------------------------------------------------------------------------
 
 
-def apply(profile: Profile, settings=None) -> None:
-    """Generate, patch and write the NixOS configuration under /mnt/etc/nixos."""
-    generate_config(profile, name="nixos-generate-config", root=ROOT)
-    configuration(profile, name="NixOS configuration in /mnt/etc/nixos", root=ROOT)
+class NixosLayer(Layer):
+    name = "nixos"
+    absent = "no NixOS configuration"
 
+    def fill(self, run: Run) -> None:
+        """Generate, patch and write the NixOS configuration under /mnt/etc/nixos."""
+        generate_config(run, name="nixos-generate-config", root=ROOT)
+        configuration(run, name="NixOS configuration in /mnt/etc/nixos", root=ROOT)
 
-def install(profile: Profile, settings=None) -> None:
-    nixos_install(profile.nixos.hostname, name=f"nixos-install {profile.nixos.hostname}", root=ROOT)
+    def install(self, run: Run) -> None:
+        """nixos-install --flake, skipped when already installed (``tabula_install``)."""
+        if run.settings.tabula_install:
+            hostname = run.profile.nixos.hostname
+            nixos_install(run, hostname, name=f"nixos-install {hostname}", root=ROOT)
 
+    def applies(self, profile: Profile) -> bool:
+        return True
 
-# --- checks -------------------------------------------------------------------------------------
+    def owns(self, node) -> bool:
+        return False
 
+    def tools(self, profile: Profile) -> dict[str, str]:
+        return {}               # nixos-generate-config is every run's; nixos-install the stages' (tabula_install)
 
-def checks(host, settings: Settings, root: str) -> list[str]:
-    """The generated files in ``<root>/etc/nixos``: each exactly what the profile renders with the
-    target's real UUIDs (hardware-configuration.nix: nixos-generate-config's, its storage the
-    profile's), mode 0644; when the run installs, the installed system's stamp naming these files.
-    One line per mismatch, the first differing line quoted.
+    def secrets(self, settings, rescue: bool) -> dict[str, bool]:
+        return {}
 
-    + host: a testinfra host (``read_fact`` runs this module's facts through it)
-    """
-    profile = settings.profile
-    config_dir = under(root, "/etc/nixos")
-    generated = read_fact(host, FileText, path=f"{config_dir}/hardware-configuration.nix")
-    if generated is None:
-        return [f"{config_dir}/hardware-configuration.nix: missing (nixos-generate-config has not run)"]
-    ids = read_fact(host, BlockDeviceIds, devices=id_devices(profile))
-    module, _ = choose_hardware_module(profile, read_fact(host, DmiProductName))
-    rendered = render_files(profile, generated, ids, hardware_module=module)
-    present = read_fact(host, PathsState, paths=[f"{config_dir}/{name}" for name in rendered])
-    failures = []
-    for name, text in rendered.items():
-        path = f"{config_dir}/{name}"
-        if path not in present:
-            failures.append(f"{path}: missing")
-        elif not is_file_with(present[path], text, "644"):
-            have = read_fact(host, FileText, path=path) or ""
-            failures.append(f"{path}: {first_difference(have, text)}" if have != text else
-                            f"{path}: mode {present[path]['mode']}, not 644")
-    if settings.install:
-        stamp = under(root, INSTALL_STAMP.removeprefix(ROOT))
-        installed = (read_fact(host, FileText, path=stamp) or "").strip()
-        if not installed:
-            failures.append(f"{stamp}: missing (nixos-install has not completed)")
-        elif installed != read_fact(host, DirectoryDigest, path=config_dir):
-            failures.append(f"{stamp}: the installed system was built from other files than {config_dir}")
-    return failures
+    def observe(self, run: Run) -> list[FactRequest]:
+        reads = configuration_reads(run, f"{ROOT}/etc/nixos")
+        if run.settings.tabula_install:
+            reads += _install_reads(f"{ROOT}/etc/nixos", INSTALL_STAMP, ROOT)
+        return reads
+
+    def problems(self, target: Target) -> list[str]:
+        """The generated files in ``<root>/etc/nixos``: each exactly what the profile renders with
+        the target's real UUIDs (hardware-configuration.nix: nixos-generate-config's, its storage the
+        profile's), mode 0644; when the run installs, the installed system's stamp naming these
+        files. The first differing line quoted."""
+        profile, root = target.settings.profile, target.root
+        config_dir = under(root, "/etc/nixos")
+        generated = target.read(FileText, path=f"{config_dir}/hardware-configuration.nix")
+        if generated is None:
+            return [f"{config_dir}/hardware-configuration.nix: missing (nixos-generate-config has not run)"]
+        ids = target.read(BlockDeviceIds, devices=id_devices(profile))
+        module, _ = choose_hardware_module(profile, target.read(DmiProductName))
+        rendered = rendered_with(target.layers, profile, generated, ids, hardware_module=module)
+        present = target.read(PathsState, paths=[f"{config_dir}/{name}" for name in rendered])
+        failures = []
+        for name, text in rendered.items():
+            path = f"{config_dir}/{name}"
+            if path not in present:
+                failures.append(f"{path}: missing")
+            elif not is_file_with(present[path], text, "644"):
+                have = target.read(FileText, path=path) or ""
+                failures.append(f"{path}: {first_difference(have, text)}" if have != text else
+                                f"{path}: mode {present[path]['mode']}, not 644")
+        if target.settings.tabula_install:
+            stamp = under(root, INSTALL_STAMP.removeprefix(ROOT))
+            installed = (target.read(FileText, path=stamp) or "").strip()
+            if not installed:
+                failures.append(f"{stamp}: missing (nixos-install has not completed)")
+            elif installed != target.read(DirectoryDigest, path=config_dir):
+                failures.append(f"{stamp}: the installed system was built from other files than {config_dir}")
+        return failures
+
+    def nix(self, profile: Profile, devices: DeviceIds) -> NixFragments:
+        return NixFragments()   # its files are the documents the other layers' fragments go into
+
+    def gaps(self, run: Run, root: str) -> tuple[list, list[str]]:
+        return [], []
+
+    def disko(self, profile: Profile, context) -> dict:
+        return {}
+
+    def disko_node(self, node, device: str, part, context) -> dict | None:
+        return None
 
 
 def first_difference(have: str, want: str) -> str:
@@ -380,3 +429,6 @@ def first_difference(have: str, want: str) -> str:
 def _clip(line: str, width: int = 70) -> str:
     line = line.strip()
     return line if len(line) <= width else line[:width - 1] + "…"
+
+
+LAYER = NixosLayer()

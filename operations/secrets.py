@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
 
 from operations.errors import TabulaError
 
@@ -63,3 +65,10 @@ def read_secret(name: str, required: bool = True) -> Secret | None:
     if required:
         raise SecretError(f"no {name.lower().replace('_', ' ')}: set {env} or {env_file} on the controller")
     return None
+
+
+def read_secrets(wanted: dict[str, bool]) -> Mapping[str, Secret | None]:
+    """Every secret a run needs, read once, in order: ``{name: required}`` -> ``{name: Secret or
+    None}`` (None: not set, and not required). The stages read them before the first step that
+    uses one and hand them to the layers in the run; nothing else reads the environment."""
+    return MappingProxyType({name: read_secret(name, required=required) for name, required in wanted.items()})

@@ -1,10 +1,11 @@
 """
-Verification of a target against its profile: every layer's ``checks``, in stage order, read
-through a testinfra host. What ``pytest tests/verify --hosts=ssh://install-target`` runs (see
-tests/verify/conftest.py and the README's "Day two: is the machine what the profile says?").
+Verification of a target against its profile: every layer's ``problems`` (the rules its steps
+apply), in stage order, read through a testinfra host. What ``pytest tests/verify
+--hosts=ssh://install-target`` runs (see tests/verify/conftest.py and the README's "Day two: is
+the machine what the profile says?").
 
     settings = settings_from_inventory("install-target", data={"tabula_vars": {...}})
-    root = install_root(host, settings.root)       # /mnt after the install, / on the booted system
+    root = install_root(host, settings.tabula_root)       # /mnt after the install, / on the booted system
     failures = verify(host, settings, root)        # {"gpt": [], "luks": ["..."], ...}
 
 The profile and its vars come from the same inventory data as the deploy's (inventory.py,
@@ -25,24 +26,16 @@ from pyinfra.context import ctx_state
 from pyinfra_cli.inventory import make_inventory_from_files
 from pyinfra_cli.util import parse_cli_arg
 
-from operations import btrfs, filesystems, gpt, luks, mounts, nixos, persist, zfs
 from operations.errors import TabulaError
+from operations.layers import LAYERS as REGISTRY
+from operations.mounts import Mounts
 from operations.settings import Settings, load_settings
-from operations.target import INSTALL_ROOT, CheckError, read_fact
+from operations.target import INSTALL_ROOT, CheckError, read_fact, system_root
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
-# Every layer's checks, in stage order: (name, checks(host, settings, root) -> one line per mismatch).
-LAYERS = (
-    ("gpt", gpt.checks),
-    ("luks", luks.checks),
-    ("filesystems", filesystems.checks),
-    ("zfs", zfs.checks),
-    ("btrfs", btrfs.checks),
-    ("mounts", mounts.checks),
-    ("nixos", nixos.checks),
-    ("persist", persist.checks),
-)
+# Every layer by name, in stage order (tests/verify: one test each).
+LAYERS = tuple((layer.name, layer) for layer in REGISTRY)
 ROOTS = {
     INSTALL_ROOT: "the live system after the install",
     "/": "the installed system, booted",
@@ -76,29 +69,40 @@ def settings_from_inventory(host_name: str, inventory: str = "inventory.py", dat
 
 
 def install_root(host, wanted: str = "auto") -> str:
-    """Where the installed system is, by the rule gaps.py follows: ``/mnt`` while the live system
-    has something mounted there (after the install), else ``/`` (the installed system, booted).
-    ``wanted`` (inventory data ``tabula_root``: "auto", "/mnt" or "/") decides when not "auto"."""
-    if wanted != "auto":
-        return wanted
-    return INSTALL_ROOT if INSTALL_ROOT in read_fact(host, mounts.Mounts) else "/"
+    """Where the installed system is, by the rule gaps.py follows (``target.system_root``):
+    ``/mnt`` while the live system has something mounted there (after the install), else ``/``."""
+    return system_root(wanted, {} if wanted != "auto" else read_fact(host, Mounts))
+
+
+class HostTarget:
+    """The target as the layers' ``problems`` read it (``contract.Target``): a testinfra host,
+    the facts read with the deploy's own commands."""
+
+    def __init__(self, host, settings: Settings, root: str, layers: tuple = REGISTRY):
+        self.host, self.settings, self.root, self.layers = host, settings, root, layers
+
+    def read(self, fact, **kwargs):
+        return read_fact(self.host, fact, **kwargs)
+
+    def run(self, command: str):
+        return self.host.run(command)
 
 
 def describe(settings: Settings, root: str) -> str:
     return f"profile {settings.profile.name} at {root} ({ROOTS[root]})"
 
 
-def check_layer(check, host, settings: Settings, root: str) -> list[str]:
+def check_layer(layer, host, settings: Settings, root: str) -> list[str]:
     """One layer's mismatches; a read that failed is one line too."""
     try:
-        return check(host, settings, root)
+        return layer.problems(HostTarget(host, settings, root))
     except CheckError as error:
         return [f"could not read the target: {error}"]
 
 
 def verify(host, settings: Settings, root: str) -> dict[str, list[str]]:
     """Every layer's mismatches, by layer name, in stage order (all empty: the target matches)."""
-    return {name: check_layer(check, host, settings, root) for name, check in LAYERS}
+    return {name: check_layer(layer, host, settings, root) for name, layer in LAYERS}
 
 
 def command(hosts: str, data: dict[str, Any], ssh_config: str | None = None) -> list[str]:

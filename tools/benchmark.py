@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from operations.nixos import render_files  # noqa: E402
+from operations.nixfiles import render_files  # noqa: E402
 from operations.profile import load_profile  # noqa: E402
 from tools.livevm import PROJECT_DIR, LiveVM  # noqa: E402
 

@@ -25,7 +25,7 @@ import yaml  # noqa: E402
 
 from operations import disko  # noqa: E402
 from operations.errors import TabulaError  # noqa: E402
-from operations.nixos import choose_hardware_module, render_files  # noqa: E402
+from operations.nixfiles import choose_hardware_module, render_files  # noqa: E402
 from operations.profile import REQUIRED, load_profile, profile_path  # noqa: E402
 
 

@@ -22,6 +22,7 @@ import shlex
 import pytest
 
 from operations import zfs
+from operations.persist import paths as persist_paths
 from operations.profile import host_hash, load_profile
 from tests.nix.evaluation import evaluate_installed
 from tests.e2e.faults import dry_plan
@@ -243,7 +244,7 @@ def check_access_and_pins(target, profile) -> None:
     holding the flake.lock it was installed from."""
     persist = f"/mnt{profile.persistence.root}"
     if profile.nixos.remote_unlock:
-        key = f"/mnt{profile.initrd_host_key}"
+        key = f"/mnt{persist_paths(profile).initrd_host_key}"
         assert target.check_output(f"stat -c %a {os.path.dirname(key)}") == "700"
         assert target.check_output(f"stat -c '%a %U' {key}") == "600 root"
         initrd_fp = target.check_output(f"ssh-keygen -lf {key}.pub").split()[1]

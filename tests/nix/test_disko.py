@@ -33,7 +33,7 @@ import pytest
 
 from operations import disko
 from operations.nixeval import write_tree
-from operations.nixos import HARDWARE_SKELETON, id_devices, render_files
+from operations.nixfiles import HARDWARE_SKELETON, id_devices, render_files
 from operations.profile import available_profiles, load_profile
 from tests.nix.evaluation import kit_evaluate
 from tests import profile_cases

@@ -15,10 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from operations.nixos import render_files
+from operations.nixfiles import render_files
 from operations.nixlit import stable_device, systemd_escape
 from operations.profile import available_profiles, load_profile
-from operations import zfs
+from operations import persist, zfs
 from tests.nix.evaluation import kit_evaluate
 from tests import profile_cases
 
@@ -115,8 +115,9 @@ def test_password_files_are_the_seeded_ones(case):
     """users.mutableUsers is false and the root is wiped: NixOS reads the hashes from exactly the
     files the persist stage seeds, or nobody can log in."""
     assert case.value["mutableUsers"] is False
-    assert case.value["passwordFiles"] == case.profile.password_files
-    assert all(path.startswith(case.profile.secrets_dir + "/") for path in case.value["passwordFiles"].values())
+    paths = persist.paths(case.profile)
+    assert case.value["passwordFiles"] == paths.password_files
+    assert all(path.startswith(paths.secrets_dir + "/") for path in case.value["passwordFiles"].values())
 
 
 def test_ssh_host_keys_live_on_the_persistent_root(case):
@@ -230,10 +231,11 @@ def test_remote_unlock_has_its_own_host_key_and_the_users_keys(case):
     if not n.remote_unlock:
         assert initrd is None
         return
-    assert initrd == {"port": n.remote_unlock_port, "hostKeys": [case.profile.initrd_host_key],
+    initrd_key = persist.paths(case.profile).initrd_host_key
+    assert initrd == {"port": n.remote_unlock_port, "hostKeys": [initrd_key],
                       "authorizedKeys": n.authorized_keys + n.root_authorized_keys, "network": True}
-    assert case.profile.initrd_host_key not in case.value["sshKeys"], "the system's host key in the initrd"
-    assert case.profile.initrd_host_key.startswith(case.profile.persistence.root + "/")
+    assert initrd_key not in case.value["sshKeys"], "the system's host key in the initrd"
+    assert initrd_key.startswith(case.profile.persistence.root + "/")
 
 
 def test_home_is_persistent(case):

@@ -115,7 +115,8 @@ CREATE = ["truncate -s 0 /mnt/swap/swapfile", "chattr +C /mnt/swap/swapfile",
 
 def test_parse_swapfile_state():
     state = btrfs.parse_swapfile_state(fixture_lines("btrfs_swapfile_state.txt"))
-    assert state == {"size": 268435456, "type": "regular file", "nocow": True, "swap": True, "active": False}
+    assert state == {"size": 268435456, "type": "regular file", "mode": "600", "nocow": True, "swap": True,
+                     "active": False}
     assert btrfs.parse_swapfile_state([]) is None
 
 

@@ -1,4 +1,4 @@
-"""The layers' checks (``checks(host, settings, root)``, read through a testinfra host) on outputs
+"""The layers' problems (``Layer.problems``, read through a testinfra host) on outputs
 captured in the VM: an installed target gives no line, a target that differs gives one line per
 mismatch naming it; the verification's settings come from the inventory as the deploy's do."""
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pytest
 
 from operations import btrfs, gpt, luks, mounts, nixos, persist, verify
 from operations.errors import TabulaError
+from operations.nixfiles import render_files
 from operations.profile import load_profile
 from operations.settings import Settings
 from tests.unit.pyinfra_fake import FIXTURES
@@ -45,13 +46,26 @@ class FakeTestinfraHost:
         return self.run(command).stdout.strip()
 
 
+def problems(layer_module, host, settings, root: str) -> list[str]:
+    """A layer's problems, read through the (fake) testinfra host as verify reads them."""
+    return layer_module.LAYER.problems(verify.HostTarget(host, settings, root))
+
+
+def stat_output(states: dict[str, tuple[str, str, str]]) -> str:
+    """What PathsState's command prints for {path: (type, "mode user", sha256 or "")}."""
+    kinds = {"file": "regular file", "directory": "directory"}
+    lines = [f"{kinds[kind]}\t{mode_user}\t{path}" for path, (kind, mode_user, _) in states.items()]
+    lines += ["##sha256##"] + [f"{sha}  {path}" for path, (kind, _, sha) in states.items() if kind == "file"]
+    return "\n".join(lines) + "\n"
+
+
 def captured(name: str) -> str:
     return (FIXTURES / name).read_text()
 
 
 @pytest.fixture
 def settings():
-    return Settings(profile=load_profile("zephyrus-btrfs", VM_VARS), install=False)
+    return Settings.of(load_profile("zephyrus-btrfs", VM_VARS), tabula_install=False)
 
 
 READLINK = [(r"readlink -f /dev/disk/by-partlabel/EFI", "/dev/nvme0n1p1\n"),
@@ -62,14 +76,14 @@ READLINK = [(r"readlink -f /dev/disk/by-partlabel/EFI", "/dev/nvme0n1p1\n"),
 
 def test_mounts_as_installed_match(settings):
     host = FakeTestinfraHost([(r"cat /proc/mounts", captured("btrfs_proc_mounts_installed.txt")), *READLINK])
-    assert mounts.checks(host, settings, "/mnt") == []
+    assert problems(mounts, host, settings, "/mnt") == []
 
 
 def test_a_mount_option_that_differs_is_one_line(settings):
     text = captured("btrfs_proc_mounts_installed.txt").replace("/mnt/home btrfs rw,noatime,", "/mnt/home btrfs rw,relatime,")
     text = "\n".join(line for line in text.splitlines() if " /mnt/var/log " not in line)
     host = FakeTestinfraHost([(r"cat /proc/mounts", text), *READLINK])
-    assert mounts.checks(host, settings, "/mnt") == [
+    assert problems(mounts, host, settings, "/mnt") == [
         "/mnt/home: options rw,relatime,compress=zstd:3,ssd,discard=async,space_cache=v2,subvolid=259,"
         "subvol=/@home lack noatime",
         "/mnt/var/log: not mounted (the profile mounts btrfs /dev/mapper/cryptroot there)",
@@ -80,7 +94,7 @@ def test_on_the_booted_system_the_mounts_are_at_root_and_swap_is_active(settings
     text = captured("btrfs_proc_mounts_installed.txt").replace(" /mnt", " ").replace("  btrfs", " / btrfs")
     host = FakeTestinfraHost([(r"cat /proc/mounts", text), *READLINK,
                               (r"cat /proc/swaps", "Filename Type Size Used Priority\n")])
-    assert mounts.checks(host, settings, "/") == ["/swap/swapfile: not active swap"]
+    assert problems(mounts, host, settings, "/") == ["/swap/swapfile: not active swap"]
 
 
 @pytest.mark.parametrize("wanted, actual, problems", [
@@ -95,13 +109,13 @@ def test_a_tmpfs_size_is_compared_by_value(wanted, actual, problems):
 def test_luks_as_installed_matches_and_missing_flags_are_named(settings):
     answers = [(r"cryptsetup luksDump", captured("btrfs_luksdump_cryptroot.txt")), *READLINK]
     host = FakeTestinfraHost([*answers, (r"cryptsetup status", captured("btrfs_cryptsetup_status.txt"))])
-    assert luks.checks(host, settings, "/mnt") == []
+    assert problems(luks, host, settings, "/mnt") == []
     plain = captured("btrfs_cryptsetup_status.txt").replace("discards no_read_workqueue no_write_workqueue", "discards")
     host = FakeTestinfraHost([*answers, (r"cryptsetup status", plain)])
-    assert luks.checks(host, settings, "/mnt") == [
+    assert problems(luks, host, settings, "/mnt") == [
         "/dev/mapper/cryptroot: flags discards lack no_read_workqueue no_write_workqueue"]
     host = FakeTestinfraHost([*answers, (r"cryptsetup status", "")])
-    assert luks.checks(host, settings, "/mnt") == ["/dev/mapper/cryptroot: not open"]
+    assert problems(luks, host, settings, "/mnt") == ["/dev/mapper/cryptroot: not open"]
 
 
 def test_gpt_as_installed_matches_and_a_wrong_type_guid_is_named(settings):
@@ -111,10 +125,10 @@ def test_gpt_as_installed_matches_and_a_wrong_type_guid_is_named(settings):
     answers = [(r"sgdisk -p", captured("btrfs_partition_table_installed.txt")),
                (r"blkid -p -o export /dev/disk/by-partlabel/EFI", efi)]
     host = FakeTestinfraHost([*answers, (r"blkid -p -o export /dev/disk/by-partlabel/cryptroot", root)])
-    assert gpt.checks(host, settings, "/mnt") == []
+    assert problems(gpt, host, settings, "/mnt") == []
     wrong = root.replace("0fc63daf-8483-4772-8e79-3d69d8477de4", gpt.type_guid("8309").lower())
     host = FakeTestinfraHost([*answers, (r"blkid -p -o export /dev/disk/by-partlabel/cryptroot", wrong)])
-    assert gpt.checks(host, settings, "/mnt") == [
+    assert problems(gpt, host, settings, "/mnt") == [
         "/dev/disk/by-partlabel/cryptroot: type GUID ca7d7ccb-63ed-4c53-861c-1742536059cc, the profile wants "
         "0fc63daf-8483-4772-8e79-3d69d8477de4 (8300)"]
 
@@ -124,10 +138,10 @@ def test_btrfs_as_installed_matches_and_a_blank_of_another_parent_is_named(setti
     swapfile = [(r"lsattr", captured("btrfs_swapfile_state.txt")),
                 (r"stat -c %a /mnt/swap/swapfile", "600\n")]
     host = FakeTestinfraHost([(r"btrfs subvolume list", listed), *swapfile])
-    assert btrfs.checks(host, settings, "/mnt") == []
+    assert problems(btrfs, host, settings, "/mnt") == []
     other = listed.replace("parent_uuid e1f161af-689e-c84c-a452-cfd9fde8b4b8", "parent_uuid 5aa071dc-2e9c-3247-879e-136408641013")
     host = FakeTestinfraHost([(r"btrfs subvolume list", other), *swapfile])
-    assert btrfs.checks(host, settings, "/mnt") == [
+    assert problems(btrfs, host, settings, "/mnt") == [
         "/dev/mapper/cryptroot: @root-blank is not a snapshot of @root (its parent 5aa071dc-2e9c-3247-879e-136408641013, "
         "@root is e1f161af-689e-c84c-a452-cfd9fde8b4b8) nor is @root restored from it"]
 
@@ -140,16 +154,16 @@ def test_btrfs_after_a_rollback_the_root_is_restored_from_the_blank(settings):
         "parent_uuid e1f161af-689e-c84c-a452-cfd9fde8b4b8", "parent_uuid e1f161af-0000-0000-0000-000000000000")
     host = FakeTestinfraHost([(r"btrfs subvolume list", listed), (r"lsattr", captured("btrfs_swapfile_state.txt")),
                               (r"stat -c %a /swap/swapfile", "600\n")])
-    assert btrfs.checks(host, settings, "/") == []
+    assert problems(btrfs, host, settings, "/") == []
 
 
 def test_persist_names_a_seeded_file_with_the_wrong_mode(settings):
-    wanted = {"/mnt/persist/secrets": "directory\t700 root\t", "/mnt/persist/etc/machine-id": "file\t444 root\tx"}
+    wanted = {"/mnt/persist/secrets": ("directory", "700 root", ""), "/mnt/persist/etc/machine-id": ("file", "444 root", "x")}
     for key_type in ("ed25519", "rsa"):
         key = f"/mnt/persist/etc/ssh/ssh_host_{key_type}_key"
-        wanted[key] = "file\t644 root\tx" if key_type == "ed25519" else "file\t600 root\tx"
-        wanted[f"{key}.pub"] = "file\t644 root\tx"
-    state = "".join(f"{line}\t{path}\n" for path, line in wanted.items())
+        wanted[key] = ("file", "644 root", "x") if key_type == "ed25519" else ("file", "600 root", "x")
+        wanted[f"{key}.pub"] = ("file", "644 root", "x")
+    state = stat_output(wanted)
     host = FakeTestinfraHost([
         (r"stat -c", state),
         (r"ssh-keygen -lf \S+ed25519", "256 SHA256:aaaa root@zephyrus (ED25519)\n"),
@@ -157,17 +171,17 @@ def test_persist_names_a_seeded_file_with_the_wrong_mode(settings):
         (r"sha256sum", "d1g3st\n"),
         (r"cat /mnt/persist/etc/machine-id", "0123456789abcdef0123456789abcdef\n"),
     ])
-    assert persist.checks(host, settings, "/mnt") == [
+    assert problems(persist, host, settings, "/mnt") == [
         "/mnt/persist/etc/ssh/ssh_host_ed25519_key: file 644 root, the profile wants file 600 root"]
     # a run that installs must have seeded the password hashes
-    installing = Settings(profile=settings.profile, install=True)
-    assert persist.checks(host, installing, "/mnt")[:2] == [
+    installing = Settings.of(settings.profile, tabula_install=True)
+    assert problems(persist, host, installing, "/mnt")[:2] == [
         "/mnt/persist/secrets/root-password: missing", "/mnt/persist/secrets/sean-password: missing"]
 
 
 def test_a_check_that_cannot_read_the_target_says_so(settings):
     host = FakeTestinfraHost([(r"sgdisk", Result(1, "", "tabula: sgdisk (gdisk) is missing on the target"))])
-    assert verify.check_layer(gpt.checks, host, settings, "/mnt") == [
+    assert verify.check_layer(gpt.LAYER, host, settings, "/mnt") == [
         "could not read the target: reading PartitionTable failed (exit 1): tabula: sgdisk (gdisk) is missing on the target"]
 
 
@@ -177,14 +191,14 @@ def test_the_install_root_is_found_or_given():
     booted = "\n".join(line for line in installed.splitlines() if " /mnt" not in line)
     assert verify.install_root(FakeTestinfraHost([(r"cat /proc/mounts", booted)])) == "/"
     assert verify.install_root(FakeTestinfraHost([]), "/") == "/"
-    assert verify.settings_from_inventory("nas-live", data={"tabula_root": "/"}).root == "/"
+    assert verify.settings_from_inventory("nas-live", data={"tabula_root": "/"}).tabula_root == "/"
 
 
 def test_settings_come_from_the_inventory_as_the_deploys_do():
     data = verify.parse_data([f'tabula_vars={{"disk": "{NVME}"}}', "tabula_install=false"])
     settings = verify.settings_from_inventory("install-target", data=data)
     assert settings.profile.name == "zephyrus-btrfs" and settings.profile.disks["main"].device == NVME
-    assert settings.install is False
+    assert settings.tabula_install is False
     # a named host of inventory.py brings its own profile and vars
     nas = verify.settings_from_inventory("nas-live")
     assert nas.profile.name == "zfs-raidz1" and nas.profile.nixos.hostname == "nas"
@@ -211,23 +225,23 @@ def test_generated_files_as_rendered_match_and_a_changed_line_is_quoted(settings
     ids = nixos.BlockDeviceIds().process(ids_text.splitlines())
     generated = captured("nixos/real-zephyrus-btrfs.nix")
     module, _ = nixos.choose_hardware_module(settings.profile, "Standard PC (Q35 + ICH9, 2009)")
-    on_target = nixos.render_files(settings.profile, generated, ids, hardware_module=module)
+    on_target = render_files(settings.profile, generated, ids, hardware_module=module)
 
     def host_with(files: dict[str, str]) -> FakeTestinfraHost:
         def filetext(name):
             return "present\n" + base64.b64encode(files[name].encode()).decode() + "\n"
-        state = "".join(f"file\t644 root\t{hashlib.sha256(text.encode()).hexdigest()}\t/mnt/etc/nixos/{name}\n"
-                        for name, text in files.items())
+        state = stat_output({f"/mnt/etc/nixos/{name}": ("file", "644 root", hashlib.sha256(text.encode()).hexdigest())
+                             for name, text in files.items()})
         return FakeTestinfraHost([
             (r"filetext /mnt/etc/nixos/hardware-configuration.nix", filetext("hardware-configuration.nix")),
             (r"filetext /mnt/etc/nixos/configuration.nix", filetext("configuration.nix")),
             (r"blkid -o export", ids_text), (r"product_name", "Standard PC (Q35 + ICH9, 2009)\n"),
             (r"stat -c", state)])
 
-    assert nixos.checks(host_with(on_target), settings, "/mnt") == []
+    assert problems(nixos, host_with(on_target), settings, "/mnt") == []
     edited = dict(on_target, **{"configuration.nix": on_target["configuration.nix"].replace(
         'time.timeZone = "America/New_York";', 'time.timeZone = "UTC";')})
-    problems = nixos.checks(host_with(edited), settings, "/mnt")
-    assert len(problems) == 1 and problems[0].startswith(
-        "/mnt/etc/nixos/configuration.nix: differs from the profile's rendering at line "), problems
-    assert "'time.timeZone = \"UTC\";', the profile has 'time.timeZone = \"America/New_York\";'" in problems[0]
+    found = problems(nixos, host_with(edited), settings, "/mnt")
+    assert len(found) == 1 and found[0].startswith(
+        "/mnt/etc/nixos/configuration.nix: differs from the profile's rendering at line "), found
+    assert "'time.timeZone = \"UTC\";', the profile has 'time.timeZone = \"America/New_York\";'" in found[0]

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from operations import disko, luks, zfs
+from operations.diskolit import DiskoError, disko_size
 from operations.profile import Dataset, Pool, Vdev, available_profiles, load_profile
 from operations.secrets import Secret
 from tests import profile_cases
@@ -51,7 +52,7 @@ def test_partitions_in_profile_order_with_label_type_and_size(case):
         assert [p["label"] for p in ordered] == [p.label for p in disk.partitions]
         for want, got in zip(disk.partitions, ordered):
             assert got["type"] == want.type
-            assert got["size"] == ("100%" if want.size == "rest" else disko.disko_size(want.size_bytes))
+            assert got["size"] == ("100%" if want.size == "rest" else disko_size(want.size_bytes))
 
 
 def test_luks_format_arguments_are_tabulas(case):
@@ -97,11 +98,11 @@ def test_needed_for_boot_and_binds_only_beside_disko_devices(case):
 
 def test_a_mounted_dataset_without_mountpoint_cannot_be_exported():
     pool = Pool(name="p", vdevs=[Vdev(members=["a"])], datasets=[Dataset(name="data")])
-    with pytest.raises(disko.DiskoError, match="p/data has no mountpoint"):
-        disko.dataset_node(pool, pool.datasets[0])
+    with pytest.raises(DiskoError, match="p/data has no mountpoint"):
+        zfs.dataset_node(pool, pool.datasets[0])
 
 
 def test_sizes():
-    assert [disko.disko_size(n) for n in (2**30, 32 * 2**30, 512 * 2**20, 3 * 2**10)] == ["1G", "32G", "512M", "3K"]
-    with pytest.raises(disko.DiskoError):
-        disko.disko_size(1000)
+    assert [disko_size(n) for n in (2**30, 32 * 2**30, 512 * 2**20, 3 * 2**10)] == ["1G", "32G", "512M", "3K"]
+    with pytest.raises(DiskoError):
+        disko_size(1000)

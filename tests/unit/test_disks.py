@@ -6,7 +6,7 @@ from operations import disks, filesystems, gpt
 from operations.errors import TabulaError
 from operations.profile import load_profile
 from operations.settings import Settings
-from tests.unit.pyinfra_fake import fixture_lines, use_fake_host
+from tests.unit.pyinfra_fake import fake_run, fixture_lines
 from tests.unit.vm_vars import TEST_AUTHORIZED_KEY
 
 BY_ID = "/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_TABULA-NVME0"
@@ -68,14 +68,13 @@ def facts(lsblk_name, table=None, signatures=None, swaps=(), stable=None, tools=
 @pytest.fixture
 def wipes(monkeypatch):
     calls = []
-    monkeypatch.setattr(disks, "wipe", lambda **kwargs: calls.append(kwargs))
-    monkeypatch.setattr(disks, "_is_local_connector", lambda: True)
+    monkeypatch.setattr(disks, "wipe", lambda run, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(disks, "_is_local_connector", lambda host: True)
     yield calls
 
 
 def run_guard(monkeypatch, the_profile, fact_table, confirm=()):
-    use_fake_host(monkeypatch, disks, fact_table)
-    return disks.guard(the_profile, Settings(profile=the_profile, confirm_wipe=tuple(confirm)))
+    return disks.guard(fake_run(fact_table, Settings.of(the_profile, tabula_confirm_wipe=tuple(confirm))))
 
 
 def installed_table():
@@ -225,7 +224,6 @@ def test_partlabel_on_another_disk_refused(monkeypatch, wipes):
 
 
 def test_wipe_commands(monkeypatch):
-    use_fake_host(monkeypatch, disks, {})
-    commands = [str(c) for c in disks.wipe._inner(disk_path=BY_ID, partitions=["/dev/nvme0n1p1"], reasons=["x"])]
+    commands = [str(c) for c in disks.wipe._inner(fake_run(), disk_path=BY_ID, partitions=["/dev/nvme0n1p1"], reasons=["x"])]
     assert commands[:4] == ["wipefs -a /dev/nvme0n1p1", f"wipefs -a {BY_ID}", f"sgdisk --zap-all {BY_ID}",
                             f"wipefs -a {BY_ID}"]

@@ -5,7 +5,7 @@ from pyinfra.api import QuoteString, StringCommand
 from operations.filesystems import mkfs_command
 from operations.luks import format_command
 from operations.profile import Filesystem, load_profile
-from operations.roundtrips import one_command
+from operations.run import one_command
 from operations.secrets import Secret
 from tests.e2e.faults import created, duplicated_creations
 

@@ -2,6 +2,7 @@
 import pytest
 
 from operations import filesystems
+from operations.nixlit import DeviceIds
 from operations.target import WholeDiskSignature, parse_blkid_export
 from operations.errors import TabulaError
 import yaml
@@ -30,7 +31,7 @@ def test_parse_blkid():
 ])
 def test_absent_filesystem_is_made(monkeypatch, fs, device, expected):
     commands, _, _ = run_op(monkeypatch, filesystems, filesystems.formatted, {}, filesystems=[(device, fs)], swaps=[])
-    assert len(commands) == 1 and commands[0].endswith(f"; {expected}'")
+    assert len(commands) == 1 and commands[0].endswith(f"; {expected}")
     assert f"blkid -p -o value -s TYPE {device}" in commands[0]   # re-checked in the same command
 
 
@@ -53,7 +54,7 @@ def test_wrong_label_is_drift(monkeypatch):
 
 def test_swap_partition(monkeypatch):
     commands, _, _ = run_op(monkeypatch, filesystems, filesystems.formatted, {}, filesystems=[], swaps=[("/dev/sw", Swap())])
-    assert len(commands) == 1 and commands[0].endswith("mkswap /dev/sw'")
+    assert len(commands) == 1 and commands[0].endswith("mkswap /dev/sw")
     assert "blkid -p -o value -s TYPE /dev/sw" in commands[0]            # mkswap re-checks its device too
 
 
@@ -62,7 +63,7 @@ def test_all_filesystems_and_swaps_in_one_round_trip_and_drift_stops_before_any(
     commands, _, _ = run_op(monkeypatch, filesystems, filesystems.formatted, {}, filesystems=wanted,
                             swaps=[("/dev/sw", Swap())])
     assert len(commands) == 1
-    assert unjoined(commands)[-1].endswith("mkswap /dev/sw'")
+    assert unjoined(commands)[-1].endswith("mkswap /dev/sw\n}")      # (a part that is a list: a group)
     assert commands[0].index("mkfs.vfat") < commands[0].index("mkfs.btrfs") < commands[0].index("mkswap")
     assert commands[0].count("blkid -p -o value -s TYPE") == 3           # each mkfs/mkswap re-checks its device
     drift = {(WholeDiskSignature, frozenset({("device", "/dev/mapper/cryptroot")})): {"TYPE": "ext4"}}
@@ -91,6 +92,6 @@ def test_an_f2fs_needed_for_boot_puts_its_module_in_the_initrd_with_or_without_a
         path.write_text(yaml.safe_dump(data))
         profile = load_profile(str(path), vars)
         assert bool(profile.pools) == (data is light)
-        assert filesystems.nix_fragments(profile).configuration == '  boot.initrd.kernelModules = [ "f2fs" ];\n'
+        assert filesystems.LAYER.nix(profile, DeviceIds()).configuration == '  boot.initrd.kernelModules = [ "f2fs" ];\n'
     without_f2fs = load_profile("zephyrus-btrfs", {"disk": "/dev/disk/by-id/nvme-TEST"})
-    assert filesystems.nix_fragments(without_f2fs).configuration == ""
+    assert filesystems.LAYER.nix(without_f2fs, DeviceIds()).configuration == ""

@@ -6,8 +6,9 @@ import subprocess
 
 from operations import gaps, mounts, zfs
 from operations.profile import load_profile
+from operations.settings import Settings
 from operations.target import Written, listing_command, parse_listing
-from tests.unit.pyinfra_fake import fixture_lines
+from tests.unit.pyinfra_fake import fake_run, fixture_lines
 
 NVME = "/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_TABULA-NVME0"
 
@@ -74,9 +75,10 @@ def test_zfs_diff_paths_become_installed_paths(monkeypatch):
     pool = profile.pools["rpool"].name
     diff = zfs.parse_snapshot_diff(["M\t/\t/mnt/", "+\tF\t/mnt/var/lib/app/db", "-\tF\t/mnt/gone",
                                     "R\tF\t/mnt/a\t/mnt/b\\040c", "+\t@\t/mnt/etc/hosts"])
-    monkeypatch.setattr(zfs, "read", lambda fact, **kw: diff if kw["dataset"].endswith("temp/root") else [])
     mounts_now = {"/mnt": {"device": f"{pool}/temp/root", "fstype": "zfs", "options": []},
                   "/mnt/tmp": {"device": f"{pool}/temp/tmp", "fstype": "zfs", "options": []}}
-    written, how = zfs.written_since_boot(profile, mounts_now)
+    run = fake_run({(zfs.SnapshotDiff, frozenset({("dataset", f"{pool}/temp/root"), ("snapshot", "empty")})): diff,
+                    mounts.Mounts: mounts_now}, Settings.of(profile))
+    written, how = zfs.LAYER.gaps(run, "/mnt")
     assert [(w.path, w.kind) for w in written] == [("/var/lib/app/db", "file"), ("/b c", "file"), ("/etc/hosts", "link")]
     assert how == [f"zfs diff {pool}/temp/root@empty", f"zfs diff {pool}/temp/tmp@empty"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from operations.nixos import render_storage
+from operations.nixfiles import render_storage
 from operations.target import BlockDeviceIds
 from operations.nixpatch import (MARKER, STORAGE_ATTRPATHS, NixPatchError, attrpath, module_bindings, parse,
                                  patch_hardware_configuration)

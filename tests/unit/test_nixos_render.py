@@ -10,7 +10,8 @@ from operations import btrfs, nixos, zfs
 from operations.errors import TabulaError
 from operations.btrfs import rollback_script as btrfs_rollback_script
 from operations.nixlit import systemd_escape
-from operations.nixos import choose_hardware_module, model_module, render_files
+from operations.nixfiles import render_files
+from operations.nixos import choose_hardware_module, model_module
 from operations.persist import check_password_hash
 from operations.profile import load_profile
 from operations.secrets import Secret
@@ -273,11 +274,51 @@ def test_review_command_writes_files_and_touches_no_disk(tmp_path):
     ((ROOT / "tests/unit/fixtures/nixos/real-zephyrus-btrfs.nix").read_text(), False),    # the real tool's
 ])
 def test_hardware_configuration_is_generated_unless_a_whole_one_is_there(monkeypatch, present, generates):
-    from tests.unit.pyinfra_fake import run_op
+    from operations.settings import Settings
+    from tests.unit.pyinfra_fake import fake_run
 
     profile = load_profile("zephyrus-btrfs", ZEPHYRUS)
-    commands, _, fake = run_op(monkeypatch, nixos, nixos.generate_config, {target.FileText: present},
-                               profile=profile, root="/mnt")
-    assert commands == (["nixos-generate-config --root /mnt"] if generates else [])
+    run = fake_run({target.FileText: present}, Settings.of(profile))
+    commands = [str(c) for c in nixos.generate_config._inner(run, root="/mnt")]
+    fake = run.host
+    assert [c.startswith("FunctionCommand(_generate_and_read,") for c in commands] == ([True] if generates else [])
     if not generates:
         assert fake.noops == ["/mnt/etc/nixos/hardware-configuration.nix is already generated"]
+
+
+def test_what_the_generator_leaves_is_read_in_its_own_command(tmp_path):
+    """nixos-generate-config and the reads of the next step in one command (a stand-in generator
+    in a real shell): the configuration step then reads nothing more."""
+    from operations.settings import Settings
+    from tests.unit.pyinfra_fake import fake_run
+
+    profile = load_profile("zephyrus-btrfs", ZEPHYRUS)
+    root = tmp_path / "root"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nixos-generate-config").write_text(
+        '#!/bin/sh\necho "writing $2/etc/nixos/hardware-configuration.nix"\nmkdir -p "$2/etc/nixos"\n'
+        'printf "{ ... }:\\n{ }\\n" > "$2/etc/nixos/hardware-configuration.nix"\n')
+    (bin_dir / "nixos-generate-config").chmod(0o755)
+    run = fake_run({}, Settings.of(profile))
+    reads = nixos.configuration_reads(run, f"{root}/etc/nixos", files_in_place=False)
+    [command] = list(nixos.generate_config._inner(run, root=str(root)))
+    ran = []
+
+    class Output:
+        def __init__(self, done):
+            self.stdout_lines, self.stderr_lines = done.stdout.splitlines(), done.stderr.splitlines()
+
+    class Host:                 # what pyinfra's host does with the command: run it in a shell
+        def run_shell_command(self, command, print_output=False, print_input=False):
+            done = subprocess.run(["sh", "-c", command.get_raw_value()], capture_output=True, text=True,
+                                  env={"PATH": f"{bin_dir}:/usr/bin:/bin"})
+            ran.append(done)
+            return done.returncode == 0, Output(done)
+
+    state = type("State", (), {"print_output": False, "print_input": False})()
+    assert command.execute(state, Host(), {}) is True
+    assert "writing" in ran[0].stderr and "writing" not in ran[0].stdout     # the generator's words stay out
+    before = len(run.host.reads)
+    assert run.read_many(reads)[0] == "{ ... }:\n{ }\n"
+    assert run.host.reads[before:] == []                                   # kept: no round trip

@@ -17,7 +17,7 @@ import operations
 from operations import disks, gpt, stages
 from operations.profile import available_profiles, load_profile
 from operations.settings import Settings
-from tests.unit.pyinfra_fake import use_fake_host
+from tests.unit.pyinfra_fake import FakeHost
 from tests import profile_cases
 
 WIDTH = 120
@@ -36,18 +36,21 @@ def pyinfra_name(op, name: str | None, args: tuple, kwargs: dict) -> str:
     return f"{op.__module__.split('.')[-1]}.{op.__name__} ({', '.join(words)})"
 
 
-def record_operations(monkeypatch) -> list[str]:
-    """Replace every pyinfra operation of the package by a recorder of its row name."""
+def record_operations(monkeypatch, calls: list | None = None) -> list[str]:
+    """Replace every pyinfra operation of the package by a recorder of its row name (and, into
+    ``calls``, of (operation, arguments, keyword arguments) to run it later as pyinfra would)."""
     names: list[str] = []
 
     def recorder(op):
-        def record(*args, name=None, **kwargs):
+        def record(run, *args, name=None, **kwargs):
             kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}   # global arguments
             names.append(pyinfra_name(op._inner, name, args, kwargs))
+            if calls is not None:
+                calls.append((op, args, kwargs))
         return record
 
-    for info in pkgutil.iter_modules(operations.__path__):
-        module = importlib.import_module(f"operations.{info.name}")
+    for info in pkgutil.walk_packages(operations.__path__, prefix="operations."):
+        module = importlib.import_module(info.name)
         for attr, value in list(vars(module).items()):
             if callable(value) and hasattr(value, "_inner"):
                 monkeypatch.setattr(module, attr, recorder(value))
@@ -78,10 +81,10 @@ def run_names(monkeypatch, profile_name: str) -> list[str]:
         monkeypatch.delenv(f"{key}_FILE", raising=False)
     profile = load_profile(profile_name, profile_cases.render_vars(profile_name))
     facts, confirm = confirmed_foreign_disks(profile)
-    use_fake_host(monkeypatch, disks, facts)
-    monkeypatch.setattr(disks, "_is_local_connector", lambda: True)
+    monkeypatch.setattr(stages, "host", FakeHost(facts))
+    monkeypatch.setattr(disks, "_is_local_connector", lambda host: True)
     names = record_operations(monkeypatch)
-    stages.deploy(Settings(profile=profile, confirm_wipe=confirm, install=True, export_pools=True, nix_check=False))
+    stages.deploy(Settings.of(profile, tabula_confirm_wipe=confirm, tabula_install=True, tabula_export_pools=True, tabula_nix_check=False))
     return names
 
 

@@ -4,6 +4,7 @@ import textwrap
 
 import pytest
 
+from operations import persist
 from operations.profile import ProfileError, host_hash, load_profile, parse_size
 from operations.secrets import SecretError, read_secret
 from operations.settings import load_settings
@@ -220,7 +221,7 @@ def test_settings_name_the_data_key():
     with pytest.raises(TabulaError, match="tabula_confirm_wipe"):
         load_settings({"tabula_profile": "zephyrus-btrfs", "tabula_vars": {"disk": NVME}, "tabula_confirm_wipe": [1]})
     settings = load_settings({"tabula_profile": "zephyrus-btrfs", "tabula_vars": {"disk": NVME}, "tabula_confirm_wipe": NVME})
-    assert settings.confirm_wipe == (NVME,)
+    assert settings.tabula_confirm_wipe == (NVME,)
 
 
 # --- secrets from the controller -----------------------------------------------------------
@@ -277,7 +278,7 @@ def test_authorized_keys_are_checked_and_remote_unlock_needs_one():
     light = load_profile("light-tmpfs-f2fs", {**LIGHT_VARS, "remote_unlock": True,
                                               "authorized_keys": [f"  {TEST_AUTHORIZED_KEY}\n"]})
     assert light.nixos.authorized_keys == [TEST_AUTHORIZED_KEY]
-    assert light.initrd_host_key == "/remote/etc/secrets/initrd/ssh_host_ed25519_key"
+    assert persist.paths(light).initrd_host_key == "/remote/etc/secrets/initrd/ssh_host_ed25519_key"
 
 
 def test_inventory_examples_load():

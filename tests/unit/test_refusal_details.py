@@ -5,8 +5,7 @@ import pytest
 
 from operations import disks
 from operations.errors import TabulaError
-from tests.unit.pyinfra_fake import use_fake_host  # noqa: F401 (used through run_guard)
-from tests.unit.pyinfra_fake import told
+from tests.unit.pyinfra_fake import fake_run, told
 from tests.unit.test_disks import BY_ID, NVME, facts, installed_table, profile, run_guard, wipes  # noqa: F401
 
 WIPE = disks.wipe          # the operation itself (the wipes fixture replaces it in the module)
@@ -73,11 +72,11 @@ def test_zfs_member_of_a_pool_nobody_lists_says_the_state_is_unknown():
 
 
 def test_the_pools_are_read_only_when_a_member_is_there(monkeypatch, wipes):
-    fake = use_fake_host(monkeypatch, disks, facts("btrfs_lsblk_blank.json", signatures={NVME: PHOTOS}))
     from operations.settings import Settings
+    run = fake_run(facts("btrfs_lsblk_blank.json", signatures={NVME: PHOTOS}), Settings.of(profile()))
     with pytest.raises(TabulaError):
-        disks.guard(profile(), Settings(profile=profile()))
-    assert "ZfsPoolsFound" not in fake.reads
+        disks.guard(run)
+    assert "ZfsPoolsFound" not in run.host.reads
 
 
 def test_a_refused_disk_in_use_says_what_is_on_it(monkeypatch, wipes):
@@ -96,7 +95,7 @@ def test_the_confirmed_wipe_step_says_what_it_destroys(monkeypatch, wipes, caplo
     assert step["name"] == "Wipe disks.main"                 # short: the results table stays narrow
     # what the disk holds is the step's own output: the plan (--dry) and the run print it
     arguments = {key: value for key, value in step.items() if key != "name"}
-    assert told(caplog, lambda: list(WIPE._inner(**arguments))) == [
+    assert told(caplog, lambda: list(WIPE._inner(fake_run(), **arguments))) == [
         f"[install-target] wipe {BY_ID} (confirmed), which holds: {NVME}: ext4 filesystem labelled "
         "'family-photos', UUID 5c1f7a52-0d8e-4f6b-9d61-3f3c8a1e2b77, 16.0 GiB"]
 

@@ -169,6 +169,33 @@ def test_restore_deletes_nested_deepest_first_then_snapshots_the_blank(fake_btrf
     assert (top / "@persist/kept").exists() and (top / "@home/kept").exists()
 
 
+def test_the_boot_and_the_rescue_delete_nested_subvolumes_one_way_deepest_first(fake_btrfs):
+    """One deletion (btrfs.restore_lines) rendered into the initrd's script and the rescue's
+    command, deepest first by depth: also a subvolume moved into a newer one (an older ID, deeper)."""
+    tmp_path, bin_dir, top = fake_btrfs
+    for program in ("mount", "umount"):
+        (bin_dir / program).write_text("#!/bin/sh\nexit 0\n")
+        (bin_dir / program).chmod(0o755)
+    listing = ("ID 256 gen 20 top level 5 path @root\n"
+               "ID 257 gen 8 top level 5 path @root-blank\n"
+               "ID 259 gen 9 top level 263 path @root/srv/moved/old\n"       # made first, moved in later
+               "ID 263 gen 21 top level 256 path @root/srv/moved\n")
+    rescue_script = shlex.split(str(btrfs.restore_command(str(top), "@root", "@root-blank")))[2]
+    boot_script = btrfs.rollback_script("/dev/fake", "@root", "@root-blank", mountdir=str(top))
+    assert btrfs.restore_lines() in rescue_script
+    assert "\n".join(f"  {line}" for line in btrfs.restore_lines().splitlines()) in boot_script
+    for script, shell in ((rescue_script, "sh"), (boot_script, "bash")):
+        (tmp_path / "list").write_text(listing)
+        make_tree(top, ["@root/srv/moved/old/x"])
+        (tmp_path / "log").unlink(missing_ok=True)
+        env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+        ran = subprocess.run([shell, "-e", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert ran.returncode == 0, ran.stderr
+        assert [c for c in calls(tmp_path) if "delete" in c or "snapshot " in c] == [
+            "btrfs subvolume delete /top/@root/srv/moved/old", "btrfs subvolume delete /top/@root/srv/moved",
+            "btrfs subvolume delete /top/@root", "btrfs subvolume snapshot /top/@root-blank /top/@root"], shell
+
+
 def test_restore_without_root_only_snapshots(fake_btrfs):
     tmp_path, _, top = fake_btrfs
     subprocess.run(["rm", "-rf", str(top / "@root")], check=True)
@@ -401,7 +428,7 @@ def test_a_tmpfs_root_needs_no_rescue(monkeypatch, caplog):
     called = []
     monkeypatch.setattr(stages.disks, "guard", lambda *a, **k: called.append("guard"))
     monkeypatch.setattr(stages, "host", type("H", (), {"print_prefix": "[t] "}))
-    stages.rescue(Settings(profile=profile))
+    stages.rescue(Settings.of(profile))
     assert called == []
     assert "/ is a tmpfs, empty at every boot: it needs no rescue" in caplog.text
 

@@ -4,11 +4,11 @@ makes it writable first. The e2e proof (same uberblock and history): tests/e2e/t
 
 import shlex
 
-from operations import mounts, persist, roundtrips, zfs
-from operations.roundtrips import Made
+from operations import mounts, persist, zfs
+from operations.run import Made
 from operations.profile import load_profile
 from operations.secrets import Secret
-from tests.unit.pyinfra_fake import run_op, use_fake_host
+from tests.unit.pyinfra_fake import fake_run, run_op
 from tests.unit.test_zfs import raidz1_state
 from tests.unit.vm_vars import ZFS_VARS
 
@@ -33,14 +33,15 @@ def test_an_exported_pool_is_read_through_a_read_only_import_and_nothing_is_yiel
     states = iter([{"state": "absent"}, {**raidz1_state(), "readonly": True}])
     facts = {zfs.ZfsPoolState: None, zfs.ZfsImportablePools: [pool.name],
              zfs.ZfsReadOnlyView: opened(["key " + view.encryption_roots[0], "mounted /mnt", "mounted /mnt/boot"])}
-    fake = use_fake_host(monkeypatch, zfs, facts)
+    run = fake_run(facts)
+    fake = run.host
     fake.get_fact = _answer(fake.get_fact, zfs.ZfsPoolState, lambda: next(states))
-    commands = list(zfs.pool._inner(pool, devices, view=view))
+    commands = list(zfs.pool._inner(run, pool, devices, view=view))
     assert commands == []
     assert "imported read-only to compare" in fake.noops[0] and "nothing written" in fake.noops[0]
     assert "ZfsReadOnlyView" in fake.reads
     # the first change of any later stage is preceded by making the pool writable
-    assert roundtrips.run_state().before_change
+    assert run.phase().before_change
 
 
 def test_without_a_view_an_exported_pool_is_imported(monkeypatch):
@@ -70,10 +71,11 @@ def test_a_view_left_by_an_interrupted_run_is_made_writable_when_the_run_keeps_t
 def test_the_view_is_made_writable_before_the_first_change_with_its_mounts_again(monkeypatch):
     profile, pool, view = profile_and_view()
     ro = {"device": "x", "fstype": "zfs", "options": ["ro", "nosuid", "nodev", "noatime"]}
-    fake = use_fake_host(monkeypatch, (zfs, mounts, persist), {mounts.Mounts: {"/mnt": ro, "/mnt/remote": ro}})
-    roundtrips.before_first_change(f"pool {pool.name}",
-                                   lambda: [zfs.make_view_writable(pool.name, ("/dev/disk/by-partlabel",), view)])
-    commands = list(persist.config_copy._inner("/mnt/etc/nixos", "/mnt/remote/etc/nixos"))
+    run = fake_run({mounts.Mounts: {"/mnt": ro, "/mnt/remote": ro}})
+    fake = run.host
+    run.before_first_change(f"pool {pool.name}",
+                            lambda: [zfs.make_view_writable(run, pool.name, ("/dev/disk/by-partlabel",), view)])
+    commands = list(persist.config_copy._inner(run, "/mnt/etc/nixos", "/mnt/remote/etc/nixos"))
     assert len(commands) == 2, [str(c) for c in commands]
     switch = shlex.split(str(commands[0]))[2]
     lines = switch.splitlines()
@@ -84,8 +86,8 @@ def test_the_view_is_made_writable_before_the_first_change_with_its_mounts_again
     # mounted again as the profile says (read-write), parents first
     assert switch.index(f"rpool-{profile.hash}/temp/root /mnt") < switch.index(f"rpool-{profile.hash}/remote/system")
     assert "cp -a" in str(commands[1])
-    assert not roundtrips.run_state().before_change     # once
-    assert roundtrips.created_this_run(Made.writable_pool(pool.name))
+    assert not run.phase().before_change     # once
+    assert run.created_this_run(Made.writable_pool(pool.name))
     assert fake.reads.count("Mounts") == 1
 
 
@@ -101,8 +103,9 @@ def test_export_closes_a_view_nothing_wrote_through_as_a_read(monkeypatch):
 
 def test_export_of_a_writable_pool_unmounts_and_exports(monkeypatch):
     _profile, pool, _view = profile_and_view()
-    fake = use_fake_host(monkeypatch, zfs, {zfs.ZfsPoolState: raidz1_state()})
-    commands = list(zfs.export_pool._inner(pool_name=pool.name))
+    run = fake_run({zfs.ZfsPoolState: raidz1_state()})
+    fake = run.host
+    commands = list(zfs.export_pool._inner(run, pool_name=pool.name))
     assert len(commands) == 1 and str(commands[0]).endswith(f"&& zpool export {pool.name}")
     assert "umount -R" in str(commands[0])
     assert "ZfsViewClosed" not in fake.reads
@@ -143,10 +146,10 @@ def _answer(get_fact, fact_class, value):
 def test_the_plan_exports_a_pool_the_run_creates_or_imports(monkeypatch):
     _profile, pool, _view = profile_and_view()
     for made in (Made.pool(pool.name), Made.imported_pool(pool.name)):
-        fake = use_fake_host(monkeypatch, zfs, {zfs.ZfsPoolState: {"state": "absent"}})
-        roundtrips.record_created(made)
-        commands = list(zfs.export_pool._inner(pool_name=pool.name))
+        run = fake_run({zfs.ZfsPoolState: {"state": "absent"}})
+        run.record_created(made)
+        commands = list(zfs.export_pool._inner(run, pool_name=pool.name))
         assert len(commands) == 1 and f"zpool export {pool.name}" in str(commands[0]), made
-    fake = use_fake_host(monkeypatch, zfs, {zfs.ZfsPoolState: {"state": "absent"}})
-    assert list(zfs.export_pool._inner(pool_name=pool.name)) == []
-    assert "is not imported" in fake.noops[0]
+    run = fake_run({zfs.ZfsPoolState: {"state": "absent"}})
+    assert list(zfs.export_pool._inner(run, pool_name=pool.name)) == []
+    assert "is not imported" in run.host.noops[0]

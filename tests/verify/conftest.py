@@ -87,7 +87,7 @@ def target(host, request, ssh_control_dir) -> Target:
     try:
         settings = settings_from_inventory(name, config.getoption("tabula_inventory"),
                                            parse_data(config.getoption("tabula_data")))
-        root = install_root(host, settings.root)
+        root = install_root(host, settings.tabula_root)
     except TabulaError as error:
         pytest.fail(f"{name}: {error}", pytrace=False)
     description = f"{host.backend.get_pytest_id()}: {describe(settings, root)}"

@@ -7,219 +7,39 @@ A disk is refused when it is absent, smaller than declared, has another serial t
 is named twice, holds the running system, is in use by anything that is not this profile's own
 expected state (re-runs must converge: the profile's own partitions mounted under /mnt, its own
 LUKS mappings open and its own swap active are fine), or holds foreign content (a partition
-table or signature that does not match the profile) that the run has not confirmed for wiping by
-the disk's stable id (``tabula_confirm_wipe``). A confirmed foreign disk is wiped
-(``wipefs -a`` on its partitions and itself, ``sgdisk --zap-all``), never a mounted one.
+table or signature that does not match the profile, by the gpt layer's own rule) that the run
+has not confirmed for wiping by the disk's stable id (``tabula_confirm_wipe``). A confirmed
+foreign disk is wiped (``wipefs -a`` on its partitions and itself, ``sgdisk --zap-all``), never
+a mounted one.
+
+The guard reads in one round trip what it needs, and, when the disks already hold partitions
+(a re-run), in a second one their signatures together with every layer's ``observe``: a
+converged re-run then reads nothing else.
 """
 
 from __future__ import annotations
 
-import json
 import shlex
 import shutil
 import subprocess
-from dataclasses import dataclass, field
 
-from pyinfra import host
-from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations import btrfs, filesystems, gpt, luks, zfs
-from operations.roundtrips import operation, plan_wipe, read, read_many, tell
+from pyinfra.api import QuoteString, StringCommand
 
+from operations import gpt
+from operations.disks.describe import DiskCheck, describe_signature, found_on_disk, human_size
+from operations.disks.facts import (BlockDevices, ImportedPoolVdevs, StablePath, ToolsPresent, ZfsPoolsFound,
+                                    parse_lsblk, parse_pools_found, parse_stable_path)
 from operations.errors import TabulaError
-from operations.profile import Disk, Profile
-from operations.target import PRIVATE_MOUNT_ROOT, WholeDiskSignature, decode_octal, install_path
+from operations.layers import LAYERS
+from operations.mounts import ActiveSwaps, Mounts
+from operations.profile import Profile
+from operations.run import FactRequest, Run, operation
+from operations.target import PRIVATE_MOUNT_ROOT, WholeDiskSignature, install_path
 
-# --- facts ------------------------------------------------------------------------------------
-
-
-class BlockDevices(FactBase):
-    """
-    Every block device as a flat list, with its parent disk, from ``lsblk -J -b``.
-
-    .. code:: python
-
-        [{"name": "/dev/nvme0n1p1", "type": "part", "pkname": "/dev/nvme0n1",
-          "partlabel": "EFI", "mountpoints": ["/mnt/boot"], ...}]
-    """
-
-    default = list
-    _columns = "NAME,TYPE,SIZE,SERIAL,PARTLABEL,FSTYPE,LABEL,PKNAME"
-
-    def command(self) -> str:
-        # MOUNTPOINTS (every mount of a device) needs util-linux >= 2.37; older: MOUNTPOINT
-        return (f"lsblk -J -b -p -o {self._columns},MOUNTPOINTS 2>/dev/null"
-                f" || lsblk -J -b -p -o {self._columns},MOUNTPOINT")
-
-    def requires_command(self) -> str:
-        return "lsblk"
-
-    def process(self, output):
-        return parse_lsblk("\n".join(output))
-
-
-class ToolsPresent(FactBase):
-    """
-    Which of these commands the target has on its PATH, and which of these kernel modules it can
-    load (loaded already, or found by ``modprobe -n``).
-
-    .. code:: python
-
-        read(ToolsPresent, commands=["cryptsetup", "nix"], modules=["zfs"])
-        {"commands": ["cryptsetup"], "modules": ["zfs"]}
-    """
-
-    def command(self, commands, modules) -> StringCommand:
-        script = ('for c in $1; do command -v "$c" >/dev/null 2>&1 && echo "command $c"; done; '
-                  'for m in $2; do { [ -d "/sys/module/$m" ] || modprobe -n -q "$m" 2>/dev/null; } && echo "module $m"; done; true')
-        return StringCommand("sh", "-c", QuoteString(script), "tools",
-                             QuoteString(" ".join(commands)), QuoteString(" ".join(modules)))
-
-    def process(self, output):
-        found: dict[str, list[str]] = {"commands": [], "modules": []}
-        for line in output:
-            kind, _, name = line.strip().partition(" ")
-            if kind in ("command", "module") and name:
-                found[kind + "s"].append(name)
-        return found
-
-    @staticmethod
-    def default():
-        return {"commands": [], "modules": []}
-
-
-def parse_lsblk(text: str) -> list[dict]:
-    devices: list[dict] = []
-
-    def walk(nodes, parent):
-        for node in nodes:
-            mounts = node.get("mountpoints", [node.get("mountpoint")])
-            devices.append({
-                "name": node["name"],
-                "type": node.get("type"),
-                "size": int(node["size"]) if node.get("size") is not None else None,
-                "serial": (node.get("serial") or "").strip() or None,
-                "partlabel": node.get("partlabel"),
-                "fstype": node.get("fstype"),
-                "label": node.get("label"),
-                "parent": node.get("pkname") or parent,
-                "mountpoints": [m for m in mounts if m],
-            })
-            walk(node.get("children", []), node["name"])
-
-    if text.strip():
-        walk(json.loads(text).get("blockdevices", []), None)
-    return devices
-
-
-class StablePath(FactBase):
-    """
-    Where a stable path (/dev/disk/by-id/...) points, and which by-id paths exist (for messages).
-
-    .. code:: python
-
-        {"device": "/dev/nvme0n1", "by_id": ["nvme-QEMU_NVMe_Ctrl_TABULA-NVME0", ...]}
-    """
-
-    @staticmethod
-    def default():
-        return {"device": None, "by_id": []}
-
-    def command(self, path: str) -> str:
-        quoted = shlex.quote(path)
-        return (f"if [ -b {quoted} ]; then echo device=$(readlink -f {quoted}); fi; "
-                "ls -1 /dev/disk/by-id 2>/dev/null | sed 's/^/by-id=/' || true")
-
-    def process(self, output):
-        return parse_stable_path(output)
-
-
-def parse_stable_path(lines) -> dict:
-    found = {"device": None, "by_id": []}
-    for line in lines:
-        key, _, value = line.partition("=")
-        if key == "device":
-            found["device"] = value
-        elif key == "by-id":
-            found["by_id"].append(value)
-    return found
-
-
-class ActiveSwaps(FactBase):
-    """Active swap devices and files (``/proc/swaps``), as the kernel names them."""
-
-    default = list
-
-    def command(self) -> str:
-        return "cat /proc/swaps"
-
-    def process(self, output):
-        return [decode_octal(line.split()[0]) for line in output[1:] if line.strip()]
-
-
-class ZfsPoolsFound(FactBase):
-    """
-    The ZFS pools this system sees, by pool id (the UUID blkid shows on a member): imported ones
-    (``zpool list``) and those ``zpool import`` would import, with their state. Empty without
-    the zfs module loaded (a fact does not load it).
-
-    .. code:: python
-
-        {"13117309625795050669": {"name": "rpool-2790ee34", "state": "ONLINE", "imported": False}}
-    """
-
-    default = dict
-
-    def command(self) -> str:
-        return ("if [ -e /sys/module/zfs ] && command -v zpool >/dev/null; then "
-                "zpool list -H -o name,guid,health 2>/dev/null | sed 's/^/imported /'; zpool import 2>/dev/null; fi; true")
-
-    def process(self, output) -> dict:
-        return parse_pools_found(output)
-
-
-def parse_pools_found(lines) -> dict:
-    pools: dict[str, dict] = {}
-    name = pool_id = None
-    for line in lines:
-        words = line.split()
-        if words[:1] == ["imported"] and len(words) >= 4:
-            pools[words[2]] = {"name": words[1], "state": words[3], "imported": True}
-        elif words[:1] == ["pool:"] and len(words) > 1:
-            name, pool_id = words[1], None
-        elif words[:1] == ["id:"] and len(words) > 1 and name:
-            pool_id = words[1]
-        elif words[:1] == ["state:"] and len(words) > 1 and name and pool_id:
-            pools.setdefault(pool_id, {"name": name, "state": words[1], "imported": False})
-            name = pool_id = None
-    return pools
-
-
-class ImportedPoolVdevs(FactBase):
-    """{device: pool} of imported ZFS pools (empty without ZFS loaded)."""
-
-    default = dict
-
-    def command(self) -> str:
-        return ("if [ -e /sys/module/zfs ] && command -v zpool >/dev/null; then "
-                "zpool status -PL 2>/dev/null | awk '$1 == \"pool:\" {p=$2} $1 ~ \"^/dev/\" {print p, $1}'; fi")
-
-    def process(self, output):
-        return {parts[1]: parts[0] for parts in (line.split() for line in output) if len(parts) == 2}
-
-
-# --- the guard --------------------------------------------------------------------------------
-
-
-@dataclass
-class DiskCheck:
-    """What the guard learned about one profile disk."""
-
-    key: str
-    disk: Disk
-    device: str                       # the kernel device, e.g. /dev/nvme0n1
-    serial: str | None
-    tree: list[dict] = field(default_factory=list)   # the disk, its partitions, stacked devices
-    foreign: list[str] = field(default_factory=list)  # why its content does not match the profile
+__all__ = ["BlockDevices", "ImportedPoolVdevs", "StablePath", "ToolsPresent", "ZfsPoolsFound", "parse_lsblk",
+           "parse_pools_found", "parse_stable_path", "ActiveSwaps", "WholeDiskSignature", "DiskCheck",
+           "describe_signature", "found_on_disk", "human_size", "guard", "wipe", "required_tools", "tools_request",
+           "missing_tools", "usage_problems", "content_problems", "BASE_COMMANDS", "OPTIONAL_COMMANDS"]
 
 
 def _field(key: str) -> str:
@@ -282,60 +102,6 @@ def _is_own_swap(swap: str, check: DiskCheck, own_swaps: set[str]) -> bool:
     return any(own.endswith("/" + (dev.get("partlabel") or "\0")) or own == dev["name"] for own in own_swaps)
 
 
-def human_size(size: int | None) -> str:
-    if size is None:
-        return "size unknown"
-    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size >= factor:
-            return f"{size / factor:.1f} {unit}"
-    return f"{size} bytes"
-
-
-def describe_signature(signature: dict, size: int | None, pools: dict | None = None) -> str:
-    """
-    What a person recognises their data by, from ``blkid -p -o export``: type, label, UUID and
-    size; for LUKS the header's version, UUID and label; for a ZFS member its pool, the pool's id
-    and state (``ZfsPoolsFound``).
-
-        ext4 filesystem labelled 'family-photos', UUID 5c1f..., 16.0 GiB
-        LUKS2 header UUID 9a7e..., label 'vault', 1.0 GiB
-        member of ZFS pool 'tank' (pool id 1311..., ONLINE, exported: importable), 4.0 GiB
-    """
-    kind = signature.get("TYPE")
-    label = signature.get("LABEL")
-    uuid = signature.get("UUID")
-    if kind == "crypto_LUKS":
-        header = f"LUKS{signature.get('VERSION', '')} header UUID {uuid or '(none)'}"
-        return f"{header}, label {label!r}, {human_size(size)}" if label else f"{header}, no label, {human_size(size)}"
-    if kind == "zfs_member":
-        pool = (pools or {}).get(uuid or "")
-        if pool is None:
-            state = "state unknown: zpool import does not list it (damaged, or the zfs module is not loaded)"
-        elif pool["imported"]:
-            state = f"imported, {pool['state']}"
-        else:
-            state = f"{pool['state']}, exported: importable"
-        return f"member of ZFS pool {label!r} (pool id {uuid}, {state}), {human_size(size)}"
-    if kind:
-        what = "swap" if kind == "swap" else f"{kind} filesystem"
-        named = f" labelled {label!r}" if label else " without a label"
-        return f"{what}{named}, UUID {uuid or '(none)'}, {human_size(size)}"
-    if signature.get("PTTYPE"):
-        return f"{signature['PTTYPE']} partition table (UUID {signature.get('PTUUID', '(none)')}), {human_size(size)}"
-    return f"no signature blkid knows, {human_size(size)}"
-
-
-def found_on_disk(check: DiskCheck, signatures: dict[str, dict], pools: dict | None = None) -> list[str]:
-    """One line per device of the disk (the disk, then each partition) saying what is on it."""
-    lines = []
-    for dev in check.tree:
-        if dev["type"] not in ("disk", "part"):
-            continue
-        where = dev["name"] + (f" (partlabel {dev['partlabel']!r})" if dev.get("partlabel") else "")
-        lines.append(f"{where}: {describe_signature(signatures.get(dev['name'], {}), dev.get('size'), pools)}")
-    return lines
-
-
 def content_problems(check: DiskCheck, table: dict | None, signatures: dict[str, dict],
                      pools: dict | None = None) -> list[str]:
     """Why the disk's content is foreign to the profile (empty: blank, or the profile's own)."""
@@ -368,50 +134,54 @@ BASE_COMMANDS = ("sgdisk", "wipefs", "blkid", "lsblk", "udevadm", "blockdev", "m
                  "base64", "tar", "sha256sum", "ssh-keygen", "nixos-generate-config")
 # Looked for too, but not required: with nix the target can evaluate the configuration first.
 OPTIONAL_COMMANDS = ("nix",)
-# The layers that need more than the base commands, each saying what and why.
-TOOL_LAYERS = (luks, filesystems, btrfs, zfs)
 
 
-def required_tools(profile: Profile, install: bool) -> dict[str, str]:
+def required_tools(profile: Profile, install: bool, layers: tuple = LAYERS) -> dict[str, str]:
     """{command or "<name> kernel module": what needs it} for this profile's stages."""
     needed = {c: "every run" for c in BASE_COMMANDS}
-    for layer in TOOL_LAYERS:
-        needed.update(layer.required_tools(profile))
+    for layer in layers:
+        needed.update(layer.tools(profile))
     if install:
         needed["nixos-install"] = "the install (tabula_install)"
     return needed
 
 
-def tools_request(profile: Profile, install: bool) -> tuple[type, dict]:
+def tools_request(profile: Profile, install: bool, layers: tuple = LAYERS) -> FactRequest:
     """The ToolsPresent read of the guard (asked again with the same arguments, it is kept)."""
-    needed = required_tools(profile, install)
+    needed = required_tools(profile, install, layers)
     commands = sorted({c for c in needed if not c.endswith(" kernel module")} | set(OPTIONAL_COMMANDS))
     modules = sorted(c.removesuffix(" kernel module") for c in needed if c.endswith(" kernel module"))
     return ToolsPresent, {"commands": commands, "modules": modules}
 
 
-def missing_tools(profile: Profile, install: bool, present: dict) -> list[str]:
+def missing_tools(profile: Profile, install: bool, present: dict, layers: tuple = LAYERS) -> list[str]:
     """What the target lacks of what the profile's stages need, each with what needs it."""
     have = set(present["commands"]) | {f"{m} kernel module" for m in present["modules"]}
-    return [f"{tool} (for {why})" for tool, why in required_tools(profile, install).items() if tool not in have]
+    return [f"{tool} (for {why})" for tool, why in required_tools(profile, install, layers).items() if tool not in have]
 
 
-def guard(profile: Profile, settings) -> list[DiskCheck]:
+def guard(run: Run, rescue: bool = False) -> list[DiskCheck]:
     """
     Refuse the run (TabulaError) unless every profile disk is the right, free disk. Confirmed
     foreign disks get a wipe operation. Returns what it found, for the plan.
+
+    + run: the run (its profile and settings: the disks confirmed for wiping, whether it installs)
+    + rescue: a rescue never wipes, whatever tabula_confirm_wipe says, and never installs
     """
+    profile, settings, host = run.profile, run.settings, run.host
+    confirmed = () if rescue else settings.tabula_confirm_wipe
     # Everything the checks read about the disks, in one round trip (the partition tables are
     # kept for the partitioning stage, which reads them next).
     disks = list(profile.disks.values())
-    install = getattr(settings, "install", True)
-    tools, devices, swaps, pool_vdevs, *per_disk = read_many(
-        [tools_request(profile, install), (BlockDevices, {}), (ActiveSwaps, {}), (ImportedPoolVdevs, {})]
+    install = settings.tabula_install and not rescue
+    tools, devices, swaps, pool_vdevs, _mounts, *per_disk = run.read_many(
+        [tools_request(profile, install, run.layers), (BlockDevices, {}), (ActiveSwaps, {}), (ImportedPoolVdevs, {}),
+         (Mounts, {})]
         + [(StablePath, {"path": disk.device}) for disk in disks]
         + [(gpt.PartitionTable, {"disk": disk.device}) for disk in disks]
         + [(WholeDiskSignature, {"device": disk.device}) for disk in disks])
     stable_paths = dict(zip(profile.disks, per_disk[:len(disks)]))
-    missing = missing_tools(profile, install, tools)
+    missing = missing_tools(profile, install, tools, run.layers)
     if missing:
         raise TabulaError(f"{host.name} lacks what this profile's stages need, so nothing was touched:\n    "
                           + "\n    ".join(missing) +
@@ -440,17 +210,20 @@ def guard(profile: Profile, settings) -> list[DiskCheck]:
             raise TabulaError(f"{_field(check.key)} and {_field(seen[check.device])} are the same disk ({check.device})")
         seen[check.device] = check.key
 
-    _check_partlabel_clash(profile, checks, devices)
+    _check_partlabel_clash(run, checks, devices)
 
-    # The partitions' signatures (known once lsblk has named them), in one more round trip.
-    read_many([(WholeDiskSignature, {"device": d["name"]}) for check in checks for d in check.tree if d["type"] == "part"])
+    # The partitions' signatures (known once lsblk has named them), in one more round trip; with
+    # them, what every layer's steps read when the disks already hold the layout (a re-run).
+    partitions = [(WholeDiskSignature, {"device": d["name"]}) for check in checks for d in check.tree if d["type"] == "part"]
+    if partitions:
+        run.read_many(partitions + ([] if rescue else [read for layer in run.layers for read in layer.observe(run)]))
     for check in checks:
-        table = read(gpt.PartitionTable, disk=check.disk.device)
-        signatures = {d["name"]: read(WholeDiskSignature, device=check.disk.device if d["type"] == "disk" else d["name"])
+        table = run.read(gpt.PartitionTable, disk=check.disk.device)
+        signatures = {d["name"]: run.read(WholeDiskSignature, device=check.disk.device if d["type"] == "disk" else d["name"])
                       for d in check.tree if d["type"] in ("disk", "part")}
         # The pools' names and states, read only when a ZFS member is there to describe.
         members = any(sig.get("TYPE") == "zfs_member" for sig in signatures.values())
-        pools = read(ZfsPoolsFound) if members else {}
+        pools = run.read(ZfsPoolsFound) if members else {}
         problems = usage_problems(profile, check, swaps, pool_vdevs)
         if problems:
             raise TabulaError(f"{_field(check.key)}: refusing {check.disk.device} ({check.device}): it is in use, "
@@ -461,7 +234,7 @@ def guard(profile: Profile, settings) -> list[DiskCheck]:
             continue
         found = found_on_disk(check, signatures, pools)
         ids = {check.disk.device, check.serial} - {None}
-        if not ids & set(settings.confirm_wipe):
+        if not ids & set(confirmed):
             raise TabulaError(
                 f"{_field(check.key)}: refusing {check.disk.device} ({check.device}): it holds content the profile "
                 "does not describe:\n    " + "\n    ".join(check.foreign) +
@@ -469,13 +242,14 @@ def guard(profile: Profile, settings) -> list[DiskCheck]:
                 f"\n  To wipe this disk, confirm it by its stable id: --data "
                 f"tabula_confirm_wipe='[\"{check.disk.device}\"]'")
         partitions = [d["name"] for d in check.tree if d["type"] == "part"]
-        plan_wipe(check.disk.device)
-        wipe(disk_path=check.disk.device, partitions=partitions, reasons=check.foreign, holds=found,
+        run.plan_wipe(check.disk.device)
+        wipe(run, disk_path=check.disk.device, partitions=partitions, reasons=check.foreign, holds=found,
              name=f"Wipe disks.{check.key}")
     return checks
 
 
-def _check_partlabel_clash(profile: Profile, checks: list[DiskCheck], devices: list[dict]) -> None:
+def _check_partlabel_clash(run: Run, checks: list[DiskCheck], devices: list[dict]) -> None:
+    profile, host = run.profile, run.host
     labels = {part.label for _, _, part in profile.partitions()}
     ours = {d["name"] for check in checks for d in check.tree}
     for dev in devices:
@@ -484,7 +258,7 @@ def _check_partlabel_clash(profile: Profile, checks: list[DiskCheck], devices: l
             raise TabulaError(f"partlabel {dev['partlabel']!r} of the profile is already used by {dev['name']} on "
                               f"{host.name}, which is not one of the profile's disks: /dev/disk/by-partlabel would be "
                               "ambiguous. Rename that partition or pick other labels.")
-    if not _is_local_connector() and shutil.which("lsblk"):
+    if not _is_local_connector(host) and shutil.which("lsblk"):
         local = subprocess.run(["lsblk", "-J", "-p", "-o", "NAME,TYPE,PARTLABEL"], capture_output=True, text=True)
         if local.returncode == 0:
             for dev in parse_lsblk(local.stdout):
@@ -494,7 +268,7 @@ def _check_partlabel_clash(profile: Profile, checks: list[DiskCheck], devices: l
                                       "Rename that partition or pick other labels.")
 
 
-def _is_local_connector() -> bool:
+def _is_local_connector(host) -> bool:
     return host.name.startswith("@local") or type(host.connector).__name__ == "LocalConnector"
 
 
@@ -502,12 +276,13 @@ def _is_local_connector() -> bool:
 
 
 @operation(is_idempotent=False)
-def wipe(disk_path: str, partitions: list[str], reasons: list[str], holds: list[str] = ()):
+def wipe(run: Run, disk_path: str, partitions: list[str], reasons: list[str], holds: list[str] = ()):
     """
     Wipe a disk the run confirmed by its stable id: every signature on its partitions and on the
     disk, then the partition tables (GPT and its backup). Only the guard calls this, and only for
     a disk it found foreign and not in use.
 
+    + run: the run
     + disk_path: the disk's stable path (/dev/disk/by-id/...)
     + partitions: the disk's partition devices, as the guard found them
     + reasons: what was foreign about it
@@ -517,10 +292,10 @@ def wipe(disk_path: str, partitions: list[str], reasons: list[str], holds: list[
 
     .. code:: python
 
-        disks.wipe(disk_path="/dev/disk/by-id/nvme-X", partitions=["/dev/nvme0n1p1"], reasons=["ext4"],
+        disks.wipe(run, disk_path="/dev/disk/by-id/nvme-X", partitions=["/dev/nvme0n1p1"], reasons=["ext4"],
                    holds=["/dev/nvme0n1p1 (partlabel 'data'): ext4 filesystem labelled 'photos', ..."])
     """
-    tell(f"wipe {disk_path} (confirmed), which holds: " + "; ".join(holds or reasons))
+    run.tell(f"wipe {disk_path} (confirmed), which holds: " + "; ".join(holds or reasons))
     for part in partitions:
         yield StringCommand("wipefs", "-a", QuoteString(part))
     disk = QuoteString(disk_path)

@@ -1,7 +1,11 @@
 """
-GPT partition tables: every partition of a profile disk by partlabel, sgdisk type code, size and
-order. A table that is a prefix of the wanted one (an interrupted run) gets the missing
-partitions; anything else is drift that the guard refuses (or wipes, when confirmed).
+The gpt layer: GPT partition tables, every partition of a profile disk by partlabel, sgdisk type
+code, size and order. A table that is a prefix of the wanted one (an interrupted run) gets the
+missing partitions; anything else is drift that the guard refuses (or wipes, when confirmed).
+The type codes it knows are its own table (``operations.gpt.types``), which the profile model
+checks codes against when a profile loads.
+
+    gpt.compare(disk, table)        # the one rule: the guard, the step and verify ask it
 """
 
 from __future__ import annotations
@@ -9,24 +13,25 @@ from __future__ import annotations
 import re
 import shlex
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from pyinfra import host
 from pyinfra.api import FactBase, QuoteString, StringCommand
-from operations.roundtrips import Made, before_wipe, one_command, operation, read, record_created, tell
 
+from operations.contract import Layer, Target
+from operations.diskolit import disko_size
 from operations.errors import TabulaError
-from operations.profile import GPT_TYPE_GUIDS, Disk, Partition, Profile
-from operations.settings import Settings
-from operations.target import WholeDiskSignature, read_fact
+from operations.gpt.types import GPT_TYPE_GUIDS, type_guid
+from operations.nixlit import DeviceIds, NixFragments
+from operations.run import FactRequest, Made, Run, one_command, operation
+from operations.run import script as shell_script
+from operations.target import WholeDiskSignature
+
+if TYPE_CHECKING:       # (the profile model imports this layer's type table: no import at run time)
+    from operations.profile import Disk, Partition, Profile
 
 TYPE_GUIDS = GPT_TYPE_GUIDS
 # How far a "rest" partition may end before the disk's last usable sector (sgdisk aligns to 1 MiB).
 REST_SLACK_BYTES = 1024**2
-
-
-def type_guid(code: str) -> str:
-    """The GUID of a type code (profiles are validated against the table when they load)."""
-    return TYPE_GUIDS[code.upper()]
 
 
 # --- facts ------------------------------------------------------------------------------------
@@ -160,11 +165,12 @@ def describe(disk: Disk, partitions: list[Partition] | None = None) -> str:
 
 
 @operation()
-def partitions(disk_key: str, disk: Disk):
+def partitions(run: Run, disk_key: str, disk: Disk):
     """
     Create the GPT partitions of a profile disk that are not there yet, then wait for udev to
     publish their /dev/disk/by-partlabel links (later facts and commands use them).
 
+    + run: the run (facts, what it made)
     + disk_key: the disk's key in the profile (for messages)
     + disk: the profile's Disk (stable path, partitions in order)
 
@@ -172,15 +178,15 @@ def partitions(disk_key: str, disk: Disk):
 
     .. code:: python
 
-        gpt.partitions(disk_key="main", disk=profile.disks["main"])
+        gpt.partitions(run, disk_key="main", disk=profile.disks["main"])
     """
-    table = None if before_wipe() else read(PartitionTable, disk=disk.device)
+    table = None if run.before_wipe() else run.read(PartitionTable, disk=disk.device)
     comparison = compare(disk, table)
     if comparison.problems:
         raise TabulaError(f"disks.{disk_key}: the partition table of {disk.device} does not match the profile "
                           "(drift): " + "; ".join(comparison.problems))
     if comparison.present == len(disk.partitions):
-        host.noop(f"{disk.device} already has the GPT partitions {describe(disk)}")
+        run.noop(f"{disk.device} already has the GPT partitions {describe(disk)}")
         return
     sector = table["sectorsize"] if table else None
     args: list = ["sgdisk"]
@@ -197,9 +203,9 @@ def partitions(disk_key: str, disk: Disk):
         args += ["-n", f"{number}:0:{end}", "-t", f"{number}:{part.type}", "-c", QuoteString(f"{number}:{part.label}")]
     args.append(QuoteString(disk.device))
     new = disk.partitions[comparison.present:]
-    tell(f"{'a new GPT on ' if table is None else ''}{disk.device}: partitions {describe(disk, new)}"
+    run.tell(f"{'a new GPT on ' if table is None else ''}{disk.device}: partitions {describe(disk, new)}"
          + (f" after {describe(disk, disk.partitions[:comparison.present])}" if comparison.present else ""))
-    record_created(*(Made.device(part.device) for part in new))
+    run.record_created(*(Made.device(part.device) for part in new))
     yield one_command(StringCommand(*args), settle_command([p.device for p in disk.partitions], disk.device))
 
 
@@ -212,43 +218,89 @@ def settle_command(links: list[str], disk_path: str) -> StringCommand:
         "if [ $n -gt 150 ]; then echo \"tabula: $link did not appear after partitioning\" >&2; exit 1; fi; "
         "sleep 0.2; udevadm settle; done; done"
     )
-    return StringCommand("sh", "-c", QuoteString(script))
+    return shell_script(script)
 
 
-def apply(profile: Profile) -> None:
-    for key, disk in profile.disks.items():
-        partitions(disk_key=key, disk=disk, name=f"GPT disks.{key}")
+# --- the layer ------------------------------------------------------------------------------------
 
 
-# --- checks -------------------------------------------------------------------------------------
+class GptLayer(Layer):
+    name = "gpt"
+    absent = "no disk"
 
+    def make(self, run: Run) -> None:
+        for key, disk in run.profile.disks.items():
+            partitions(run, disk_key=key, disk=disk, name=f"GPT disks.{key}")
 
-def checks(host, settings: Settings, root: str) -> list[str]:
-    """Each profile disk's partition table as the profile says (labels, type codes, sizes, order),
-    and each partition found by its partlabel with its GPT type GUID. One line per mismatch.
+    def applies(self, profile: Profile) -> bool:
+        return bool(profile.disks)
 
-    + host: a testinfra host (``read_fact`` runs this layer's facts through it)
-    """
-    failures = []
-    for key, disk in settings.profile.disks.items():
-        table = read_fact(host, PartitionTable, disk=disk.device)
-        if table is None:
-            failures.append(f"disks.{key} {disk.device}: no GPT partition table (or no such disk)")
-            continue
-        comparison = compare(disk, table)
-        failures += [f"disks.{key} {disk.device}: {problem}" for problem in comparison.problems]
-        if not comparison.problems and comparison.present < len(disk.partitions):
-            missing = ", ".join(p.label for p in disk.partitions[comparison.present:])
-            failures.append(f"disks.{key} {disk.device}: partitions missing: {missing}")
-        for number, part in enumerate(disk.partitions, start=1):
-            probed = read_fact(host, WholeDiskSignature, device=part.device)
-            if not probed:
-                failures.append(f"{part.device}: missing (disks.{key} partition {number})")
+    def owns(self, node) -> bool:
+        return False            # it holds the partitions; their content is the other layers'
+
+    def tools(self, profile: Profile) -> dict[str, str]:
+        return {}               # sgdisk and the probes are every run's (the guard's base commands)
+
+    def secrets(self, settings, rescue: bool) -> dict[str, bool]:
+        return {}
+
+    def observe(self, run: Run) -> list[FactRequest]:
+        return [(PartitionTable, {"disk": disk.device}) for disk in run.profile.disks.values()]
+
+    def problems(self, target: Target) -> list[str]:
+        """Each profile disk's partition table as the profile says (labels, type codes, sizes,
+        order), and each partition found by its partlabel with its GPT type GUID."""
+        failures = []
+        for key, disk in target.settings.profile.disks.items():
+            table = target.read(PartitionTable, disk=disk.device)
+            if table is None:
+                failures.append(f"disks.{key} {disk.device}: no GPT partition table (or no such disk)")
                 continue
-            want = type_guid(part.type).lower()
-            have = probed.get("PART_ENTRY_TYPE", "").lower()
-            if have != want:
-                failures.append(f"{part.device}: type GUID {have or 'none'}, the profile wants {want} ({part.type})")
-            if probed.get("PART_ENTRY_NAME") != part.label:
-                failures.append(f"{part.device}: partlabel {probed.get('PART_ENTRY_NAME')!r}, not {part.label!r}")
-    return failures
+            comparison = compare(disk, table)
+            failures += [f"disks.{key} {disk.device}: {problem}" for problem in comparison.problems]
+            if not comparison.problems and comparison.present < len(disk.partitions):
+                missing = ", ".join(p.label for p in disk.partitions[comparison.present:])
+                failures.append(f"disks.{key} {disk.device}: partitions missing: {missing}")
+            for number, part in enumerate(disk.partitions, start=1):
+                probed = target.read(WholeDiskSignature, device=part.device)
+                if not probed:
+                    failures.append(f"{part.device}: missing (disks.{key} partition {number})")
+                    continue
+                want = type_guid(part.type).lower()
+                have = probed.get("PART_ENTRY_TYPE", "").lower()
+                if have != want:
+                    failures.append(f"{part.device}: type GUID {have or 'none'}, the profile wants {want} ({part.type})")
+                if probed.get("PART_ENTRY_NAME") != part.label:
+                    failures.append(f"{part.device}: partlabel {probed.get('PART_ENTRY_NAME')!r}, not {part.label!r}")
+        return failures
+
+    def nix(self, profile: Profile, devices: DeviceIds) -> NixFragments:
+        return NixFragments()
+
+    def gaps(self, run: Run, root: str) -> tuple[list, list[str]]:
+        return [], []
+
+    def disko(self, profile: Profile, context) -> dict:
+        """Each disk with its GPT; each partition with its label and type as sgdisk writes them
+        (priority keeps the profile's order) and its content, from the layer that owns it."""
+        return {"disk": {key: {"type": "disk", "device": disk.device,
+                               "content": {"type": "gpt",
+                                           "partitions": {part.label: _partition_node(part, index, context)
+                                                          for index, part in enumerate(disk.partitions)}}}
+                         for key, disk in profile.disks.items()}}
+
+    def disko_node(self, node, device: str, part, context) -> dict | None:
+        return None
+
+
+def _partition_node(part: Partition, index: int, context) -> dict:
+    node = {"label": part.label, "type": part.type,
+            "size": "100%" if part.size == "rest" else disko_size(part.size_bytes),
+            "priority": index + 1}
+    content = context.content(part.content, part.device, part) if part.content else None
+    if content:
+        node["content"] = content
+    return node
+
+
+LAYER = GptLayer()
