@@ -29,6 +29,9 @@ def modules() -> dict[str, Path]:
     return found
 
 
+MODULE_PATHS = modules()
+
+
 def tier(name: str) -> str:
     for names, label in ((SHARED, "shared"), (LAYERS, "layer"), (STAGES, "stage")):
         if name in names:
@@ -36,19 +39,41 @@ def tier(name: str) -> str:
     return tier(name.rsplit(".", 1)[0]) if "." in name else "unknown"
 
 
-def imports(path: Path) -> tuple[set[str], list[str]]:
+def imported_names(node: ast.AST, module: str) -> list[str]:
+    """The operations modules an import statement of ``module`` (dotted, below operations) names:
+    ``from operations.x import y`` -> x; ``from operations import x, y`` -> x, y; ``import
+    operations.x.y`` -> x.y; relative imports resolved against ``module``'s package."""
+    if isinstance(node, ast.Import):
+        return [alias.name.split(".", 1)[1] for alias in node.names
+                if alias.name.startswith("operations.")]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    if node.level:
+        package = module.split(".")
+        is_package = MODULE_PATHS[module].name == "__init__.py"
+        base = package if is_package else package[:-1]
+        base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+        target = ".".join([*base, *([node.module] if node.module else [])])
+        return [target] if node.module else [".".join([*base, a.name]).lstrip(".") for a in node.names]
+    if not node.module or node.module.split(".")[0] != "operations":
+        return []
+    rest = node.module.split(".", 1)[1] if "." in node.module else ""
+    return [a.name for a in node.names] if not rest else [rest]
+
+
+def imports(path: Path, module: str = "") -> tuple[set[str], list[str]]:
     """(operations modules imported at the top, imports found inside functions or classes)."""
     tree = ast.parse(path.read_text())
     top = set(tree.body)
     found, nested = set(), []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "operations":
-            rest = node.module.split(".", 1)[1] if "." in node.module else ""
-            names = [a.name for a in node.names] if not rest else [rest]
-            if node in top:
-                found.update(names)
-            elif not isinstance(node, ast.ImportFrom) or not _under_type_checking(tree, node):
-                nested.append(f"{path.stem}:{node.lineno} imports {', '.join(names)}")
+        names = imported_names(node, module)
+        if not names:
+            continue
+        if node in top:
+            found.update(names)
+        elif not _under_type_checking(tree, node):
+            nested.append(f"{path.stem}:{node.lineno} imports {', '.join(names)}")
     return found, nested
 
 
@@ -58,7 +83,7 @@ def _under_type_checking(tree: ast.Module, node: ast.AST) -> bool:
 
 
 def graph() -> dict[str, set[str]]:
-    return {name: imports(path)[0] for name, path in modules().items()}
+    return {name: imports(path, name)[0] for name, path in modules().items()}
 
 
 def test_every_module_has_a_place():
@@ -71,7 +96,7 @@ def test_no_module_is_longer_than_a_reader_can_hold():
 
 
 def test_imports_are_at_the_top_of_each_module():
-    nested = [line for path in modules().values() for line in imports(path)[1]]
+    nested = [line for name, path in modules().items() for line in imports(path, name)[1]]
     assert nested == []
 
 
@@ -97,3 +122,22 @@ def test_the_import_graph_has_no_cycle():
 
     for module in edges:
         visit(module, ())
+
+
+def test_every_form_of_import_is_seen(tmp_path):
+    """``import operations.x``, ``from operations import x``, ``from operations.x import y`` and
+    relative imports all count (a graph that missed one form would let a cycle or an upward
+    import through)."""
+    source = ("import operations.stages\nfrom operations import luks, mounts\nfrom operations.btrfs.facts import X\n"
+              "def late():\n    import operations.disks\n")
+    path = tmp_path / "probe.py"
+    path.write_text(source)
+    found, nested = imports(path, "gpt")
+    assert found == {"stages", "luks", "mounts", "btrfs.facts"}
+    assert nested == ["probe:5 imports disks"]
+    MODULE_PATHS["zfs.probe"] = tmp_path / "probe.py"
+    try:
+        path.write_text("from .facts import ZfsPoolState\nfrom . import pool\nfrom ..run import Run\n")
+        assert imports(path, "zfs.probe")[0] == {"zfs.facts", "zfs.pool", "run"}
+    finally:
+        del MODULE_PATHS["zfs.probe"]
