@@ -76,7 +76,7 @@ def run_op(monkeypatch, module, op, facts, *, run: Run | None = None, **kwargs):
         run.host.facts.update(facts)
     commands = list(op._inner(run, **kwargs))
     texts = [str(c) for c in commands]
-    stdins = [c.connector_arguments.get("_stdin") for c in commands]
+    stdins = [getattr(c, "connector_arguments", {}).get("_stdin") for c in commands]   # (a str has none)
     return texts, stdins, run.host
 
 

@@ -156,8 +156,14 @@ def test_foreign_whole_disk_filesystem_refused_unless_confirmed(monkeypatch, wip
     fact_table = facts("btrfs_lsblk_blank.json", signatures={NVME: {"TYPE": "ext4", "UUID": "x"}})
     with pytest.raises(TabulaError, match="whole-disk ext4 filesystem(.|\n)*tabula_confirm_wipe"):
         run_guard(monkeypatch, profile(), fact_table)
-    with pytest.raises(TabulaError):
+    # a confirmation naming another disk does not count: the same refusal
+    with pytest.raises(TabulaError) as refused:
         run_guard(monkeypatch, profile(), fact_table, confirm=["/dev/disk/by-id/virtio-TABULA-SSD"])
+    assert str(refused.value) == (
+        f"disks.main.device: refusing {BY_ID} (/dev/nvme0n1): it holds content the profile does not describe:\n"
+        "    a whole-disk ext4 filesystem without a label, UUID x, 16.0 GiB\n"
+        "  What is on it:\n    /dev/nvme0n1: ext4 filesystem without a label, UUID x, 16.0 GiB\n"
+        f"  To wipe this disk, confirm it by its stable id: --data tabula_confirm_wipe='[\"{BY_ID}\"]'")
     assert wipes == []
     run_guard(monkeypatch, profile(), fact_table, confirm=["TABULA-NVME0"])
     assert wipes[0]["disk_path"] == BY_ID and wipes[0]["partitions"] == []
@@ -227,3 +233,30 @@ def test_wipe_commands(monkeypatch):
     commands = [str(c) for c in disks.wipe._inner(fake_run(), disk_path=BY_ID, partitions=["/dev/nvme0n1p1"], reasons=["x"])]
     assert commands[:4] == ["wipefs -a /dev/nvme0n1p1", f"wipefs -a {BY_ID}", f"sgdisk --zap-all {BY_ID}",
                             f"wipefs -a {BY_ID}"]
+
+
+def test_a_partlabel_of_the_profile_on_the_controller_is_refused(monkeypatch):
+    """Over SSH the controller's own disks count too (a disk moved between them would make
+    by-partlabel ambiguous): the controller's lsblk, here the installed NVMe as captured in the VM,
+    holds the profile's labels. @local, the controller is the target: nothing more to read."""
+    captured = "\n".join(fixture_lines("btrfs_lsblk_installed.json"))
+    calls = []
+
+    def fake_subprocess_run(argv, **kwargs):
+        calls.append(argv)
+        return type("Done", (), {"returncode": 0, "stdout": captured})()
+
+    monkeypatch.setattr(disks.subprocess, "run", fake_subprocess_run)
+    monkeypatch.setattr(disks.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(disks, "wipe", lambda run, **kwargs: None)
+    monkeypatch.setattr(disks, "_is_local_connector", lambda host: False)
+    with pytest.raises(TabulaError) as refused:
+        run_guard(monkeypatch, profile(), facts("btrfs_lsblk_blank.json"))
+    assert str(refused.value) == (
+        "partlabel 'EFI' of the profile is used by /dev/nvme0n1p1 on this controller: a disk moved between "
+        "them would make by-partlabel ambiguous. Rename that partition or pick other labels.")
+    assert calls == [["lsblk", "-J", "-p", "-o", "NAME,TYPE,PARTLABEL"]]
+    monkeypatch.setattr(disks, "_is_local_connector", lambda host: True)
+    calls.clear()
+    run_guard(monkeypatch, profile(), facts("btrfs_lsblk_blank.json"))
+    assert calls == []

@@ -74,7 +74,8 @@ def test_zfs_member_of_a_pool_nobody_lists_says_the_state_is_unknown():
 def test_the_pools_are_read_only_when_a_member_is_there(monkeypatch, wipes):
     from operations.settings import Settings
     run = fake_run(facts("btrfs_lsblk_blank.json", signatures={NVME: PHOTOS}), Settings.of(profile()))
-    with pytest.raises(TabulaError):
+    with pytest.raises(TabulaError, match=r"^disks\.main\.device: refusing (.|\n)*What is on it:\n    /dev/nvme0n1: ext4 "
+                                          r"filesystem labelled 'family-photos'"):
         disks.guard(run)
     assert "ZfsPoolsFound" not in run.host.reads
 
