@@ -196,9 +196,9 @@ def test_rescue_restores_a_broken_root_and_the_install_converges(btrfs_installed
     assert result.returncode == 0, output[-8000:]
     assert ("@root on /dev/mapper/cryptroot: nested subvolumes @root/var/lib/machines, "
             "@root/var/lib/machines/nested-again; @root holds ") in output
-    state = btrfs_state(livevm, state)
-    assert_root_as_the_install_left_it(state, kept)
-    assert state["subvolumes"]["@root"]["id"] != broken["@root"]["id"]
+    rescued = btrfs_state(livevm, state)
+    assert_root_as_the_install_left_it(rescued, kept)
+    assert rescued["subvolumes"]["@root"]["id"] != broken["@root"]["id"]
 
     # @root deleted (from a live system where the container is open and /mnt mounted)
     livevm.run("umount -R /mnt")
