@@ -42,6 +42,16 @@ def render_vars(profile: str) -> dict:
     return dict(_entry(profile)["vars"])
 
 
+def verified_layers(profile: str) -> list[str]:
+    """The layers the verification checks on the profile, in order (written by hand)."""
+    return list(_entry(profile)["verified_layers"])
+
+
+def rollback_services(profile: str) -> set[str]:
+    """The initrd services that empty the profile's root at boot (written by hand)."""
+    return set(_entry(profile)["rollback_services"])
+
+
 def hardware_modules(profile: str) -> list:
     """The nixos-hardware modules the profile's Nix cases use: names, None (no module), or
     PROFILE_DEFAULT (the profile's own choice)."""

@@ -163,11 +163,16 @@ def run_verification(livevm, data: dict) -> tuple[subprocess.CompletedProcess, s
 
 
 def assert_target_verified(livevm, data: dict) -> str:
-    """The verification command passes: every layer's checks hold, and it says where it looked."""
+    """The verification command passes: every layer's checks hold, it says where it looked, and
+    the layers it checked are exactly those tests/profile_cases.yaml names for the profile."""
+    from tests import profile_cases
+
     result, output = run_verification(livevm, data)
     assert result.returncode == 0, output[-6000:]
     assert re.search(r"^tabula: ssh://install-target: profile \S+ at /\S* \(.*\): matches the profile$", output, re.M), \
         output[-3000:]
+    checked = re.findall(r"^tabula: ssh://install-target: layers checked: (.*)$", output, re.M)
+    assert checked == [", ".join(profile_cases.verified_layers(data["tabula_profile"]))], output[-3000:]
     return output
 
 

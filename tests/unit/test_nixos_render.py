@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from operations import btrfs, nixos, zfs
+from operations import nixos, zfs
 from operations.errors import TabulaError
 from operations.btrfs import rollback_script as btrfs_rollback_script
 from operations.nixlit import systemd_escape
@@ -107,19 +107,13 @@ def test_configuration_values_come_from_profile(rendered):
     assert imp["m"] is False
 
 
-# What each profile empties at boot, and how: a btrfs subvolume restored from its blank snapshot,
-# ZFS temp datasets rolled back to @empty, or a tmpfs root that needs no service at all.
-ROLLBACK_SERVICES = {"zephyrus-btrfs": {"rollback"}, "zfs-raidz1": {"tabula-rollback-temp"}, "light-tmpfs-f2fs": set()}
-
-
 def test_the_initrd_rolls_back_exactly_what_the_profile_empties_at_boot(rendered):
+    """What each profile empties at boot, and how (tests/profile_cases.yaml, by hand): a btrfs
+    subvolume restored from its blank snapshot, ZFS temp datasets rolled back to @empty, or a
+    tmpfs root that needs no service at all."""
     profile, files, folder = rendered
     services = nix_eval(folder, f"(import ./impermanence.nix {MODULE_ARGS}).boot.initrd.systemd.services or {{}}")
-    expected = ROLLBACK_SERVICES.get(profile.name)
-    if expected is None:          # a profile added since: derived from its layers
-        expected = ({"rollback"} if len(btrfs.rollback_targets(profile)) == 1 else
-                    {f"rollback-{i + 1}" for i in range(len(btrfs.rollback_targets(profile)))})
-        expected |= {"tabula-rollback-temp"} if zfs.temp_datasets(profile) else set()
+    expected = profile_cases.rollback_services(profile.name)
     assert set(services) == expected
     for name, service in services.items():
         assert service["before"] == ["sysroot.mount"] and service["wantedBy"] == ["initrd.target"], name

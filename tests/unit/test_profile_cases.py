@@ -37,3 +37,12 @@ def test_every_profile_has_a_hand_written_dry_plan(name):
     plan = profile_cases.dry_plan(name)
     assert plan["steps"] and plan["tells"], f"{name}: its dry plan (vm.plan) lacks steps or tells"
     assert all(isinstance(line, str) and line for line in plan["steps"] + plan["tells"])
+
+
+@pytest.mark.parametrize("name", profile_cases.profile_names())
+def test_the_registry_checks_the_layers_written_for_the_profile(name):
+    """A wrong ``applies`` would skip a layer's checks and still say "matches": the layers the
+    registry applies to the profile are the ones its test data names, in the same order."""
+    from operations.verify import LAYERS
+    profile = load_profile(name, profile_cases.render_vars(name))
+    assert [layer_name for layer_name, layer in LAYERS if layer.applies(profile)] == profile_cases.verified_layers(name)

@@ -21,6 +21,7 @@ apply (``--ssh-config``, ``--ssh-identity-file``, ``--sudo``, ``--connection``).
 """
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import tempfile
@@ -100,7 +101,26 @@ def target(host, request, ssh_control_dir) -> Target:
     return Target(settings, root, description)
 
 
+def layers_by_outcome(stats: dict) -> dict[str, dict[str, list[str]]]:
+    """{testinfra host id: {"checked": [layer, ...], "not applicable": [...]}} from pytest's
+    reports (``test_<layer>[<host id>]``), in the order they ran: which layers a verification
+    really ran, so a layer skipped by mistake shows."""
+    found: dict[str, dict[str, list[str]]] = {}
+    for outcome, kind in (("passed", "checked"), ("failed", "checked"), ("skipped", "not applicable")):
+        for report in stats.get(outcome, []):
+            match = re.search(r"::test_(\w+)\[(.*)\]$", getattr(report, "nodeid", ""))
+            if match and getattr(report, "when", "call") in ("call", "setup"):
+                layers = found.setdefault(match[2], {"checked": [], "not applicable": []})[kind]
+                if match[1] not in layers:
+                    layers.append(match[1])
+    return found
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus):
+    by_host = layers_by_outcome(terminalreporter.stats)
     for description in VERIFIED:
         verdict = "matches the profile" if exitstatus == 0 else "does NOT match the profile (see the failures above)"
         terminalreporter.write_line(f"tabula: {description}: {verdict}")
+        host_id = description.split(": ", 1)[0]
+        for kind, layers in by_host.get(host_id, {}).items():
+            terminalreporter.write_line(f"tabula: {host_id}: layers {kind}: {', '.join(layers) or 'none'}")
