@@ -108,7 +108,14 @@ class Layer(ABC):
 
     @abstractmethod
     def nix(self, profile: "Profile", devices: DeviceIds) -> NixFragments:
-        """What it adds to the generated NixOS files (devices: where the ids come from)."""
+        """What it adds to the generated NixOS files (devices: where the ids come from, and the
+        values its ``nix_reads`` read)."""
+
+    def nix_reads(self, profile: "Profile", root: str) -> dict[str, FactRequest]:
+        """What its Nix fragment reads from the target besides the devices' ids, by a key of its
+        own (e.g. a swapfile's resume offset), with the installed system mounted at ``root``: read
+        with the nixos layer's reads, handed to ``nix`` as ``devices.fact(key, ...)``."""
+        return {}
 
     @abstractmethod
     def gaps(self, run: Run, root: str) -> "tuple[list[Written], list[str]]":

@@ -13,7 +13,7 @@ from pyinfra.api import QuoteString, StringCommand
 from operations.contract import Layer, Target
 from operations.diskolit import bind_hooks, mounted
 from operations.errors import TabulaError
-from operations.nixlit import DeviceIds, NixFragments
+from operations.nixlit import DeviceIds, NixFragments, nix_string
 from operations.profile import Filesystem, Profile, Swap
 from operations.run import FactRequest, Made, Run, one_command, operation, script
 from operations.target import SIGNATURE_FOUND_ADVICE, WholeDiskSignature
@@ -182,10 +182,17 @@ class FilesystemsLayer(Layer):
 
     def nix(self, profile: Profile, devices: DeviceIds) -> NixFragments:
         """configuration.nix: the f2fs module in the initrd when an f2fs is needed for boot (the
-        temproot notes: it must sometimes be there explicitly to mount /.local)."""
+        temproot notes: it must sometimes be there explicitly to mount /.local); with hibernation
+        to a swap partition, the partition to resume from."""
+        configuration = ""
         if any(fs.format == "f2fs" and fs.needed_for_boot for _, fs in profile.filesystems()):
-            return NixFragments(configuration='  boot.initrd.kernelModules = [ "f2fs" ];\n')
-        return NixFragments()
+            configuration += '  boot.initrd.kernelModules = [ "f2fs" ];\n'
+        resume = profile.resume_swap() if profile.nixos.hibernate else None
+        if resume and resume[2] is not None:
+            # by partlabel: the label is the profile's, its UUID changes with every mkswap
+            configuration += ("  # Hibernation: resume from the swap partition.\n"
+                              f"  boot.resumeDevice = {nix_string(resume[0])};\n")
+        return NixFragments(configuration=configuration)
 
     def gaps(self, run: Run, root: str) -> tuple[list, list[str]]:
         return [], []

@@ -19,15 +19,17 @@ __all__ = ["HARDWARE_SKELETON", "choose_hardware_module", "id_devices", "render_
 
 
 def render_files(profile: Profile, generated_hardware: str | None, ids: dict | None,
-                 hardware_module: str | None = None, placeholder: bool = False) -> dict[str, str]:
+                 hardware_module: str | None = None, placeholder: bool = False,
+                 facts: dict | None = None) -> dict[str, str]:
     """Every file of /etc/nixos: name -> text (``nixos.render_files`` with every layer's fragment).
 
     + generated_hardware: nixos-generate-config's hardware-configuration.nix (None: a skeleton)
     + ids: BlockDeviceIds of the profile's partitions (UUIDs)
     + hardware_module: nixos-hardware module for the flake (see choose_hardware_module)
     + placeholder: partitions without ids keep by-partlabel paths (review without disks)
+    + facts: what the layers' ``nix_reads`` read (a swapfile's resume offset), by key
     """
-    return nixos.rendered_with(LAYERS, profile, generated_hardware, ids, hardware_module, placeholder)
+    return nixos.rendered_with(LAYERS, profile, generated_hardware, ids, hardware_module, placeholder, facts)
 
 
 def render_storage(profile: Profile, ids: dict | None, placeholder: bool = False) -> str:

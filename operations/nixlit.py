@@ -70,6 +70,11 @@ class NixFragments:
     files: tuple[tuple[str, str], ...] = ()  # (file name, module text): written and imported
 
 
+# The initrd's resume from hibernation (systemd stage 1): what empties the root at boot is
+# ordered after it (the unit runs only where a resume device is set; an order on it costs nothing).
+HIBERNATE_RESUME = "systemd-hibernate-resume.service"
+
+
 def device_units(device: str) -> list[str]:
     """Units that must be up before the device can be mounted in the initrd."""
     units = []
@@ -115,11 +120,23 @@ class DeviceIds:
 
     + ids: ``{device: {"UUID": ..., "PARTUUID": ...}}``
     + placeholder: partitions without ids keep their by-partlabel paths
+    + facts: what the layers' ``nix_reads`` read, by their keys (e.g. a swapfile's resume offset)
     """
 
     ids: dict | None = None
     placeholder: bool = False
+    facts: dict | None = None
 
     def path(self, device: str, key: str = "UUID") -> str:
         """The path the installed system uses for ``device`` (``stable_device``)."""
         return stable_device(device, self.ids, key, self.placeholder)
+
+    def fact(self, key: str, missing: str):
+        """The value a layer's ``nix_reads`` read under ``key``. None when nothing was read
+        (rendering without a target: the review, the evaluation before the install) or, with
+        ``placeholder``, when the read found nothing; a read of the target that found nothing
+        otherwise stops the rendering (``missing`` says what is not there yet)."""
+        facts = self.facts or {}
+        if key not in facts or facts[key] is not None or self.placeholder:
+            return facts.get(key)
+        raise MissingDeviceIds(missing)

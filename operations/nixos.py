@@ -180,20 +180,29 @@ def render_files(profile: Profile, parts: list[NixFragments], generated_hardware
 
 
 def rendered_with(layers: tuple, profile: Profile, generated: str | None, ids: dict | None,
-                  hardware_module: str | None = None, placeholder: bool = False) -> dict[str, str]:
-    """``render_files`` with every layer's fragment for these ids."""
-    return render_files(profile, fragments(layers, profile, DeviceIds(ids, placeholder)), generated, hardware_module)
+                  hardware_module: str | None = None, placeholder: bool = False,
+                  facts: dict | None = None) -> dict[str, str]:
+    """``render_files`` with every layer's fragment for these ids (and what their ``nix_reads`` read)."""
+    devices = DeviceIds(ids, placeholder, facts)
+    return render_files(profile, fragments(layers, profile, devices), generated, hardware_module)
 
 
 # --- operations -------------------------------------------------------------------------------
 
 
+def layer_nix_reads(layers: tuple, profile: Profile, root: str) -> dict[str, FactRequest]:
+    """What the layers' Nix fragments read besides the devices' ids, by key (``Layer.nix_reads``)."""
+    return {key: request for layer in layers for key, request in layer.nix_reads(profile, root).items()}
+
+
 def configuration_reads(run: Run, config_dir: str, files_in_place: bool = True) -> list[FactRequest]:
     """What rendering the configuration reads from the target, asked in one round trip: the
-    generated hardware configuration, the devices' UUIDs, the DMI name and the files in place."""
+    generated hardware configuration, the devices' UUIDs, the DMI name, what the layers' Nix
+    fragments read (``layer_nix_reads``, in its order) and the files in place."""
     reads: list[FactRequest] = [(FileText, {"path": f"{config_dir}/hardware-configuration.nix"}),
                                 (BlockDeviceIds, {"devices": id_devices(run.profile)}),
                                 (DmiProductName, {})]
+    reads += layer_nix_reads(run.layers, run.profile, config_dir.removesuffix("/etc/nixos")).values()
     if files_in_place:
         names = rendered_with(run.layers, run.profile, None, None, placeholder=True)     # the file names only
         reads.append((PathsState, {"paths": [f"{config_dir}/{name}" for name in names]}))
@@ -264,10 +273,13 @@ def configuration(run: Run, root: str = ROOT):
     config_dir = f"{root}/etc/nixos"
     # Right after this run's nixos-generate-config, none of the files can be ours yet: all are written.
     just_generated = run.created_this_run(Made.generated(config_dir))
+    keys = list(layer_nix_reads(run.layers, profile, root))
     if just_generated and not run.executing:
-        generated, ids, product_name = None, {}, ""     # (planned: the generator has not run yet)
+        generated, ids, product_name, facts = None, {}, "", {}     # (planned: the generator has not run yet)
     else:
-        generated, ids, product_name = run.read_many(configuration_reads(run, config_dir, not just_generated))[:3]
+        values = run.read_many(configuration_reads(run, config_dir, not just_generated))
+        generated, ids, product_name = values[:3]
+        facts = dict(zip(keys, values[3:3 + len(keys)]))
     missing = [d for d in id_devices(profile) if not ids.get(d, {}).get("UUID") and not ids.get(d, {}).get("PARTUUID")]
     if generated is None or missing:
         # Prepare time on blank disks: nothing to read yet; this runs again at execution.
@@ -280,7 +292,7 @@ def configuration(run: Run, root: str = ROOT):
     module, note = choose_hardware_module(profile, product_name)
     if run.executing:
         logger.info(f"{run.prefix}{note}")
-    rendered = rendered_with(run.layers, profile, generated, ids, hardware_module=module)
+    rendered = rendered_with(run.layers, profile, generated, ids, hardware_module=module, facts=facts)
     present = {} if just_generated else run.read(PathsState, paths=[f"{config_dir}/{name}" for name in rendered])
     stale = {name: text for name, text in rendered.items()
              if not is_file_with(present.get(f"{config_dir}/{name}"), text, "644")}
@@ -383,7 +395,9 @@ class NixosLayer(Layer):
             return [f"{config_dir}/hardware-configuration.nix: missing (nixos-generate-config has not run)"]
         ids = target.read(BlockDeviceIds, devices=id_devices(profile))
         module, _ = choose_hardware_module(profile, target.read(DmiProductName))
-        rendered = rendered_with(target.layers, profile, generated, ids, hardware_module=module)
+        facts = {key: target.read(fact, **kwargs)
+                 for key, (fact, kwargs) in layer_nix_reads(target.layers, profile, root).items()}
+        rendered = rendered_with(target.layers, profile, generated, ids, hardware_module=module, facts=facts)
         present = target.read(PathsState, paths=[f"{config_dir}/{name}" for name in rendered])
         failures = []
         for name, text in rendered.items():

@@ -19,8 +19,8 @@ from __future__ import annotations
 import shlex
 
 from operations.btrfs.facts import (BtrfsRootLeftovers, BtrfsSubvolumes, BtrfsTopLevelSubvolumes, SubvolumeAgainstBlank,
-                                    SwapfileState, parse_root_leftovers, parse_subvolume_list, parse_swapfile_state,
-                                    top_level_path)
+                                    SwapfileResumeOffset, SwapfileState, parse_resume_offset, parse_root_leftovers,
+                                    parse_subvolume_list, parse_swapfile_state, top_level_path)
 from operations.btrfs.rescue import restored
 from operations.btrfs.rollback import (ROLLBACK_MOUNTDIR, BlankProblem, blank_problems, restore_command, restore_lines,
                                        rollback_script)
@@ -30,12 +30,13 @@ from operations.contract import Layer, Target
 from operations.diskolit import Script, bind_hooks, disko_size, mounted, new_flag
 from operations.filesystems import formatted_node
 from operations.mounts import Mounts
-from operations.nixlit import DeviceIds, NixFragments, device_units, nix_attr, nix_indented_string, nix_list, nix_string
+from operations.nixlit import HIBERNATE_RESUME, DeviceIds, NixFragments, device_units, nix_attr, nix_indented_string, nix_list, nix_string
 from operations.profile import Filesystem, Profile, Subvolume
 from operations.run import FactRequest, Run
 from operations.target import CanonicalPath, Written, install_path, parse_listing, under
 
 __all__ = ["BtrfsRootLeftovers", "BtrfsSubvolumes", "BtrfsTopLevelSubvolumes", "SubvolumeAgainstBlank", "SwapfileState",
+           "SwapfileResumeOffset", "parse_resume_offset", "RESUME_OFFSET", "resume_swapfile",
            "parse_root_leftovers", "parse_subvolume_list", "parse_swapfile_state", "top_level_path", "restored",
            "ROLLBACK_MOUNTDIR", "BlankProblem", "blank_problems", "restore_command", "restore_lines", "rollback_script",
            "subvolumes", "top_level", "swapfile", "swapfile_commands", "swapfile_problems", "LAYER"]
@@ -164,6 +165,11 @@ class BtrfsLayer(Layer):
     def nix(self, profile: Profile, devices: DeviceIds) -> NixFragments:
         return nix_fragments(profile, devices)
 
+    def nix_reads(self, profile: Profile, root: str) -> dict[str, FactRequest]:
+        """With hibernation: the resume swapfile's offset."""
+        resume = resume_swapfile(profile)
+        return {RESUME_OFFSET: (SwapfileResumeOffset, {"path": under(root, resume[1].swapfile_path)})} if resume else {}
+
     def gaps(self, run: Run, root: str) -> tuple[list[Written], list[str]]:
         """What each rolled-back subvolume holds that its blank snapshot does not, with its
         installed path (both listed through a read-only mount of the top level made for the read)."""
@@ -201,12 +207,13 @@ def nix_fragments(profile: Profile, devices: DeviceIds) -> NixFragments:
         script = rollback_script(path, sub.path, sub.blank_snapshot)
         impermanence.append(f"""\
   # Rollback service: {sub.path} is restored from {sub.blank_snapshot} at every boot, after the
-  # device is opened and before the root is mounted (systemd stage 1).
+  # device is opened and before the root is mounted (systemd stage 1); after the initrd has tried
+  # to resume from hibernation too, so a resumed system keeps the root it hibernated with.
   boot.initrd.systemd.services.{nix_attr(service)} = {{
     description = {nix_string(f"Rollback btrfs subvolume {sub.path} to {sub.blank_snapshot}")};
     wantedBy = [ "initrd.target" ];
     requires = {nix_list(units[-1:])};
-    after = {nix_list(units)};
+    after = {nix_list([*units, HIBERNATE_RESUME])};
     before = [ "sysroot.mount" ];
     unitConfig.DefaultDependencies = "no";
     serviceConfig.Type = "oneshot";
@@ -228,7 +235,35 @@ def nix_fragments(profile: Profile, devices: DeviceIds) -> NixFragments:
     fileSystems = {nix_list(scrub)};
   }};
 """
-    return NixFragments(configuration=configuration, impermanence="\n".join(impermanence))
+    return NixFragments(configuration=configuration + resume_configuration(profile, devices),
+                        impermanence="\n".join(impermanence))
+
+
+RESUME_OFFSET = "btrfs resume offset"       # the key of the swapfile's offset in ``nix_reads``
+
+
+def resume_swapfile(profile: Profile) -> tuple[str, Subvolume] | None:
+    """(the device of its btrfs, the subvolume) of the swapfile a hibernated system resumes from."""
+    found = profile.resume_swap() if profile.nixos.hibernate else None
+    return (found[0], found[1]) if found and found[1] is not None else None
+
+
+def resume_configuration(profile: Profile, devices: DeviceIds) -> str:
+    """configuration.nix: resume from the swapfile, at its physical offset on the filesystem's
+    device (read from the real file: placeholder 0 while it does not exist)."""
+    resume = resume_swapfile(profile)
+    if resume is None:
+        return ""
+    device, sub = resume
+    offset = devices.fact(RESUME_OFFSET, f"{sub.swapfile_path}: no resume offset yet (the swapfile does not exist)")
+    note = ("  # (0: a placeholder, the swapfile does not exist yet; the install writes its real offset)\n"
+            if offset is None else "")
+    return f"""\
+  # Hibernation: resume from the swapfile {sub.swapfile_path}, at its physical offset on its
+  # filesystem's device (btrfs inspect-internal map-swapfile -r {sub.swapfile_path}).
+  boot.resumeDevice = {nix_string(devices.path(device))};
+{note}  boot.kernelParams = [ {nix_string(f"resume_offset={offset or 0}")} ];
+"""
 
 
 

@@ -115,6 +115,34 @@ class SwapfileState(FactBase):
         return parse_swapfile_state(output)
 
 
+class SwapfileResumeOffset(FactBase):
+    """
+    Where the kernel resumes a hibernated system from a btrfs swapfile: its ``resume_offset=``
+    (``btrfs inspect-internal map-swapfile -r``: the file's first physical page, in pages of the
+    filesystem's device). None when the file does not exist.
+
+    .. code:: python
+
+        533760
+    """
+
+    def command(self, path: str) -> str:
+        f = shlex.quote(path)
+        return f"if [ -f {f} ]; then btrfs inspect-internal map-swapfile -r {f}; fi"
+
+    def requires_command(self, path: str) -> str:
+        return "btrfs"
+
+    def process(self, output):
+        return parse_resume_offset(output)
+
+
+def parse_resume_offset(lines) -> int | None:
+    """``map-swapfile -r``'s one number (None when it printed none)."""
+    numbers = [line.strip() for line in lines if line.strip().isdigit()]
+    return int(numbers[-1]) if numbers else None
+
+
 def parse_swapfile_state(lines) -> dict | None:
     raw = dict(line.split("=", 1) for line in lines if "=" in line)
     if not raw:

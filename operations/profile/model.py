@@ -10,8 +10,8 @@ from typing import Any
 from pydantic import model_validator
 
 from operations.profile.common import _Node, host_hash
-from operations.profile.storage import (Content, Disk, ExtraMount, Filesystem, Luks, Mount, Partition, Pool, Swap,
-                                        ZfsMember)
+from operations.profile.storage import (Content, Disk, ExtraMount, Filesystem, Luks, Mount, Partition, Pool, Subvolume,
+                                        Swap, ZfsMember)
 from operations.profile.system import NixosSettings, Persistence
 
 
@@ -82,6 +82,19 @@ class Profile(_Node):
         mounts += [extra.mount() for extra in self.mounts]
         return sorted(mounts, key=lambda m: (m.mountpoint != "/", m.mountpoint.count("/"), m.mountpoint))
 
+    def resume_swap(self) -> tuple[str, Subvolume | None, Swap | None] | None:
+        """Where a hibernated system resumes from: (block device, the subvolume holding the btrfs
+        swapfile, None) or (swap partition, None, its Swap); the first swapfile, else the first swap
+        partition with a stored (not random) key; None when there is none."""
+        for device, fs in self.filesystems():
+            for sub in fs.subvolumes:
+                if sub.swapfile and sub.mountpoint:
+                    return device, sub, None
+        for device, swap in self.swaps():
+            if not swap.random_encryption:
+                return device, None, swap
+        return None
+
     @property
     def hash(self) -> str:
         return host_hash(self.nixos.hostname)
@@ -133,4 +146,13 @@ class Profile(_Node):
             raise ValueError(f"mount points used twice (overlapping mounts): {dupes}")
         if "/" not in mountpoints:
             raise ValueError("no file system is mounted at '/'")
+        if self.nixos.hibernate and self.resume_swap() is None:
+            random = [device for device, swap in self.swaps() if swap.random_encryption]
+            if random:
+                raise ValueError(f"nixos.hibernate (tabula_vars['hibernate']) with swap on {', '.join(random)} "
+                                 "encrypted with a new random key at every boot "
+                                 "(tabula_vars['swap_random_encryption']): the image written at hibernation could "
+                                 "never be read back; set one of the two to false")
+            raise ValueError("nixos.hibernate (tabula_vars['hibernate']): the profile has no swap to hibernate to "
+                             "(a btrfs swapfile or a swap partition); add one or set it to false")
         return self

@@ -87,6 +87,10 @@ class NixosSettings(_Node):
     """The port of the initrd's sshd."""
     remote_unlock_modules: list[str] = []
     """The network card's driver (``lspci -k``), for the initrd."""
+    hibernate: bool = False
+    """Hibernate to the profile's swap and resume from it at boot: ``boot.resumeDevice`` (a btrfs swapfile's
+    filesystem with its ``resume_offset``, or a swap partition by partlabel), ZFS's hibernation allowed with no
+    forced import; the root is rolled back only after the initrd has tried to resume."""
 
     @field_validator("authorized_keys", "root_authorized_keys")
     @classmethod

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shlex
 
-from operations.nixlit import NixFragments, nix_indented_string, nix_list, nix_string
+from operations.nixlit import HIBERNATE_RESUME, NixFragments, nix_indented_string, nix_list, nix_string
 from operations.profile import Profile
 from operations.zfs.common import EMPTY_SNAPSHOT, temp_datasets
 
@@ -44,6 +44,13 @@ def nix_configuration(profile: Profile) -> str:
         f"  boot.zfs.requestEncryptionCredentials = {nix_list(encrypted) if encrypted else 'false'};",
         "  services.zfs.autoScrub.enable = true;",
     ]
+    if profile.nixos.hibernate:
+        lines += [
+            "  # Hibernation (nixos.hibernate): NixOS puts nohibernate on the kernel command line",
+            "  # unless this is set, and a forced import before a resume would corrupt the pool.",
+            "  boot.zfs.allowHibernation = true;",
+            "  boot.zfs.forceImportRoot = false;",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -56,15 +63,17 @@ def nix_rollback_service(profile: Profile) -> str:
     if not temps:
         return ""
     pools = sorted({name.split("/", 1)[0] for name in temps})
-    imports = nix_list(f"zfs-import-{name}.service" for name in pools)
+    import_units = [f"zfs-import-{name}.service" for name in pools]
+    imports = nix_list(import_units)
     lines = [
         "  # Rollback service: the temp datasets return to their @empty snapshots at every boot,",
-        "  # after the pool is imported and before / is mounted (systemd stage 1).",
+        "  # after the pool is imported and before / is mounted (systemd stage 1); after the initrd",
+        "  # has tried to resume from hibernation too, so a resumed system keeps the root it left.",
         "  boot.initrd.systemd.services.tabula-rollback-temp = {",
         '    description = "Roll the temp datasets back to @empty";',
         '    wantedBy = [ "initrd.target" ];',
         f"    requires = {imports};",
-        f"    after = {imports};",
+        f"    after = {nix_list([*import_units, HIBERNATE_RESUME])};",
         '    before = [ "sysroot.mount" ];',
         "    path = [ config.boot.zfs.package ];",
         '    unitConfig.DefaultDependencies = "no";',

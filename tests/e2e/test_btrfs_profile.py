@@ -154,6 +154,12 @@ def assert_installed_layout(livevm, target, disk_serial: str = NVME_SERIAL):
     assert swapfile.is_file and swapfile.size == 256 * MiB and swapfile.mode == 0o600
     assert livevm.run("lsattr /mnt/swap/swapfile").stdout.split()[0].count("C") == 1
     assert livevm.run("blkid -p -o value -s TYPE /mnt/swap/swapfile").stdout.strip() == "swap"
+    # hibernation (the profile's default): the installed configuration resumes from the real
+    # swapfile, at the offset btrfs gives for it on the target
+    offset = livevm.run("btrfs inspect-internal map-swapfile -r /mnt/swap/swapfile").stdout.strip()
+    config = livevm.run("cat /mnt/etc/nixos/configuration.nix").stdout
+    assert re.findall(r'^  boot\.kernelParams = \[ "resume_offset=(\d+)" \];$', config, re.M) == [offset], config
+    assert '  boot.resumeDevice = "/dev/mapper/cryptroot";' in config.splitlines()
 
 
 def assert_secret_kept(livevm, output):

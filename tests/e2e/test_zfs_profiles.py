@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 
 import pytest
@@ -28,7 +29,7 @@ from tests.nix.evaluation import evaluate_installed
 from tests.e2e.faults import dry_plan
 from tests.e2e.helpers import (SHOW_HARDWARE_CONFIG, assert_generated_by_real_tool_and_patched, assert_no_changes,
                                assert_target_verified, executed_commands, gap_report, grand_total, lost_paths,
-                               operation_commands)
+                               operation_commands, run_verification)
 from tests.unit.vm_vars import TEST_AUTHORIZED_KEY
 
 LUKS_PASSPHRASE = "tabula-e2e-luks-passphrase"
@@ -304,6 +305,19 @@ def test_zfs_raidz1_from_blank_disks(raidz1_installed, livevm, target, run_pyinf
     assert_marks(target, kept + [home], "kept")
     # after the rollback nothing is lost: what the install and the marks left is gone
     assert lost_paths(gaps(run_pyinfra, "zfs-raidz1", variables)) == []
+
+    # drift the zfs and filesystems layers' checks see (the last use of this state): a dataset
+    # property, a missing @empty, no filesystem where /boot's was
+    boot = f"/dev/disk/by-partlabel/boot-{profile.hash}"
+    target.check_output(f"zfs set sync=standard {pool_name}/temp && zfs rename {pool_name}/temp/tmp@empty "
+                        f"{pool_name}/temp/tmp@away && umount /mnt/boot && wipefs -q -a {boot}")
+    result, report = run_verification(livevm, verification_data("zfs-raidz1", variables))
+    assert result.returncode != 0
+    for line in (f"{pool_name}/temp: sync=standard, the profile wants disabled",
+                 f"{pool_name}/temp/tmp: no @empty snapshot",
+                 f"{boot}: filesystem none, the profile wants vfat"):
+        assert line in report.splitlines() or f"E   {line}" in report, (line, report[-4000:])
+    assert re.search(r"^tabula: ssh://install-target: .*: does NOT match the profile", report, re.M), report[-3000:]
 
 
 # --- rescue (rescue.py) on the same install ------------------------------------------------------

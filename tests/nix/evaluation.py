@@ -25,6 +25,9 @@ in {
   luks = lib.mapAttrs (_: d: pick [ "device" "allowDiscards" "bypassWorkqueues" ] d) c.boot.initrd.luks.devices;
   initrdSystemd = c.boot.initrd.systemd.enable;
   initrdServices = lib.mapAttrs (_: s: pick [ "after" "requires" "before" "wantedBy" ] s) c.boot.initrd.systemd.services;
+  resumeDevice = c.boot.resumeDevice;
+  kernelParams = c.boot.kernelParams;
+  zfsAllowHibernation = if c.boot.zfs.enabled then c.boot.zfs.allowHibernation else null;
   hostId = c.networking.hostId;
   hostName = c.networking.hostName;
   supportedFilesystems = lib.attrNames (lib.filterAttrs (_: v: v) c.boot.supportedFilesystems);

@@ -165,7 +165,8 @@ def test_btrfs_rollback_runs_between_the_real_units(case):
     mapper = root_device.removeprefix("/dev/mapper/")
     assert mapper in case.value["luks"], "the root's device is not a LUKS device the initrd opens"
     assert rollback["requires"] == [device_unit]
-    assert set(rollback["after"]) == {device_unit, f"systemd-cryptsetup@{systemd_escape(mapper)}.service"}
+    assert set(rollback["after"]) == {device_unit, f"systemd-cryptsetup@{systemd_escape(mapper)}.service",
+                                      "systemd-hibernate-resume.service"}
     assert rollback["before"] == ["sysroot.mount"]
     assert "initrd.target" in rollback["wantedBy"]
 
@@ -256,3 +257,64 @@ def test_temp_on_tmpfs_is_bounded(case):
         assert any(o.startswith("size=") for o in fs["options"]), mountpoint
     if "/" in tmpfs:
         assert "/tmp" not in tmpfs, "/tmp a tmpfs of its own beside a tmpfs root: two unbounded halves of the RAM"
+
+
+RESUME = "systemd-hibernate-resume.service"     # an upstream unit of NixOS's systemd initrd (initrd.nix)
+
+
+def assert_hibernation(profile, value: dict, offset: int | None = None) -> None:
+    """Evaluated: with nixos.hibernate, the resume device is the profile's swap (a btrfs swapfile's
+    filesystem with its offset, or a swap partition by partlabel), ZFS does not forbid it; without,
+    no resume device, and NixOS's ZFS module puts nohibernate on the command line. Either way what
+    empties the root at boot runs after the initrd tried to resume."""
+    params = value["kernelParams"]
+    rollbacks = {name: s for name, s in value["initrdServices"].items() if name.startswith(("rollback", "tabula-rollback"))}
+    for name, service in rollbacks.items():
+        assert RESUME in service["after"], name
+    if not profile.nixos.hibernate:
+        assert value["resumeDevice"] == "" and not [p for p in params if p.startswith("resume")]
+        assert ("nohibernate" in params) == bool(profile.pools)
+        return
+    device, subvolume, _swap = profile.resume_swap()
+    assert value["resumeDevice"] == device
+    assert [p for p in params if p.startswith("resume_offset=")] == ([f"resume_offset={offset or 0}"] if subvolume else [])
+    assert "nohibernate" not in params
+    if profile.pools:
+        assert value["zfsAllowHibernation"] is True
+
+
+def test_hibernation_as_the_profile_says(case):
+    assert_hibernation(case.profile, case.value)
+
+
+@pytest.fixture(scope="module")
+def hibernating() -> dict:
+    """zephyrus-btrfs rendered with a real swapfile's offset (captured in the VM), and zfs-raidz1
+    with hibernation and a swap with a stored key: evaluated, two at a time."""
+    from operations.btrfs import RESUME_OFFSET, parse_resume_offset
+    from tests.unit.pyinfra_fake import FIXTURES
+    offset = parse_resume_offset((FIXTURES / "btrfs_map_swapfile_resume_offset.txt").read_text().splitlines())
+    zephyrus = load_profile("zephyrus-btrfs", profile_cases.render_vars("zephyrus-btrfs"))
+    zfs_vars = {**profile_cases.render_vars("zfs-raidz1"), "hibernate": True, "swap_random_encryption": False}
+    raidz1 = load_profile("zfs-raidz1", zfs_vars)
+    cases = {"zephyrus-btrfs": (zephyrus, render_files(zephyrus, None, None, zephyrus.nixos.hardware_module, True,
+                                                       facts={RESUME_OFFSET: offset}), offset),
+             "zfs-raidz1": (raidz1, render_files(raidz1, None, None, raidz1.nixos.hardware_module, True), None)}
+
+    def evaluate(item):
+        name, (profile, files, offset) = item
+        return name, (profile, kit_evaluate(files, profile.nixos.hostname, profile.nixos.hardware_module), offset)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(pool.map(evaluate, cases.items()))
+
+
+@pytest.mark.parametrize("name", ["zephyrus-btrfs", "zfs-raidz1"])
+def test_hibernation_resumes_from_the_real_swap(hibernating, name):
+    profile, value, offset = hibernating[name]
+    assert profile.nixos.hibernate
+    assert_hibernation(profile, value, offset)
+    if name == "zephyrus-btrfs":
+        assert value["resumeDevice"] == "/dev/mapper/cryptroot" and "resume_offset=35680" in value["kernelParams"]
+    else:
+        assert value["resumeDevice"] == f"/dev/disk/by-partlabel/swap-{profile.hash}"

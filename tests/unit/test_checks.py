@@ -225,9 +225,11 @@ def test_generated_files_as_rendered_match_and_a_changed_line_is_quoted(settings
     ids = nixos.BlockDeviceIds().process(ids_text.splitlines())
     generated = captured("nixos/real-zephyrus-btrfs.nix")
     module, _ = nixos.choose_hardware_module(settings.profile, "Standard PC (Q35 + ICH9, 2009)")
-    on_target = render_files(settings.profile, generated, ids, hardware_module=module)
+    offset_text = captured("btrfs_map_swapfile_resume_offset.txt")
+    on_target = render_files(settings.profile, generated, ids, hardware_module=module,
+                             facts={btrfs.RESUME_OFFSET: int(offset_text)})
 
-    def host_with(files: dict[str, str]) -> FakeTestinfraHost:
+    def host_with(files: dict[str, str], swapfile_offset: str = offset_text) -> FakeTestinfraHost:
         def filetext(name):
             return "present\n" + base64.b64encode(files[name].encode()).decode() + "\n"
         state = stat_output({f"/mnt/etc/nixos/{name}": ("file", "644 root", hashlib.sha256(text.encode()).hexdigest())
@@ -236,9 +238,15 @@ def test_generated_files_as_rendered_match_and_a_changed_line_is_quoted(settings
             (r"filetext /mnt/etc/nixos/hardware-configuration.nix", filetext("hardware-configuration.nix")),
             (r"filetext /mnt/etc/nixos/configuration.nix", filetext("configuration.nix")),
             (r"blkid -o export", ids_text), (r"product_name", "Standard PC (Q35 + ICH9, 2009)\n"),
-            (r"stat -c", state)])
+            (r"map-swapfile -r /mnt/swap/swapfile", swapfile_offset), (r"stat -c", state)])
 
     assert problems(nixos, host_with(on_target), settings, "/mnt") == []
+    # hibernation: the swapfile made again elsewhere on the disk, the configuration still names the old offset
+    written = f'  boot.kernelParams = [ "resume_offset={int(offset_text)}" ];'
+    line = on_target["configuration.nix"].splitlines().index(written) + 1
+    assert problems(nixos, host_with(on_target, swapfile_offset="99999\n"), settings, "/mnt") == [
+        f"/mnt/etc/nixos/configuration.nix: differs from the profile's rendering at line {line}: "
+        f"{written.strip()!r}, the profile has 'boot.kernelParams = [ \"resume_offset=99999\" ];'"]
     edited = dict(on_target, **{"configuration.nix": on_target["configuration.nix"].replace(
         'time.timeZone = "America/New_York";', 'time.timeZone = "UTC";')})
     found = problems(nixos, host_with(edited), settings, "/mnt")

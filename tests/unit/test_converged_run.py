@@ -8,7 +8,8 @@ import hashlib
 import pytest
 
 from operations import disks, gpt, luks, mounts, nixos, persist, stages
-from operations.btrfs import BtrfsSubvolumes, SwapfileState, parse_subvolume_list, parse_swapfile_state
+from operations.btrfs import (RESUME_OFFSET, BtrfsSubvolumes, SwapfileResumeOffset, SwapfileState, parse_resume_offset,
+                              parse_subvolume_list, parse_swapfile_state)
 from operations.nixfiles import render_files
 from operations.profile import load_profile
 from operations.settings import Settings
@@ -31,7 +32,8 @@ def installed_target(profile) -> dict:
     ids = BlockDeviceIds().process(fixture_lines("nixos/real-zephyrus-btrfs.ids.txt"))
     module, _ = nixos.choose_hardware_module(profile, DMI)
     generated = (FIXTURES / "nixos" / "real-zephyrus-btrfs.nix").read_text()
-    files = render_files(profile, generated, ids, hardware_module=module)
+    offset = parse_resume_offset(fixture_lines("btrfs_map_swapfile_resume_offset.txt"))
+    files = render_files(profile, generated, ids, hardware_module=module, facts={RESUME_OFFSET: offset})
     paths = {f"/mnt/etc/nixos/{name}": text for name, text in files.items()}
     where = persist.paths(profile)
     seeded = [f"/mnt{path}" for path in where.password_files.values()]
@@ -59,6 +61,7 @@ def installed_target(profile) -> dict:
         canonical("/dev/disk/by-partlabel/EFI", "/dev/nvme0n1p1"), canonical("/dev/nvme0n1p1", "/dev/nvme0n1p1"),
         (BtrfsSubvolumes, parse_subvolume_list(fixture_lines("btrfs_subvolumes_installed.txt"))),
         (SwapfileState, parse_swapfile_state(fixture_lines("btrfs_swapfile_state.txt"))),
+        (SwapfileResumeOffset, offset),
         (FileText, files["hardware-configuration.nix"]), (BlockDeviceIds, ids), (nixos.DmiProductName, DMI),
         (PathsState, state), (DirectoryDigest, "d1g3st"),
     ])

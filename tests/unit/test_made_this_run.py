@@ -77,8 +77,9 @@ def blank_target_facts(profile) -> dict:
     # What the target shows when read: blank disk, nothing mounted; after nixos-generate-config,
     # its hardware configuration. Devices' ids exist once formatted.
     generated = (FIXTURES / "nixos" / "zephyrus-btrfs-luks.nix").read_text()
+    offset = btrfs.parse_resume_offset((FIXTURES / "btrfs_map_swapfile_resume_offset.txt").read_text().splitlines())
     return {gpt.PartitionTable: None, target.FileText: generated, target.BlockDeviceIds: fake_ids(profile),
-            nixos.DmiProductName: "ROG Zephyrus G16"}
+            nixos.DmiProductName: "ROG Zephyrus G16", btrfs.SwapfileResumeOffset: offset}
 
 
 def test_a_first_run_reads_only_what_it_did_not_make(fake, profile):
@@ -89,7 +90,8 @@ def test_a_first_run_reads_only_what_it_did_not_make(fake, profile):
     # stage works on what it made (what was mounted at the start is all the mounts can meet).
     assert reads == {"gpt": ["PartitionTable"], "format": [], "open": [], "mkfs": [], "top": [], "subvolumes": [],
                      "mounts": [], "swapfile": [], "ngc": [],
-                     "config": ["FileText", "BlockDeviceIds", "DmiProductName"],
+                     # (the swapfile's resume offset too: where its blocks went is the disk's to say)
+                     "config": ["FileText", "BlockDeviceIds", "DmiProductName", "SwapfileResumeOffset"],
                      "secrets": [], "identity": [], "copy": []}
     assert all(commands[stage] for stage in reads), "every stage of a first run has a command"
     # ...and the unread steps check inside their own command what the read would have shown.

@@ -129,7 +129,8 @@ def test_the_initrd_rolls_back_exactly_what_the_profile_empties_at_boot(rendered
     if "tabula-rollback-temp" in services:
         service = services["tabula-rollback-temp"]
         imports = sorted(f"zfs-import-{pool.name}.service" for pool in profile.pools.values())
-        assert service["after"] == service["requires"] == imports
+        assert service["after"] == [*service["requires"], "systemd-hibernate-resume.service"]
+        assert service["requires"] == imports
         assert service["script"] == zfs.rollback_script(profile)
         assert [line.split()[-1] for line in service["script"].splitlines()[1:]] == \
             [f"{name}@empty" for name in zfs.temp_datasets(profile)]

@@ -147,7 +147,7 @@ def test_nix_for_raidz1_is_valid_with_host_id_unlock_and_rollback_service():
     assert f'networking.hostId = "{profile.host_id}";' in configuration and profile.host_id == HASH
     assert 'boot.supportedFilesystems = [ "zfs" ];' in configuration
     assert f'boot.zfs.requestEncryptionCredentials = [ "rpool-{HASH}/remote" ];' in configuration
-    assert f'after = [ "zfs-import-rpool-{HASH}.service" ];' in service
+    assert f'after = [ "zfs-import-rpool-{HASH}.service" "systemd-hibernate-resume.service" ];' in service
     assert 'before = [ "sysroot.mount" ];' in service
     body = service.split("script = \'\'\n", 1)[1].split("    \'\';", 1)[0]
     assert [line.strip() for line in body.splitlines()] == zfs.rollback_script(profile).splitlines()
