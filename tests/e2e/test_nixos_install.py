@@ -134,7 +134,13 @@ def test_full_deploy_installs_once_and_converges(clean_disks, livevm, target, se
     assert evaluated["fileSystems"]["/boot"]["device"] == f"/dev/disk/by-uuid/{efi_uuid}"
     assert evaluated["fileSystems"]["/persist"]["neededForBoot"] is True
     assert set(evaluated["initrdServices"]["rollback"]["after"]) == {"systemd-cryptsetup@cryptroot.service",
-                                                                   "dev-mapper-cryptroot.device"}
+                                                                   "dev-mapper-cryptroot.device",
+                                                                   "systemd-hibernate-resume.service"}
+    # hibernation (the profile's default): the evaluated kernel resumes from the real swapfile
+    offset = guest(livevm, "btrfs inspect-internal map-swapfile -r /mnt/swap/swapfile")
+    assert evaluated["resumeDevice"] == "/dev/mapper/cryptroot"
+    assert sorted(p for p in evaluated["kernelParams"] if p.startswith("resume")) == [
+        "resume=/dev/mapper/cryptroot", f"resume_offset={int(offset)}"], evaluated["kernelParams"]
 
     # --- /persist seeded: secrets, host keys, machine-id, config copy
     secrets = target.file("/mnt/persist/secrets")
