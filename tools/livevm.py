@@ -444,8 +444,13 @@ class LiveVM:
                 log(f"VM '{self.instance}' already up and reachable on port {self.port}")
                 return
             log(f"VM '{self.instance}' is running but SSH does not answer yet; waiting")
-            self.wait_for_ssh(time.monotonic())
-            return
+            try:
+                self.wait_for_ssh(time.monotonic(), timeout=120)
+                return
+            except LiveVMError:
+                # a guest wedged (see load_state) stays wedged: start it again
+                log(f"VM '{self.instance}' does not answer: stopping it and booting it again")
+                self.down()
         if not shutil.which("qemu-system-x86_64"):
             raise LiveVMError("qemu-system-x86_64 not found: run ./dev.sh setup")
         image = build_image()
@@ -519,9 +524,9 @@ class LiveVM:
         log(f"booting VM '{self.instance}' (TCG, serial log {self.serial_log})")
         run(self.qemu_argv(image))
 
-    def wait_for_ssh(self, started: float) -> None:
+    def wait_for_ssh(self, started: float, timeout: float = SSH_TIMEOUT) -> None:
         last_error = ""
-        while time.monotonic() - started < SSH_TIMEOUT:
+        while time.monotonic() - started < timeout:
             if not self.is_running():
                 raise LiveVMError(f"QEMU exited during boot; serial log:\n{self.serial_tail()}")
             try:
@@ -534,7 +539,7 @@ class LiveVM:
             if os.environ.get("TABULA_VM_DEBUG"):
                 log(f"ssh probe: {last_error}")
             time.sleep(3)
-        raise LiveVMError(f"no SSH after {SSH_TIMEOUT} s (last: {last_error}); "
+        raise LiveVMError(f"no SSH after {timeout:.0f} s (last: {last_error}); "
                           f"serial log:\n{self.serial_tail()}")
 
     def serial_tail(self, lines: int = 40) -> str:
@@ -599,8 +604,22 @@ class LiveVM:
 
     def load_state(self, name: str) -> float:
         """Put the VM back to the snapshot ``name``, running, its guest clock set to now. QEMU is
-        started afresh on the snapshot (whatever the guest was doing), the NVMe plugged in after."""
+        started afresh on the snapshot (whatever the guest was doing), the NVMe plugged in after.
+        Seconds taken.
+
+        Once in a while (seen once in some fifty in CI) the guest comes back wedged: a vCPU's timer
+        never fires again (the kernel reports RCU stalls), so the NVMe never shows and SSH stops
+        answering. The snapshot is then put back once more, from a new QEMU."""
         started = time.monotonic()
+        try:
+            self._load_state_once(name)
+        except (LiveVMError, subprocess.TimeoutExpired, GuestCommandError) as error:
+            log(f"state {name} put back, but the guest did not come back whole "
+                f"({str(error).splitlines()[0][:200]}); putting it back again")
+            self._load_state_once(name)
+        return time.monotonic() - started
+
+    def _load_state_once(self, name: str) -> None:
         self.close_connections()
         if self.is_running():
             with contextlib.suppress(OSError, LiveVMError), QMP(self.qmp_socket, timeout=30) as qmp:
@@ -609,12 +628,11 @@ class LiveVM:
                 os.kill(self.pid(), 9)
                 self.wait_for_exit(10)
         run(self.qemu_argv(image_dir(), load=name))
-        self.wait_for_ssh(time.monotonic())
+        self.wait_for_ssh(time.monotonic(), timeout=120)       # (a restored guest answers in seconds)
         # the guest's clock stood still in the snapshot: a file written now must not look older
         # than one written before the snapshot was taken
         self.run(f"date -u -s @{time.time():.3f} >/dev/null", timeout=60)
         self.plug_nvme()
-        return time.monotonic() - started
 
     def delete_state(self, name: str) -> None:
         with QMP(self.qmp_socket) as qmp:
@@ -654,8 +672,18 @@ class LiveVM:
         if not self.nvme_plugged():
             with QMP(self.qmp_socket) as qmp:
                 qmp.execute("device_add", **nvme_device(index, serial))
-        self.run(f"for i in $(seq 300); do [ -e /dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_{serial} ] && exit 0; "
-                 "sleep 0.1; done; exit 1", timeout=120)
+        # The hot-plug event can be lost when it comes right after a snapshot is put back (seen
+        # once in CI: the guest never showed the disk): after 10 s without it, the guest
+        # rescans the PCI bus, which finds the controller on its port whatever the event did.
+        disk = f"/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_{serial}"
+        found = self.run(f"for round in 1 2 3 4 5 6; do for i in $(seq 50); do [ -e {disk} ] && exit 0; sleep 0.2; "
+                         "done; echo rescan; echo 1 > /sys/bus/pci/rescan; udevadm settle; done; exit 1",
+                         timeout=600, check=False)
+        if found.returncode != 0:
+            raise LiveVMError(f"the NVMe disk {disk} did not show in the guest after plugging its controller "
+                              f"in and {found.stdout.count('rescan')} PCI rescans")
+        if "rescan" in found.stdout:
+            log(f"the NVMe disk showed after {found.stdout.count('rescan')} PCI rescan(s) (its hot-plug event was lost)")
         self.run("udevadm settle", timeout=120)
 
     def close_connections(self) -> None:
