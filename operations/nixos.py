@@ -292,7 +292,14 @@ def configuration(run: Run, root: str = ROOT):
     module, note = choose_hardware_module(profile, product_name)
     if run.executing:
         logger.info(f"{run.prefix}{note}")
-    rendered = rendered_with(run.layers, profile, generated, ids, hardware_module=module, facts=facts)
+    try:
+        rendered = rendered_with(run.layers, profile, generated, ids, hardware_module=module, facts=facts)
+    except MissingDeviceIds as missing:
+        # e.g. a swapfile this run makes again (its resume offset): planned now, read at execution
+        if run.executing:
+            raise
+        run.noop(f"NixOS files render once this exists: {missing}")
+        return
     present = {} if just_generated else run.read(PathsState, paths=[f"{config_dir}/{name}" for name in rendered])
     stale = {name: text for name, text in rendered.items()
              if not is_file_with(present.get(f"{config_dir}/{name}"), text, "644")}

@@ -89,3 +89,30 @@ def test_a_profile_without_swap_cannot_hibernate():
     assert str(refused.value).endswith(
         "nixos.hibernate (tabula_vars['hibernate']): the profile has no swap to hibernate to (a btrfs swapfile or a "
         "swap partition); add one or set it to false")
+
+
+def test_a_swapfile_the_run_makes_again_is_read_at_execution_not_planned_over():
+    """The swapfile gone (removed by hand, or made again at a new size): the plan does not stop
+    on its missing offset, the NixOS files wait for it; at execution, with the swapfile still
+    missing, the run stops saying what is missing."""
+    from operations import nixos, target
+    from operations.settings import Settings
+    from tests.unit.pyinfra_fake import FIXTURES, fake_run
+    from tests.unit.test_nixos_render import fake_ids
+    g16 = profile("zephyrus-btrfs")
+    facts = {target.FileText: (FIXTURES / "nixos" / "zephyrus-btrfs-luks.nix").read_text(),
+             target.BlockDeviceIds: fake_ids(g16), nixos.DmiProductName: "ROG Zephyrus G16",
+             btrfs.SwapfileResumeOffset: None, target.PathsState: {}}
+    planned = fake_run(dict(facts), Settings.of(g16), executing=False)
+    assert list(nixos.configuration._inner(planned, root="/mnt")) == []
+    assert planned.host.noops == ["NixOS files render once this exists: /swap/swapfile: no resume offset yet "
+                                  "(the swapfile does not exist)"]
+    executing = fake_run(dict(facts), Settings.of(g16), executing=True)
+    with pytest.raises(MissingDeviceIds) as stopped:
+        list(nixos.configuration._inner(executing, root="/mnt"))
+    assert str(stopped.value) == "/swap/swapfile: no resume offset yet (the swapfile does not exist)"
+    # with the swapfile there, the files carry its offset
+    facts[btrfs.SwapfileResumeOffset] = OFFSET
+    made = fake_run(dict(facts), Settings.of(g16), executing=True)
+    [command] = [str(c) for c in nixos.configuration._inner(made, root="/mnt")]
+    assert "configuration.nix" in command
