@@ -60,7 +60,14 @@ TARGET_DISKS = (
 # The NVMe controller's QEMU device id and the PCIe slot it is plugged into (unplugged around snapshots).
 NVME_ID, NVME_SLOT = "nvme-laptop", "nvme-slot"
 VM_MEMORY = "4096"
-VM_CPUS = "2"
+# One vCPU, and the guest's timer in the local APIC's one-shot mode rather than TSC-deadline: with
+# two vCPUs a snapshot put back (or taken) now and then wedged the guest (a vCPU whose timer never
+# fired again: RCU stalls, no SSH) or QEMU itself (savevm waiting forever on its vCPU threads);
+# both seen in CI on 2026-12-07. A TSC-deadline interrupt lost across a snapshot is a known way a
+# restored vCPU stops getting timer interrupts. One vCPU costs no time here: the guest's work is
+# one command at a time, and the host has two cores for two lanes.
+VM_CPUS = "1"
+GUEST_KERNEL_ARGS = "console=ttyS0 rw lapic=notscdeadline"
 SSH_TIMEOUT = 300
 GUEST_SRC = "/opt/tabula/src"
 GUEST_VENV = "/opt/tabula/venv"
@@ -490,7 +497,7 @@ class LiveVM:
             "qemu-system-x86_64", "-name", f"tabula-{self.instance}",
             "-machine", "q35", "-accel", "tcg,thread=multi", "-m", VM_MEMORY, "-smp", VM_CPUS,
             "-kernel", str(image / "vmlinuz"), "-initrd", str(image / "initrd.img"),
-            "-append", f"root=LABEL={IMAGE_LABEL} console=ttyS0 rw",
+            "-append", f"root=LABEL={IMAGE_LABEL} {GUEST_KERNEL_ARGS}",
             # -nographic minus the stdio serial console, which -daemonize cannot keep.
             "-display", "none", "-chardev", f"file,id=serial0,path={self.serial_log},append=on",
             "-serial", "chardev:serial0", "-monitor", "none",
