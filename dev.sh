@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(qemu-system-x86 qemu-utils debootstrap e2fsprogs nix-bin openssh-client python3-venv)
+APT_PACKAGES=(qemu-system-x86 qemu-utils swtpm debootstrap e2fsprogs nix-bin openssh-client python3-venv)
 NIX=(nix --extra-experimental-features 'nix-command flakes')
 
 # NixOS has no apt: the flake's dev shell (nix/shell.nix) brings the Python packages and the

@@ -92,6 +92,16 @@ class Layer(ABC):
     def tools(self, profile: "Profile") -> dict[str, str]:
         """{command, or "<name> kernel module": what needs it} on the target, for the guard."""
 
+    def refusals(self, run: Run) -> list[str]:
+        """What the target lacks for this layer's steps that no command supplies (a TPM 2.0 for a
+        TPM2 token), read from facts by the guard: each line refuses the install before any change.
+        (A layer may warn here too, of what it does not refuse.)"""
+        return []
+
+    def refusal_reads(self, run: Run) -> list[FactRequest]:
+        """The facts ``refusals`` reads: read in the guard's first batch, so they cost no round trip."""
+        return []
+
     @abstractmethod
     def secrets(self, settings: "Settings", rescue: bool) -> dict[str, bool]:
         """{secret name: required} this layer's steps use (the stages read them once, in order)."""

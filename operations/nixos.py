@@ -58,6 +58,28 @@ class DmiProductName(FactBase):
 # --- storage rendering ------------------------------------------------------------------------
 
 
+class MemoryBytes(FactBase):
+    """The target's memory (MemTotal of /proc/meminfo), in bytes."""
+
+    def command(self) -> str:
+        return "awk '/^MemTotal:/ { print $2 * 1024 }' /proc/meminfo"
+
+    def process(self, output):
+        return int(output[0]) if output and output[0].strip().isdigit() else None
+
+
+def hibernation_warning(profile: Profile, memory: int | None) -> str | None:
+    """A hibernation image is the RAM in use, compressed: a swap smaller than the memory may not
+    hold it, and the hibernation then fails. Warned, not refused (the image is often smaller)."""
+    swap = profile.resume_swap_bytes()
+    if not profile.nixos.hibernate or swap is None or memory is None or swap >= memory:
+        return None
+    gib = 1 << 30
+    return (f"hibernate: the swap to resume from ({profile.resume_swap()[0]}, {swap / gib:.2f} GiB) is smaller than "
+            f"the memory ({memory / gib:.2f} GiB): a hibernation image of fuller RAM will not fit, and hibernating then "
+            "fails; make the swap at least as large as the memory (swap_size)")
+
+
 def id_devices(profile: Profile) -> list[str]:
     """Partition devices whose UUID/PARTUUID the rendered configuration needs."""
     return profile.id_devices()
@@ -384,6 +406,17 @@ class NixosLayer(Layer):
     def secrets(self, settings, rescue: bool) -> dict[str, bool]:
         return {}
 
+    def refusal_reads(self, run: Run) -> list[FactRequest]:
+        return [(MemoryBytes, {})] if run.profile.nixos.hibernate and run.profile.resume_swap_bytes() else []
+
+    def refusals(self, run: Run) -> list[str]:
+        """None; a swap too small to hibernate to is warned of, before any change."""
+        if self.refusal_reads(run):
+            warning = hibernation_warning(run.profile, run.read(MemoryBytes))
+            if warning:
+                logger.warning(f"{run.prefix}{warning}")
+        return []
+
     def observe(self, run: Run) -> list[FactRequest]:
         reads = configuration_reads(run, f"{ROOT}/etc/nixos")
         if run.settings.tabula_install:
@@ -404,7 +437,11 @@ class NixosLayer(Layer):
         module, _ = choose_hardware_module(profile, target.read(DmiProductName))
         facts = {key: target.read(fact, **kwargs)
                  for key, (fact, kwargs) in layer_nix_reads(target.layers, profile, root).items()}
-        rendered = rendered_with(target.layers, profile, generated, ids, hardware_module=module, facts=facts)
+        try:
+            rendered = rendered_with(target.layers, profile, generated, ids, hardware_module=module, facts=facts)
+        except MissingDeviceIds as missing:
+            # (a device the files name by its UUID lost its signature: the other layers say why)
+            return [f"{config_dir}: the profile's files cannot be rendered to compare: {missing}"]
         present = target.read(PathsState, paths=[f"{config_dir}/{name}" for name in rendered])
         failures = []
         for name, text in rendered.items():

@@ -346,6 +346,9 @@ class LiveVM:
         self.ssh_config_path = self.state_dir / "ssh_config"
         self.qmp_socket = self.state_dir / "qmp.sock"
         self.control_path = self.state_dir / "ssh-control"
+        # the VM's TPM 2.0: a software TPM (swtpm) whose state lives beside the disks
+        self.tpm_dir = self.state_dir / "tpm"
+        self.tpm_socket = self.state_dir / "swtpm.sock"
         self.started_here = False      # did ensure_up() boot it (tests shut down only those)
 
     # -- state
@@ -507,6 +510,9 @@ class LiveVM:
             "-device", "virtio-net-pci,netdev=net0",
             "-drive", f"if=none,id=live,format=qcow2,file={self.state_dir / 'live-overlay.qcow2'}",
             "-device", "virtio-blk-pci,drive=live,serial=TABULA-LIVE-IMAGE",
+            # a TPM 2.0 on the TIS interface, as a laptop's firmware TPM (saved in VM snapshots)
+            "-chardev", f"socket,id=tpm-chr,path={self.tpm_socket}",
+            "-tpmdev", "emulator,id=tpm0,chardev=tpm-chr", "-device", "tpm-tis,tpmdev=tpm0",
         ]
         if load is not None:
             argv += ["-loadvm", load]
@@ -525,10 +531,28 @@ class LiveVM:
                 argv += ["-device", f"{device},drive=target{index},serial={serial}"]
         return argv
 
+    def start_tpm(self) -> None:
+        """Start the software TPM QEMU connects to. It ends with the QEMU that used it
+        (``--terminate``), so every QEMU start has its own; its permanent state (the keys a token
+        is sealed with) is kept in ``tpm_dir`` across boots, as a real TPM keeps it."""
+        if not shutil.which("swtpm"):
+            raise LiveVMError("swtpm (the VM's software TPM) not found: run ./dev.sh setup")
+        self.tpm_dir.mkdir(parents=True, exist_ok=True)
+        self.tpm_socket.unlink(missing_ok=True)
+        run(["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={self.tpm_dir}",
+             "--ctrl", f"type=unixio,path={self.tpm_socket}", "--terminate", "--daemon",
+             "--log", f"file={self.state_dir / 'swtpm.log'},level=1"])
+        deadline = time.monotonic() + 10
+        while not self.tpm_socket.exists():
+            if time.monotonic() > deadline:
+                raise LiveVMError(f"swtpm did not open {self.tpm_socket}")
+            time.sleep(0.05)
+
     def start_qemu(self, image: Path) -> None:
         self.serial_log.unlink(missing_ok=True)
         self.close_connections()
         log(f"booting VM '{self.instance}' (TCG, serial log {self.serial_log})")
+        self.start_tpm()
         run(self.qemu_argv(image))
 
     def wait_for_ssh(self, started: float, timeout: float = SSH_TIMEOUT) -> None:
@@ -634,6 +658,7 @@ class LiveVM:
             if not self.wait_for_exit(30):
                 os.kill(self.pid(), 9)
                 self.wait_for_exit(10)
+        self.start_tpm()
         run(self.qemu_argv(image_dir(), load=name))
         self.wait_for_ssh(time.monotonic(), timeout=120)       # (a restored guest answers in seconds)
         # the guest's clock stood still in the snapshot: a file written now must not look older

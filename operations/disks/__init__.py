@@ -179,13 +179,18 @@ def guard(run: Run, rescue: bool = False) -> list[DiskCheck]:
          (Mounts, {})]
         + [(StablePath, {"path": disk.device}) for disk in disks]
         + [(gpt.PartitionTable, {"disk": disk.device}) for disk in disks]
-        + [(WholeDiskSignature, {"device": disk.device}) for disk in disks])
+        + [(WholeDiskSignature, {"device": disk.device}) for disk in disks]
+        + ([] if rescue else [read for layer in run.layers for read in layer.refusal_reads(run)]))
     stable_paths = dict(zip(profile.disks, per_disk[:len(disks)]))
     missing = missing_tools(profile, install, tools, run.layers)
     if missing:
         raise TabulaError(f"{host.name} lacks what this profile's stages need, so nothing was touched:\n    "
                           + "\n    ".join(missing) +
                           "\n  Run from the NixOS installer (it has them all), or install what is missing.")
+    refusals = [] if rescue else [line for layer in run.layers for line in layer.refusals(run)]
+    if refusals:
+        raise TabulaError(f"{host.name} cannot take this profile as it is, so nothing was touched:\n    "
+                          + "\n    ".join(refusals))
     checks: list[DiskCheck] = []
     for key, disk in profile.disks.items():
         found = stable_paths[key]

@@ -95,6 +95,17 @@ class Profile(_Node):
                 return device, None, swap
         return None
 
+    def resume_swap_bytes(self) -> int | None:
+        """The size of the swap a hibernated system resumes from (None: none, or a partition sized
+        ``rest``, known only once the disk is)."""
+        found = self.resume_swap()
+        if found is None:
+            return None
+        device, subvolume, _swap = found
+        if subvolume is not None:
+            return subvolume.swapfile.size_bytes
+        return next((part.size_bytes for _, _, part in self.partitions() if part.device == device), None)
+
     @property
     def hash(self) -> str:
         return host_hash(self.nixos.hostname)

@@ -169,6 +169,11 @@ class Luks(_Node):
     """Open it with ``--allow-discards`` (and ``allowDiscards`` in the initrd)."""
     bypass_workqueues: bool = False
     """Open it without the read and write workqueues (``bypassWorkqueues``)."""
+    tpm2_unlock: bool = False
+    """Enroll a TPM2 token (``systemd-cryptenroll``) beside the passphrase, which stays for recovery,
+    and unlock with it at boot (``crypttabExtraOpts = [ "tpm2-device=auto" ]``). LUKS2 only."""
+    tpm2_pcrs: list[int] = [7]
+    """The PCRs the token is sealed to (7: the Secure Boot state); [] seals it to the TPM alone."""
     content: Annotated[Union[Filesystem, Swap, ZfsMember], Field(discriminator="type")]
     """What the container holds, on its mapping."""
 
@@ -196,6 +201,23 @@ class Luks(_Node):
         if v is not None and v < 1000:
             raise ValueError("pbkdf_iterations below 1000 is refused by cryptsetup")
         return v
+
+    @field_validator("tpm2_pcrs")
+    @classmethod
+    def _pcrs(cls, v: list[int]) -> list[int]:
+        wrong = [pcr for pcr in v if not 0 <= pcr <= 23]
+        if wrong:
+            raise ValueError(f"PCRs {wrong} do not exist: a TPM 2.0 has PCRs 0 to 23")
+        if len(set(v)) != len(v):
+            raise ValueError(f"PCRs named twice: {v}")
+        return sorted(v)
+
+    @model_validator(mode="after")
+    def _tpm2_needs_luks2(self) -> "Luks":
+        if self.tpm2_unlock and self.luks_type != "luks2":
+            raise ValueError(f"tpm2_unlock (tabula_vars['tpm2_unlock']) needs a LUKS2 container, this one is "
+                             f"{self.luks_type}: systemd-cryptenroll keeps its token in the LUKS2 header")
+        return self
 
 
 Content = Annotated[Union[Filesystem, Luks, Swap, ZfsMember], Field(discriminator="type")]

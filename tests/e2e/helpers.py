@@ -80,7 +80,12 @@ def assert_no_changes(output: str) -> None:
     """The run changed nothing: the results table counts no success (= changed) and no error,
     and (with -vv) every command pyinfra executed was a fact's, none an operation's."""
     _ops, changed, errors, _no_change = grand_total(output)
-    assert changed == "-" and errors == "-", f"pyinfra reports changes/errors ({changed}/{errors}):\n{output[-6000:]}"
+    if changed != "-" or errors != "-":
+        import tempfile
+        with tempfile.NamedTemporaryFile("w", prefix="tabula-changed-", suffix=".log", delete=False) as kept:
+            kept.write(output)          # (the whole run: the tail below may not reach the step that changed)
+        raise AssertionError(f"pyinfra reports changes/errors ({changed}/{errors}), whole output in {kept.name}:\n"
+                             f"{output[-6000:]}")
     commands = echoed_commands(output)
     assert commands, "no commands echoed: run pyinfra with -vv so executed commands can be checked"
     changing = operation_commands(output)

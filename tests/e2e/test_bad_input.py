@@ -151,6 +151,17 @@ def installer_tools_aside(livevm):
                "mv /usr/sbin/cryptsetup /usr/sbin/cryptsetup.aside")
 
 
+def tpm_switched_off(livevm):
+    """The TPM's driver unbound: the guest has no TPM device, as with a TPM off in the firmware."""
+    livevm.run("d=$(readlink -f /sys/class/tpm/tpm0/device); echo ${d##*/} > $d/driver/unbind; udevadm settle; "
+               "! ls /dev/tpmrm* 2>/dev/null")
+
+
+def without_swapfile(data):
+    for subvolume in subvolumes(data):
+        subvolume.pop("swapfile", None)
+
+
 def passphrase_file(mode: int, content: str = PASSPHRASE + "\n") -> str:
     path = Path(f"/tmp/tabula-bad-input-passphrase-{mode:o}")
     path.write_text(content)
@@ -211,6 +222,20 @@ CASES = [
     Case("target-lacks-installer-tools", r"lacks what this profile's stages need, so nothing was touched:\s+"
          r"cryptsetup \(for LUKS container cryptroot\)\s+nixos-install \(for the install \(tabula_install\)\).*NixOS installer",
          data={"tabula_install": "true"}, prepare=installer_tools_aside),
+    # hibernation and the TPM2 token (issue #25): the profile's own refusals, and the target's
+    Case("hibernate-without-swap", r"nixos\.hibernate \(tabula_vars\['hibernate'\]\): the profile has no swap to "
+         r"hibernate to \(a btrfs swapfile or a swap partition\); add one or set it to false", edit=without_swapfile),
+    Case("hibernate-with-random-key-swap", r"nixos\.hibernate \(tabula_vars\['hibernate'\]\) with swap on \S+ encrypted "
+         r"with a new random key at every boot \(tabula_vars\['swap_random_encryption'\]\).*set one of the two to false",
+         profile="zfs-raidz1", variables=zvars_with(hibernate=True)),
+    Case("tpm2-pcr-that-does-not-exist", r"tpm2_pcrs.*PCRs \[24\] do not exist: a TPM 2\.0 has PCRs 0 to 23",
+         variables=vars_with(tpm2_unlock=True, tpm2_pcrs=[7, 24])),
+    Case("tpm2-on-luks1", r"tpm2_unlock \(tabula_vars\['tpm2_unlock'\]\) needs a LUKS2 container, this one is luks1",
+         variables=vars_with(tpm2_unlock=True),
+         edit=lambda d: d["disks"]["main"]["partitions"][1]["content"].__setitem__("luks_type", "luks1")),
+    Case("tpm2-without-a-tpm", r"cannot take this profile as it is, so nothing was touched:\s+tpm2_unlock "
+         r"\(tabula_vars\['tpm2_unlock'\]\) for cryptroot: install-target has no TPM 2\.0 \(no /dev/tpmrm\* device",
+         variables=vars_with(tpm2_unlock=True), prepare=tpm_switched_off),
     Case("passphrase-missing", r"no luks passphrase: set TABULA_LUKS_PASSPHRASE or TABULA_LUKS_PASSPHRASE_FILE",
          env={"TABULA_LUKS_PASSPHRASE": None}),
     Case("passphrase-file-unreadable", r"TABULA_LUKS_PASSPHRASE_FILE=/nonexistent/passphrase: cannot read the file",

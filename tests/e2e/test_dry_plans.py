@@ -36,6 +36,8 @@ def assert_shows(rows: dict[str, bool], plan: dict, output: str) -> None:
     lines = [line.strip() for line in output.splitlines()]
     for told in plan["tells"]:
         assert f"[install-target] {told}" in lines, f"the plan does not tell {told!r}"
+    for warned in plan.get("warns", []):      # (pyinfra may print its own prefix before the host's)
+        assert any(warned in line for line in lines), f"the plan does not warn {warned!r}"
 
 
 @pytest.mark.parametrize("profile_name", profile_cases.profile_names())

@@ -21,7 +21,8 @@ from operations.gpt import type_guid
 from operations.nixos import INSTALL_STAMP
 from operations.profile import load_profile
 from tests import profile_cases
-from tests.e2e.helpers import assert_no_changes, assert_target_verified, executed_commands, grand_total
+from tests.e2e.helpers import (assert_no_changes, assert_target_verified, executed_commands, gap_report, grand_total,
+                                lost_paths, run_verification)
 from tests.nix.evaluation import evaluate_installed
 from tools.livevm import GUEST_SRC, GUEST_VENV
 
@@ -40,7 +41,7 @@ def profile_vars(livevm) -> dict:
     return {**profile_cases.vm_vars(PROFILE, livevm.stable_path), "temp_size": TEMP_SIZE}
 
 
-def run_local(livevm, variables: dict):
+def run_local(livevm, variables: dict, deploy: str = "deploy.py"):
     """pyinfra @local in the guest, every secret from a 0600 file in a 0700 folder."""
     files = {"LUKS_PASSPHRASE": PASSPHRASE, "ROOT_PASSWORD_HASH": ROOT_HASH, "USER_PASSWORD_HASH": USER_HASH}
     env = []
@@ -49,7 +50,7 @@ def run_local(livevm, variables: dict):
         livevm.run(f"umask 077 && mkdir -p {SECRETS_DIR} && cat > {path}", input=value)
         env.append(f"TABULA_{name}_FILE={path}")
     args = ["-vv", "--data", f"tabula_profile={PROFILE}", "--data", f"tabula_vars={json.dumps(variables)}",
-            "deploy.py"]
+            deploy]
     command = f"cd {GUEST_SRC} && {' '.join(env)} {GUEST_VENV}/bin/pyinfra -y @local {shlex.join(args)}"
     result = livevm.run(command, check=False, timeout=1800)
     output = result.stdout + result.stderr
@@ -174,3 +175,32 @@ def test_local_install_of_tmpfs_root_converges(clean_disks, livevm, target, tmp_
     assert target.file("/mnt/home/marker").content_string == "kept-home\n"
     assert target.file("/mnt/persist/marker").content_string == "kept-persist\n"
     assert_layout(livevm, target, profile)
+
+    # the gap report (gaps.py @local): of what was written since, only what lies on the tmpfs "/"
+    # and no persistence keeps is lost, and the report says how to keep it
+    livevm.run("mkdir -p /mnt/var/lib/gaptest /mnt/etc/ssh && echo db > /mnt/var/lib/gaptest/db && "
+               "echo conf > /mnt/etc/gaptest.conf && echo key > /mnt/etc/ssh/gaptest_key && "
+               "echo log > /mnt/var/log/gaptest.log && echo home > /mnt/home/gaptest")
+    result, output = run_local(livevm, variables, deploy="gaps.py")
+    assert result.returncode == 0 and grand_total(output)[1] == "-", output[-4000:]
+    report = gap_report(output)
+    assert report[0].startswith("gaps: what the ephemeral root of the system at /mnt holds"), report
+    assert lost_paths(report) == ["/etc/gaptest.conf", "/var/lib/gaptest/"], report
+    assert '    persist_directories: ["/var/lib/gaptest"]' in report and '    persist_files: ["/etc/gaptest.conf"]' in report
+    livevm.run("rm -r /mnt/var/lib/gaptest /mnt/etc/gaptest.conf /mnt/etc/ssh/gaptest_key /mnt/var/log/gaptest.log "
+               "/mnt/home/gaptest")
+
+    # drift the checks name (the last use of this install): the tmpfs's bound, no filesystem where
+    # /boot's was (unmounted)
+    boot = f"/dev/disk/by-partlabel/boot-{profile.hash}"
+    livevm.run(f"mount -o remount,size=1G /mnt && umount /mnt/boot && wipefs -q -a {boot}")
+    result, report = run_verification(livevm, {"tabula_profile": PROFILE, "tabula_vars": variables})
+    assert result.returncode != 0
+    failed = sorted(re.findall(r"^FAILED tests/verify/test_target\.py::test_(\w+)\[", report, re.M))
+    assert failed == ["filesystems", "mounts", "nixos"], report[-4000:]
+    for line in (f"{boot}: filesystem none, the profile wants vfat",
+                 f"/mnt/boot: not mounted (the profile mounts vfat {boot} there)",
+                 "/mnt: options rw,relatime,size=1048576k,mode=755,inode64 lack size=1536M",
+                 f"/mnt/etc/nixos: the profile's files cannot be rendered to compare: {boot}: no UUID yet (the "
+                 "device does not exist or has no signature)"):
+        assert line in report.splitlines() or f"E   {line}" in report, (line, report[-4000:])

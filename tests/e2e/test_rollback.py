@@ -9,6 +9,7 @@ NixOS runs a service script (bash -e).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -246,3 +247,55 @@ def test_rescue_refuses_a_writable_or_missing_blank(btrfs_installed, livevm, run
     finally:
         livevm.run(f"mv {away} {blank}")
     assert btrfs_state(livevm, state) == before
+
+
+CRYPTROOT = "/dev/disk/by-partlabel/cryptroot"
+# what the initrd runs for a crypttab line "cryptroot <device> - tpm2-device=auto" (Debian's path);
+# headless: it never asks for a passphrase, and none is anywhere (stdin /dev/null, no $PASSWORD)
+TPM_ONLY_OPEN = (f"env -u PASSWORD /lib/systemd/systemd-cryptsetup attach cryptroot {CRYPTROOT} - "
+                 "tpm2-device=auto,headless=true </dev/null")
+
+
+def luks_tokens(livevm) -> tuple[dict, dict]:
+    """(keyslots, tokens) of cryptroot's header, from its JSON metadata."""
+    metadata = json.loads(livevm.run(f"cryptsetup luksDump --dump-json-metadata {CRYPTROOT}").stdout)
+    return metadata["keyslots"], metadata["tokens"]
+
+
+def test_the_tpm_alone_opens_the_container_and_the_verification_checks_its_token(btrfs_installed, livevm,
+                                                                                   run_pyinfra):
+    """tpm2_unlock (on in the VM's zephyrus data; the VM's TPM is swtpm): the install enrolled one
+    TPM2 token sealed to PCR 7 beside the passphrase; the container closed, the TPM alone opens it;
+    the rescue still opens it with the passphrase; without the token the verification names it and
+    the TPM opens nothing."""
+    from tests.e2e.helpers import assert_target_verified, run_verification
+
+    state = btrfs_installed
+    assert state.variables["tpm2_unlock"] is True
+    keyslots, tokens = luks_tokens(livevm)
+    tpm2 = [token for token in tokens.values() if token["type"] == "systemd-tpm2"]
+    assert len(tpm2) == 1 and tpm2[0]["tpm2-pcrs"] == [7], tokens
+    assert set(keyslots) - set(tpm2[0]["keyslots"]), "no passphrase keyslot left beside the token"
+
+    boot_live_system(livevm)
+    opened = livevm.run(TPM_ONLY_OPEN, check=False)
+    assert opened.returncode == 0, opened.stderr
+    assert livevm.run("cryptsetup status cryptroot").stdout.startswith("/dev/mapper/cryptroot is active")
+    assert livevm.run("blkid -s LABEL -o value /dev/mapper/cryptroot").stdout.strip() == "nixos"
+
+    # the rescue opens it with the passphrase on stdin, as the install does, and mounts it all back
+    boot_live_system(livevm)
+    result, output = run(run_pyinfra, state, rescue_args(state), "-v")
+    assert result.returncode == 0, output[-8000:]
+    assert f"open {CRYPTROOT} as /dev/mapper/cryptroot" in output
+    assert_target_verified(livevm, state.data)
+
+    # the token gone (the passphrase keyslot kept): the verification names it, the TPM opens nothing
+    livevm.run(f"systemd-cryptenroll --wipe-slot=tpm2 {CRYPTROOT} </dev/null")
+    result, output = run_verification(livevm, state.data)
+    assert result.returncode != 0
+    failed = sorted(re.findall(r"^FAILED tests/verify/test_target\.py::test_(\w+)\[", output, re.M))
+    assert failed == ["luks"], output[-4000:]
+    assert f"{CRYPTROOT}: no TPM2 token (tpm2_unlock), the profile wants one sealed to PCRs 7" in output
+    boot_live_system(livevm)
+    assert livevm.run(TPM_ONLY_OPEN, check=False).returncode != 0

@@ -22,8 +22,10 @@ in {
   drvPath = c.system.build.toplevel.drvPath;
   fileSystems = lib.mapAttrs (_: fs: pick [ "device" "fsType" "options" "neededForBoot" ] fs) c.fileSystems;
   swapDevices = map (s: { inherit (s) device; randomEncryption = s.randomEncryption.enable; size = s.size; }) c.swapDevices;
-  luks = lib.mapAttrs (_: d: pick [ "device" "allowDiscards" "bypassWorkqueues" ] d) c.boot.initrd.luks.devices;
+  luks = lib.mapAttrs (_: d: pick [ "device" "allowDiscards" "bypassWorkqueues" "crypttabExtraOpts" ] d) c.boot.initrd.luks.devices;
   initrdSystemd = c.boot.initrd.systemd.enable;
+  initrdTpm2 = c.boot.initrd.systemd.enableTpm2;
+  initrdTpmModules = builtins.filter (m: lib.hasPrefix "tpm" m) c.boot.initrd.availableKernelModules;
   initrdServices = lib.mapAttrs (_: s: pick [ "after" "requires" "before" "wantedBy" ] s) c.boot.initrd.systemd.services;
   resumeDevice = c.boot.resumeDevice;
   kernelParams = c.boot.kernelParams;

@@ -287,14 +287,31 @@ def test_hibernation_as_the_profile_says(case):
     assert_hibernation(case.profile, case.value)
 
 
+def assert_tpm2_unlock(profile, value: dict) -> None:
+    """Evaluated: a container with tpm2_unlock is opened in stage 1 by systemd-cryptsetup with
+    ``tpm2-device=auto`` (the TPM first, then the passphrase), the initrd holds the TPM drivers;
+    one without has no TPM option."""
+    wanted = {luks.mapper: luks.tpm2_unlock for _, luks in profile.luks_devices()}
+    assert set(value["luks"]) == set(wanted)
+    for mapper, tpm2 in wanted.items():
+        assert value["luks"][mapper]["crypttabExtraOpts"] == (["tpm2-device=auto"] if tpm2 else []), mapper
+    if any(wanted.values()):
+        assert value["initrdSystemd"] and value["initrdTpm2"]
+        assert {"tpm-tis", "tpm-crb"} <= set(value["initrdTpmModules"])
+
+
+def test_tpm2_unlock_as_the_profile_says(case):
+    assert_tpm2_unlock(case.profile, case.value)
+
+
 @pytest.fixture(scope="module")
 def hibernating() -> dict:
-    """zephyrus-btrfs rendered with a real swapfile's offset (captured in the VM), and zfs-raidz1
+    """zephyrus-btrfs (with tpm2_unlock) rendered with a real swapfile's offset (captured in the VM), and zfs-raidz1
     with hibernation and a swap with a stored key: evaluated, two at a time."""
     from operations.btrfs import RESUME_OFFSET, parse_resume_offset
     from tests.unit.pyinfra_fake import FIXTURES
     offset = parse_resume_offset((FIXTURES / "btrfs_map_swapfile_resume_offset.txt").read_text().splitlines())
-    zephyrus = load_profile("zephyrus-btrfs", profile_cases.render_vars("zephyrus-btrfs"))
+    zephyrus = load_profile("zephyrus-btrfs", {**profile_cases.render_vars("zephyrus-btrfs"), "tpm2_unlock": True})
     zfs_vars = {**profile_cases.render_vars("zfs-raidz1"), "hibernate": True, "swap_random_encryption": False}
     raidz1 = load_profile("zfs-raidz1", zfs_vars)
     cases = {"zephyrus-btrfs": (zephyrus, render_files(zephyrus, None, None, zephyrus.nixos.hardware_module, True,
@@ -316,5 +333,8 @@ def test_hibernation_resumes_from_the_real_swap(hibernating, name):
     assert_hibernation(profile, value, offset)
     if name == "zephyrus-btrfs":
         assert value["resumeDevice"] == "/dev/mapper/cryptroot" and "resume_offset=35680" in value["kernelParams"]
+        assert profile.luks_devices()[0][1].tpm2_unlock
+        assert_tpm2_unlock(profile, value)
+        assert value["luks"]["cryptroot"]["crypttabExtraOpts"] == ["tpm2-device=auto"]
     else:
         assert value["resumeDevice"] == f"/dev/disk/by-partlabel/swap-{profile.hash}"

@@ -107,7 +107,8 @@ def test_a_tmpfs_size_is_compared_by_value(wanted, actual, problems):
 
 
 def test_luks_as_installed_matches_and_missing_flags_are_named(settings):
-    answers = [(r"cryptsetup luksDump", captured("btrfs_luksdump_cryptroot.txt")), *READLINK]
+    answers = [(r"luksDump --dump-json-metadata", captured("luks_tokens_none.json")),
+               (r"cryptsetup luksDump", captured("btrfs_luksdump_cryptroot.txt")), *READLINK]
     host = FakeTestinfraHost([*answers, (r"cryptsetup status", captured("btrfs_cryptsetup_status.txt"))])
     assert problems(luks, host, settings, "/mnt") == []
     plain = captured("btrfs_cryptsetup_status.txt").replace("discards no_read_workqueue no_write_workqueue", "discards")

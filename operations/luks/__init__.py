@@ -9,146 +9,31 @@ newline, exactly like a passphrase typed at the boot prompt. (``--key-file=-`` w
 newline pyinfra appends to stdin as part of the key, and the typed passphrase would not open it.)
 
 An existing header is never re-formatted: if the passphrase does not open it, the run stops.
+
+With ``tpm2_unlock`` a TPM2 token is enrolled beside the passphrase (``systemd-cryptenroll``), which
+stays in its keyslot for recovery (the rescue opens with it); the token is sealed to the profile's
+PCRs and the initrd unlocks with it (``crypttabExtraOpts = [ "tpm2-device=auto" ]``). A target
+without a TPM 2.0 is refused before any change.
 """
 
 from __future__ import annotations
 
-import re
 import shlex
 
-from pyinfra.api import FactBase, StringCommand
+from pyinfra.api import StringCommand
+
 from operations.contract import Layer, Target
 from operations.errors import TabulaError
+from operations.luks.facts import (LuksHeader, LuksMapping, LuksTokens, Tpm2Devices,  # noqa: F401 (the parsers:
+                                   parse_cryptsetup_status, parse_luks_dump)               # as luks.parse_*)
+from operations.luks.passphrase import PASSPHRASE, passphrase
+from operations.luks.tpm2 import passphrase_slots, recovery_problem, token_reads, tpm2_problem, tpm2_token
 from operations.nixlit import DeviceIds, NixFragments, nix_string
 from operations.profile import Luks, Profile
-from operations.factbatch import SETTLE
 from operations.run import FactRequest, Made, Run, operation
 from operations.run import script as shell_script
 from operations.secrets import Secret
 from operations.target import SIGNATURE_FOUND_ADVICE, CanonicalPath, WholeDiskSignature
-
-
-# --- facts ------------------------------------------------------------------------------------
-
-
-class LuksHeader(FactBase):
-    """
-    The LUKS header of a device from ``cryptsetup luksDump`` (None: no header, or no device).
-
-    .. code:: python
-
-        {"version": 2, "uuid": "0b6c...", "cipher": "aes-xts-plain64", "keyslots": {"0": {"pbkdf": "pbkdf2"}}}
-    """
-
-    def command(self, device: str) -> str:
-        quoted = shlex.quote(device)
-        return SETTLE + f"if [ -b {quoted} ]; then cryptsetup luksDump {quoted} 2>/dev/null || true; fi"
-
-    def requires_command(self, device: str) -> str:
-        return "cryptsetup"
-
-    def process(self, output):
-        return parse_luks_dump(output)
-
-
-def parse_luks_dump(lines) -> dict | None:
-    lines = list(lines)
-    if not lines or not lines[0].startswith("LUKS header information"):
-        return None
-    header: dict = {"keyslots": {}, "flags": []}
-    section, slot = None, None
-    for raw in lines[1:]:
-        if not raw.strip():
-            continue
-        if not raw.startswith((" ", "\t")):
-            key, _, value = raw.partition(":")
-            key, value = key.strip(), value.strip()
-            if value:
-                if key == "Version":
-                    header["version"] = int(value)
-                elif key == "UUID":
-                    header["uuid"] = value
-                elif key == "Label":
-                    header["label"] = None if value == "(no label)" else value
-                elif key == "Flags":
-                    header["flags"] = [] if value == "(no flags)" else value.split()
-                elif key == "Cipher name":          # LUKS1
-                    header["cipher"] = value
-                elif key == "Hash spec":             # LUKS1
-                    header["hash"] = value
-                section = None
-            else:
-                section = key
-            continue
-        text = raw.strip()
-        if section == "Keyslots":
-            match = re.match(r"^(\d+): (\S+)", text)
-            if match and not raw.startswith("\t\t"):
-                slot = match.group(1)
-                header["keyslots"][slot] = {"type": match.group(2)}
-                continue
-            key, _, value = text.partition(":")
-            if slot is not None and value:
-                header["keyslots"][slot][key.strip().lower().replace(" ", "_")] = value.strip()
-        elif section == "Data segments":
-            key, _, value = text.partition(":")
-            if key.strip() == "cipher":
-                header["cipher"] = value.strip()
-        elif section is None and text.startswith("Key Slot "):   # LUKS1: "Key Slot 0: ENABLED"
-            match = re.match(r"Key Slot (\d+): ENABLED", text)
-            if match:
-                header["keyslots"][match.group(1)] = {"type": "luks1"}
-    return header
-
-
-class LuksMapping(FactBase):
-    """
-    An open device-mapper crypt mapping from ``cryptsetup status`` (None when not active).
-
-    .. code:: python
-
-        {"type": "LUKS2", "device": "/dev/nvme0n1p2", "flags": ["discards", "no_read_workqueue"]}
-    """
-
-    def command(self, mapper: str) -> str:
-        return f"cryptsetup status {shlex.quote(mapper)} 2>/dev/null || true"
-
-    def requires_command(self, mapper: str) -> str:
-        return "cryptsetup"
-
-    def process(self, output):
-        return parse_cryptsetup_status(output)
-
-
-def parse_cryptsetup_status(lines) -> dict | None:
-    lines = list(lines)
-    if not lines or " is active" not in lines[0]:
-        return None
-    status: dict = {"flags": []}
-    for line in lines[1:]:
-        key, _, value = line.strip().partition(":")
-        key, value = key.strip(), value.strip()
-        if key == "flags":
-            status["flags"] = value.split()
-        elif key in ("type", "cipher", "device", "keysize", "mode"):
-            status[key] = value
-    return status
-
-
-# --- secret -----------------------------------------------------------------------------------
-
-
-PASSPHRASE = "LUKS_PASSPHRASE"
-
-
-def passphrase(run: Run) -> Secret:
-    """The LUKS passphrase the stages read for this run, refused when it could not be typed at
-    the boot prompt."""
-    secret = run.secrets[PASSPHRASE]
-    if "\n" in secret.reveal() or "\r" in secret.reveal():
-        raise TabulaError(f"the LUKS passphrase from {secret.source} has a line break inside: it could not "
-                          "be typed at the boot prompt")
-    return secret
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -322,6 +207,8 @@ class LuksLayer(Layer):
         for part, luks in run.profile.luks_devices():
             container(run, device=part.device, luks=luks, name=f"LUKS format {part.label}")
             mapping(run, device=part.device, luks=luks, name=f"LUKS open {luks.mapper}")
+            if luks.tpm2_unlock:
+                tpm2_token(run, device=part.device, luks=luks, name=f"LUKS TPM2 token {part.label}")
 
     def rescue(self, run: Run) -> None:
         """Open each container with the passphrase on stdin, as the install does; never luksFormat."""
@@ -337,14 +224,32 @@ class LuksLayer(Layer):
         return isinstance(node, Luks)
 
     def tools(self, profile: Profile) -> dict[str, str]:
-        return {"cryptsetup": f"LUKS container {part.label}" for part, _ in profile.luks_devices()}
+        needed = {}
+        for part, luks in profile.luks_devices():
+            needed["cryptsetup"] = f"LUKS container {part.label}"
+            if luks.tpm2_unlock:
+                needed["systemd-cryptenroll"] = f"the TPM2 token of {part.label} (tpm2_unlock)"
+        return needed
+
+    def refusal_reads(self, run: Run) -> list[FactRequest]:
+        return [(Tpm2Devices, {})] if any(luks.tpm2_unlock for _, luks in run.profile.luks_devices()) else []
+
+    def refusals(self, run: Run) -> list[str]:
+        """A TPM2 token needs a TPM 2.0 on the target: without one the run is refused before any
+        change, not after the disks are made."""
+        wanted = [part.label for part, luks in run.profile.luks_devices() if luks.tpm2_unlock]
+        if not wanted or run.read(Tpm2Devices):
+            return []
+        return [f"tpm2_unlock (tabula_vars['tpm2_unlock']) for {', '.join(wanted)}: {run.host.name} has no TPM 2.0 "
+                "(no /dev/tpmrm* device: none fitted, or off in the firmware settings); turn it on in the "
+                "firmware, or set tpm2_unlock to false and unlock with the passphrase"]
 
     def secrets(self, settings, rescue: bool) -> dict[str, bool]:
         return {PASSPHRASE: True} if settings.profile.luks_devices() else {}
 
     def observe(self, run: Run) -> list[FactRequest]:
         return [read for part, luks in run.profile.luks_devices()
-                for read in container_reads(part.device) + mapping_reads(part.device, luks)]
+                for read in container_reads(part.device) + mapping_reads(part.device, luks) + token_reads(part.device, luks)]
 
     def problems(self, target: Target) -> list[str]:
         """Each container's LUKS header (version, key derivation, cipher when the profile sets
@@ -358,12 +263,17 @@ class LuksLayer(Layer):
             else:
                 if version_problem(luks, header):
                     failures.append(f"{part.device}: {version_problem(luks, header)}")
-                pbkdfs = sorted({slot.get("pbkdf") for slot in header["keyslots"].values() if slot.get("pbkdf")})
+                # a token's keyslot (a TPM2 one: pbkdf2 over a random key) is not the passphrase's
+                tokens = target.read(LuksTokens, device=part.device) if version == 2 else None
+                pbkdfs = sorted({slot.get("pbkdf") for number, slot in passphrase_slots(header, tokens).items()
+                                 if slot.get("pbkdf")})
                 if version == 2 and pbkdfs != [luks.pbkdf]:
                     failures.append(f"{part.device}: key slots derive keys with {', '.join(pbkdfs) or 'nothing'}, "
                                     f"the profile wants {luks.pbkdf}")
                 if luks.cipher and header.get("cipher") != luks.cipher:
                     failures.append(f"{part.device}: cipher {header.get('cipher')}, the profile wants {luks.cipher}")
+                failures += [f"{part.device}: {problem}" for problem in
+                             (tpm2_problem(luks, tokens), recovery_problem(header, tokens)) if problem]
             mapped = target.read(LuksMapping, mapper=luks.mapper)
             if mapped is None:
                 failures.append(f"/dev/mapper/{luks.mapper}: not open")
@@ -388,9 +298,16 @@ class LuksLayer(Layer):
                 lines.append("    allowDiscards = true;")
             if luks.bypass_workqueues:
                 lines.append("    bypassWorkqueues = true;")
+            if luks.tpm2_unlock:
+                # systemd-cryptsetup in stage 1 tries the TPM2 token first, then asks for the passphrase
+                lines.append('    crypttabExtraOpts = [ "tpm2-device=auto" ];')
             lines.append("  };")
             parts.append("\n".join(lines))
-        return NixFragments(hardware="\n\n".join(parts))
+        # (the default with a systemd stage 1, said because the unlock depends on it; in
+        # configuration.nix: hardware-configuration.nix holds only the storage the patch replaces)
+        tpm2 = any(luks.tpm2_unlock for _, luks in profile.luks_devices())
+        return NixFragments(hardware="\n\n".join(parts),
+                            configuration="  boot.initrd.systemd.enableTpm2 = true;" if tpm2 else "")
 
     def gaps(self, run: Run, root: str) -> tuple[list, list[str]]:
         return [], []
@@ -406,6 +323,9 @@ class LuksLayer(Layer):
             settings["allowDiscards"] = True
         if node.bypass_workqueues:
             settings["bypassWorkqueues"] = True
+        if node.tpm2_unlock:
+            # the unlock; the token itself is enrolled by Tabula (disko enrolls none: disko #709)
+            settings["crypttabExtraOpts"] = ["tpm2-device=auto"]
         made = {"type": "luks", "name": node.mapper, "settings": settings, "extraFormatArgs": format_args(node)}
         inner = context.content(node.content, node.device, part)
         if inner:
