@@ -62,10 +62,11 @@ class MemoryBytes(FactBase):
     """The target's memory (MemTotal of /proc/meminfo), in bytes."""
 
     def command(self) -> str:
-        return "awk '/^MemTotal:/ { print $2 * 1024 }' /proc/meminfo"
+        # in KiB as the kernel says it (mawk prints a product over 2^31 as 4.10235e+09)
+        return "awk '/^MemTotal:/ { print $2 }' /proc/meminfo"
 
     def process(self, output):
-        return int(output[0]) if output and output[0].strip().isdigit() else None
+        return int(output[0]) * 1024 if output and output[0].strip().isdigit() else None
 
 
 def hibernation_warning(profile: Profile, memory: int | None) -> str | None:

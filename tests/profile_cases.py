@@ -47,6 +47,11 @@ def verified_layers(profile: str) -> list[str]:
     return list(_entry(profile)["verified_layers"])
 
 
+def proofs(profile: str) -> dict[str, str]:
+    """{"gap_report": test node id, "drift": test node id} of the profile (written by hand)."""
+    return dict(_entry(profile).get("proofs") or {})
+
+
 def rollback_services(profile: str) -> set[str]:
     """The initrd services that empty the profile's root at boot (written by hand)."""
     return set(_entry(profile)["rollback_services"])

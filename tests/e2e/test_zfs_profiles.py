@@ -455,6 +455,17 @@ def test_light_tmpfs_f2fs_from_blank_disks(light_installed, livevm, target, run_
     # the binds show the F2FS's directories
     assert target.file("/mnt/.local/nix/tabula-mark").exists and target.file("/mnt/.local/system/tabula-mark").exists
 
+    # drift the checks name (then put back): the tmpfs root's bound, a pool property
+    target.check_output(f"mount -o remount,size=1G /mnt && zfs set compression=off {pool_name}")
+    result, report = run_verification(livevm, verification_data("light-tmpfs-f2fs", variables))
+    assert result.returncode != 0
+    failed = sorted(re.findall(r"^FAILED tests/verify/test_target\.py::test_(\w+)\[", report, re.M))
+    assert failed == ["mounts", "zfs"], report[-4000:]
+    for line in ("/mnt: options rw,nosuid,nodev,noatime,size=1048576k,mode=755,inode64 lack size=2G",
+                 f"{pool_name}: compression=off, the profile wants zstd"):
+        assert line in report.splitlines() or f"E   {line}" in report, (line, report[-4000:])
+    target.check_output(f"mount -o remount,size=2G /mnt && zfs set compression=zstd {pool_name}")
+
     # a reboot, as the initrd sees it: a new, empty tmpfs root; home and the rest are kept
     home = home_of(profile)
     target.check_output(f"mkdir -p {home}")

@@ -46,3 +46,40 @@ def test_the_registry_checks_the_layers_written_for_the_profile(name):
     from operations.verify import LAYERS
     profile = load_profile(name, profile_cases.render_vars(name))
     assert [layer_name for layer_name, layer in LAYERS if layer.applies(profile)] == profile_cases.verified_layers(name)
+
+
+# What shows each kind of proof in a test's body: the gap report read from gaps.py's output, and
+# a verification run that is asserted to fail.
+PROOF_CALLS = {"gap_report": ("gap_report", "gaps", "assert_only_the_temp_writes_are_reported"),
+               "drift": ("run_verification",)}
+
+
+def called_names(function) -> set[str]:
+    import ast
+    return {node.func.id if isinstance(node.func, ast.Name) else node.func.attr
+            for node in ast.walk(function) if isinstance(node, ast.Call)
+            and isinstance(node.func, (ast.Name, ast.Attribute))}
+
+
+@pytest.mark.parametrize("name", profile_cases.profile_names())
+def test_every_profile_has_a_gap_report_and_a_drift_check(name):
+    """Every profile's gap report and drift check are named in its test data, and the named e2e
+    test exists, runs the profile, and makes the calls that show them."""
+    import ast
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    proofs = profile_cases.proofs(name)
+    assert set(proofs) == set(PROOF_CALLS), f"{name}: proofs lack {sorted(set(PROOF_CALLS) - set(proofs))}"
+    for kind, node_id in proofs.items():
+        path, function_name = node_id.split("::")
+        source = (root / path).read_text()
+        tree = ast.parse(source)
+        functions = {f.name: f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)}
+        assert function_name in functions, f"{name}: {node_id} does not exist"
+        function = functions[function_name]
+        assert function_name.startswith("test_"), node_id
+        assert name in source, f"{name}: {path} never names the profile"
+        # what it calls, and what the helpers of its own file that it calls call
+        calls = called_names(function)
+        calls |= {inner for helper in calls & set(functions) for inner in called_names(functions[helper])}
+        assert calls & set(PROOF_CALLS[kind]), f"{name}: {node_id} shows no {kind}"
