@@ -83,7 +83,10 @@ def open_command(device: str, luks: Luks, secret: Secret) -> StringCommand:
     script = (
         f"if [ -e {mapped} ]; then echo 'tabula: /dev/mapper/{luks.mapper} is already open on another device: "
         "close it or rename the mapper in the profile' >&2; exit 1; fi; "
-        f"cryptsetup open {' '.join(open_options(luks))} {shlex.quote(device)} {shlex.quote(luks.mapper)} || "
+        # --disable-external-tokens: the passphrase opens it, never a TPM2 token (cryptsetup would try
+        # the token first and open without the passphrase: a wrong one would go unnoticed)
+        f"cryptsetup open --disable-external-tokens {' '.join(open_options(luks))} {shlex.quote(device)} "
+        f"{shlex.quote(luks.mapper)} || "
         f"{{ echo \"tabula: the LUKS passphrase does not open {device} (or cryptsetup failed): "
         "the header is kept; check TABULA_LUKS_PASSPHRASE\" >&2; exit 1; }"
     )

@@ -89,7 +89,8 @@ def test_open_closed_mapping(monkeypatch, profile_luks):
     script = commands[0]
     assert script.startswith("if [ -e /dev/mapper/cryptroot ]; then echo 'tabula: /dev/mapper/cryptroot is already "
                              "open on another device")    # a name in use stops the run: no read needed for that
-    assert ("; cryptsetup open --allow-discards --perf-no_read_workqueue "
+    # the passphrase opens it, never a TPM2 token the header may hold (a wrong passphrase must stop the run)
+    assert ("; cryptsetup open --disable-external-tokens --allow-discards --perf-no_read_workqueue "
             f"--perf-no_write_workqueue {DEVICE} cryptroot || ") in script
     assert "passphrase does not open" in commands[0]
     assert "--key-file" not in commands[0]            # stdin up to the newline, like the boot prompt
