@@ -16,6 +16,7 @@ Read only: it runs no operation (the btrfs read mounts the top level read-only f
 
 from __future__ import annotations
 
+import json
 import posixpath
 from dataclasses import dataclass, field
 
@@ -98,15 +99,15 @@ def report(groups: list[Group], profile: Profile, root: str, how: list[str]) -> 
         lines.append("  nothing: all that was written is kept (persisted or on a mount), or NixOS makes it again")
         return "\n".join(lines)
     lines.append("  lost at the next boot, not kept by persistence or a mount:")
-    width = max(len(g.path) for g in groups) + 1
+    width = max(len(shown(g.path)) for g in groups) + 1
     for g in groups:
         if g.kind == "directory":
-            names = ", ".join(posixpath.relpath(e.path, g.path) for e in g.entries[:3] if e.path != g.path)
+            names = ", ".join(shown(posixpath.relpath(e.path, g.path)) for e in g.entries[:3] if e.path != g.path)
             more = f", and {len(g.entries) - 3} more" if len(g.entries) > 3 else ""
             detail = f"{len(g.entries)} {'entry' if len(g.entries) == 1 else 'entries'}" + (f": {names}{more}" if names else "")
-            lines.append(f"    {(g.path + '/').ljust(width)} {detail}")
+            lines.append(f"    {(shown(g.path) + '/').ljust(width)} {detail}")
         else:
-            lines.append(f"    {g.path.ljust(width)} {g.entries[0].kind}")
+            lines.append(f"    {shown(g.path).ljust(width)} {g.entries[0].kind}")
     directories = [g.path for g in groups if g.kind == "directory"]
     files = [g.path for g in groups if g.kind == "file"]
     wanted_dirs = [*profile.vars.get("persist_directories", []), *directories]
@@ -126,7 +127,16 @@ def report(groups: list[Group], profile: Profile, root: str, how: list[str]) -> 
 
 
 def _yaml_list(items: list[str]) -> str:
-    return "[" + ", ".join(f'"{i}"' for i in dict.fromkeys(items)) + "]"
+    """The list as JSON, which is YAML too: what ``--data tabula_vars=...`` takes, every name exact."""
+    return json.dumps(list(dict.fromkeys(items)), ensure_ascii=False)
+
+
+def shown(path: str) -> str:
+    """A path on one line of the report: a control character or a backslash in a name escaped
+    as in JSON (``/etc/new\\nline``), anything else as it is."""
+    if not any(ord(c) < 0x20 or c in "\\\x7f" for c in path):
+        return path
+    return json.dumps(path, ensure_ascii=False)[1:-1].replace('\\"', '"')
 
 
 def find(run: Run, root: str) -> tuple[list[Group], list[str]]:

@@ -17,6 +17,8 @@ from operations.errors import TabulaError
 def nix_string(value: object) -> str:
     """A Nix double-quoted string literal."""
     text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("${", "\\${")
+    # (a line break as \n: the literal would be the same string, spread over lines)
+    text = text.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
     return f'"{text}"'
 
 

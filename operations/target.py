@@ -329,13 +329,16 @@ class Written:
 
 # find's -printf: type, inode, size, mtime, link target, path below the starting point. A nested
 # btrfs subvolume's root directory is inode 256; -xdev stops at it and at every other mount.
-LISTING_FORMAT = r"%y\t%i\t%s\t%T@\t%l\t%P\n"
+# One entry a line, NUL-ended by find, then a backslash and a newline inside a name (or a link's
+# target) written as \134 and \012, as /proc/mounts does: a name may hold any byte but NUL and /.
+LISTING_FORMAT = r"%y\t%i\t%s\t%T@\t%l\t%P\0"
 _KINDS = {"f": "file", "d": "directory", "l": "link"}
 
 
 def listing_command(path_variable: str = "$1") -> str:
     """Shell that lists everything below a folder on its own filesystem, for parse_listing."""
-    return f'cd "{path_variable}" && find . -mindepth 1 -xdev -printf \'{LISTING_FORMAT}\''
+    return (f'cd "{path_variable}" && find . -mindepth 1 -xdev -printf \'{LISTING_FORMAT}\' | '
+            "sed -z 's/\\\\/\\\\134/g; s/\\n/\\\\012/g' | tr '\\0' '\\n'")
 
 
 def parse_listing(lines, prefix: str = "/") -> dict[str, tuple[Written, str]]:
@@ -346,9 +349,9 @@ def parse_listing(lines, prefix: str = "/") -> dict[str, tuple[Written, str]]:
         if len(parts) != 6:
             continue
         kind, inode, size, mtime, link, relative = parts
-        path = posixpath.join(prefix, relative)
+        path = posixpath.join(prefix, decode_octal(relative))
         what = "subvolume" if kind == "d" and inode == "256" else _KINDS.get(kind, "other")
-        found[path] = (Written(path, what, link), f"{size} {mtime}")
+        found[path] = (Written(path, what, decode_octal(link)), f"{size} {mtime}")
     return found
 
 

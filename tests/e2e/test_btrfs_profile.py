@@ -204,16 +204,24 @@ def test_install_over_ssh_converges(clean_disks, livevm, target, passphrase_env,
     livevm.run("mkdir -p /mnt/var/lib/gaptest /mnt/etc/ssh && echo db > /mnt/var/lib/gaptest/db && "
                "echo conf > /mnt/etc/gaptest.conf && echo key > /mnt/etc/ssh/gaptest_key && "
                "echo log > /mnt/var/log/gaptest.log && echo home > /mnt/home/gaptest")
+    # names a user's tools may write: a line break, a quote and ${ (issue #22's day-two fixes)
+    livevm.run("cat > \"$(printf '/mnt/etc/new\\nline')\"", input="x")
+    livevm.run("cat > '/mnt/etc/${builtins.abort \"x\"}'", input="x")
     gaps, output = run_over_ssh(run_pyinfra, ["gaps.py", "--data", deploy_args(livevm)[2]])
     assert gaps.returncode == 0 and grand_total(output)[1] == "-", output[-4000:]
     report = gap_report(output)
     assert report[0].startswith("gaps: what the ephemeral root of the system at /mnt holds since the last boot "
                                 "(btrfs @root against @root-blank on /dev/mapper/cryptroot)"), report
-    assert lost_paths(report) == ["/etc/gaptest.conf", "/var/lib/gaptest/"], report
-    assert '    persist_directories: ["/var/lib/gaptest"]' in report and '    persist_files: ["/etc/gaptest.conf"]' in report
-    assert '    environment.persistence."/persist".files = [ "/etc/gaptest.conf" ];' in report
+    assert lost_paths(report) == ['/etc/${builtins.abort', "/etc/gaptest.conf", "/etc/new\\nline", "/var/lib/gaptest/"], report
+    assert '    persist_directories: ["/var/lib/gaptest"]' in report
+    # the suggestion is JSON a user pastes into --data tabula_vars: it gives back the exact names
+    files = next(line for line in report if line.startswith("    persist_files: "))
+    assert json.loads(files.removeprefix("    persist_files: ")) == [
+        '/etc/${builtins.abort "x"}', "/etc/gaptest.conf", "/etc/new\nline"], report
+    assert ('    environment.persistence."/persist".files = [ "/etc/\\${builtins.abort \\"x\\"}" "/etc/gaptest.conf" '
+            '"/etc/new\\nline" ];') in report, report
     livevm.run("rm -r /mnt/var/lib/gaptest /mnt/etc/gaptest.conf /mnt/etc/ssh/gaptest_key /mnt/var/log/gaptest.log "
-               "/mnt/home/gaptest")
+               "/mnt/home/gaptest /mnt/etc/new?line '/mnt/etc/${builtins.abort \"x\"}'")
 
     assert_verification_fails_on_drift(livevm)
 

@@ -1,6 +1,7 @@
 """The gap report: from what the layers list on the ephemeral root, what is lost at the next boot,
 grouped by directory, with the profile vars that keep it. The listings come from a real shell
 (find's output, parsed as the fact parses it) and from zfs diff output captured in the VM."""
+import json
 import os
 import subprocess
 
@@ -82,3 +83,29 @@ def test_zfs_diff_paths_become_installed_paths(monkeypatch):
     written, how = zfs.LAYER.gaps(run, "/mnt")
     assert [(w.path, w.kind) for w in written] == [("/var/lib/app/db", "file"), ("/b c", "file"), ("/etc/hosts", "link")]
     assert how == [f"zfs diff {pool}/temp/root@empty", f"zfs diff {pool}/temp/tmp@empty"]
+
+
+def test_names_with_a_line_break_or_a_quote_are_reported_exactly(tmp_path):
+    """A name may hold a line break or a quote: the listing keeps it whole (find's NUL-ended
+    entries, escaped as /proc/mounts does), the report shows it escaped on its line, and the
+    suggested vars are JSON that gives back the exact paths (and the Nix line, a Nix string)."""
+    profile = zephyrus()
+    odd = ["/etc/new\nline", '/etc/${builtins.abort "x"}', "/etc/back\\slash"]
+    for name in odd:
+        write(tmp_path, name)
+    os.symlink("target\nwith a break", tmp_path / "etc/link")
+    entries = listed(tmp_path)
+    assert sorted(e.path for e in entries if e.path != "/etc") == sorted([*odd, "/etc/link"])
+    assert [e.link for e in entries if e.path == "/etc/link"] == ["target\nwith a break"]
+    text = gaps.report(gaps.grouped(gaps.uncovered(entries, profile)), profile, "/mnt", ["a tmpfs root"])
+    lines = text.splitlines()
+    shown = [line.strip().rsplit(None, 1) for line in lines if line.startswith("    /")]
+    assert ["/etc/new\\nline", "file"] in shown and ['/etc/${builtins.abort "x"}', "file"] in shown
+    assert ["/etc/back\\\\slash", "file"] in shown
+    suggested = next(line for line in lines if line.startswith("    persist_files: "))
+    assert json.loads(suggested.removeprefix("    persist_files: ")) == sorted([*odd, "/etc/link"])
+    nix = next(line for line in lines if "environment.persistence" in line and ".files" in line)
+    assert '"/etc/new\\nline"' in nix and '"/etc/\\${builtins.abort \\"x\\"}"' in nix
+    # pasted back as --data tabula_vars, the paths are the report's, and nothing is left
+    fixed = zephyrus(persist_files=json.loads(suggested.removeprefix("    persist_files: ")))
+    assert gaps.uncovered(entries, fixed) == []
