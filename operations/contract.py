@@ -24,6 +24,7 @@ from operations.nixlit import DeviceIds, NixFragments
 from operations.run import FactRequest, Run
 
 if TYPE_CHECKING:
+    from operations.adopt import Draft, Found
     from operations.profile import Profile
     from operations.settings import Settings
     from operations.target import Written
@@ -130,6 +131,17 @@ class Layer(ABC):
     @abstractmethod
     def gaps(self, run: Run, root: str) -> "tuple[list[Written], list[str]]":
         """(what its ephemeral root got since the last boot, how that was found) for gaps.py."""
+
+    def adopt_reads(self, found: "Found") -> list[FactRequest]:
+        """The facts its ``adopt`` reads, given the block devices, mounts and pools ``found``
+        holds: read with every layer's in one batch (``found.fact``)."""
+        return []
+
+    @abstractmethod
+    def adopt(self, found: "Found", draft: "Draft") -> None:
+        """Describe this layer's nodes as the target holds them into ``draft`` (adopt.py), or
+        ``draft.refuse`` what no profile can express, naming the device and why. It reads
+        nothing: ``found`` holds what the survey read (``operations/adopt/survey.py``)."""
 
     @abstractmethod
     def disko(self, profile: "Profile", context: DiskoContext) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import shlex
 
 from pyinfra.api import QuoteString, StringCommand
 
+from operations.adoptlit import EPHEMERAL_ROOTS, NOT_NEEDED_FOR_BOOT, user_options
 from operations.contract import Layer, Target
 from operations.diskolit import bind_hooks, mounted
 from operations.errors import TabulaError
@@ -138,6 +139,46 @@ class FilesystemsLayer(Layer):
         wanted, swaps = list(run.profile.filesystems()), list(run.profile.swaps())
         if wanted or swaps:
             formatted(run, filesystems=wanted, swaps=swaps, name="Filesystems")
+
+    def adopt(self, found, draft) -> None:
+        """Each filesystem on a partition or an opened container: its format, label, mount point
+        and options; swap (a swap partition without a signature is keyed at random at boot). A
+        root of ext4, f2fs or vfat is refused: nothing rolls it back at boot."""
+        for device in draft.adopted_devices():
+            seen = found.device(device) or {}
+            fstype, mounts = seen.get("fstype"), found.mounts_of(device)
+            code = (draft.gpt_code(device) or "").upper()
+            if fstype == "swap" or (code == "8200" and fstype in (None, "crypto_LUKS")):
+                node = {"type": "swap"}
+                if fstype != "swap":
+                    node["random_encryption"] = True
+                    draft.infer(f"{device}: a swap partition without a swap signature: swap keyed at random at "
+                                "every boot (random_encryption)")
+                draft.content(device, node)
+                continue
+            if fstype in (None, "crypto_LUKS", "zfs_member"):
+                continue                                  # left empty, or the luks and zfs layers'
+            if fstype not in MKFS:
+                draft.refuse(device, f"{fstype}: not a filesystem a profile describes "
+                                     f"({', '.join(sorted(MKFS))}, swap, LUKS, ZFS)")
+                continue
+            node = {"type": "filesystem", "format": fstype}
+            if seen.get("label"):
+                node["fs_label"] = seen["label"]
+            if fstype == "vfat":
+                node["mkfs_options"] = ["-F", "32"]
+                draft.infer(f"{device}: FAT32 (mkfs_options -F 32)")
+            whole = {mp: m for mp, m in mounts.items() if m["root"] == "/"}
+            if whole:
+                mountpoint, mount = sorted(whole.items())[0]
+                if mountpoint == "/" and fstype != "btrfs":
+                    draft.refuse(device, f"a plain {fstype} root: nothing rolls it back at boot (an ephemeral "
+                                         f"root is {EPHEMERAL_ROOTS})")
+                    continue
+                node.update({"mountpoint": mountpoint, "mount_options": user_options(mount["options"])})
+                if mountpoint not in NOT_NEEDED_FOR_BOOT:
+                    node["needed_for_boot"] = True
+            draft.content(device, node)
 
     def applies(self, profile: Profile) -> bool:
         return bool(profile.filesystems() or profile.swaps())

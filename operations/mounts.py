@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from pyinfra.api import FactBase, QuoteString, StringCommand
 
+from operations.adoptlit import NOT_NEEDED_FOR_BOOT, user_options
 from operations.contract import Layer, Target
 from operations.diskolit import bind_hooks
 from operations.errors import TabulaError
@@ -301,6 +302,10 @@ def size_problems(wanted: tuple[str, ...] | list[str], actual: list[str]) -> lis
 # --- the layer ------------------------------------------------------------------------------------
 
 
+# A tmpfs's options a profile keeps (the kernel shows others: inode64...).
+TMPFS_OPTIONS = ("size", "nosuid", "nodev", "noexec", "noatime", "nr_inodes")
+
+
 class MountsLayer(Layer):
     name = "mounts"
     absent = "no mount"
@@ -312,6 +317,27 @@ class MountsLayer(Layer):
 
     def rescue(self, run: Run) -> None:
         self.mount(run)         # everything under /mnt, parents first, as the install does
+
+    def adopt(self, found, draft) -> None:
+        """The tmpfs mounts of the installed system (its size bound, its mode), and the bind
+        mounts of a folder of a filesystem mounted whole (``/.local/nix`` on ``/nix``)."""
+        installed = found.installed_mounts()
+        whole = {(found.real(m["device"]), m["fstype"]): mp for mp, m in sorted(installed.items()) if m["root"] == "/"}
+        for mountpoint, mount in sorted(installed.items(), key=lambda item: (item[0] != "/", item[0])):
+            if mount["fstype"] == "tmpfs":
+                options = [o for o in user_options(mount["options"]) if o.partition("=")[0] in TMPFS_OPTIONS]
+                mode = next((o for o in mount["options"] if o.startswith("mode=")), None)
+                draft.mounts.append({"type": "tmpfs", "mountpoint": mountpoint,
+                                     "options": ([mode] if mode else []) + options, "needed_for_boot": True})
+            elif mount["root"] != "/" and mount["fstype"] not in ("btrfs", "zfs"):
+                source = whole.get((found.real(mount["device"]), mount["fstype"]))
+                if source is None:
+                    draft.refuse(mountpoint, f"a bind mount of {mount['root']} on {mount['device']}, which is not "
+                                             "mounted whole in the installed system")
+                    continue
+                draft.mounts.append({"type": "bind", "source": f"{source.rstrip('/')}{mount['root']}",
+                                     "mountpoint": mountpoint, "options": user_options(mount["mount_options"]),
+                                     "needed_for_boot": mountpoint not in NOT_NEEDED_FOR_BOOT})
 
     def applies(self, profile: Profile) -> bool:
         return bool(profile.all_mounts())

@@ -22,6 +22,7 @@ from pyinfra.api import FactBase, FunctionCommand, QuoteString, StringCommand
 from pyinfra.api.util import print_host_combined_output
 
 from operations import persist
+from operations.adoptlit import adopt_system, system_reads
 from operations.contract import Layer, Target
 from operations.errors import TabulaError
 from operations.nixlit import DeviceIds, MissingDeviceIds, NixFragments, nix_attr, nix_string
@@ -394,6 +395,12 @@ class NixosLayer(Layer):
         if run.settings.tabula_install:
             hostname = run.profile.nixos.hostname
             nixos_install(run, hostname, name=f"nixos-install {hostname}", root=ROOT)
+
+    def adopt_reads(self, found) -> list[FactRequest]:
+        return system_reads(found)
+
+    def adopt(self, found, draft) -> None:
+        adopt_system(found, draft)          # the host, user... as /etc/nixos says them
 
     def applies(self, profile: Profile) -> bool:
         return True

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pyinfra import logger
 from pyinfra.api import QuoteString, StringCommand
 
+from operations.adoptlit import config_reads, config_texts, configured_persistence
 from operations.contract import Layer, Target
 from operations.errors import TabulaError
 from operations.nixlit import DeviceIds, NixFragments
@@ -141,10 +142,17 @@ def host_identity(run: Run, etc: str, keys: list[tuple[str, int | None]], commen
                 for key_type, bits in keys if key_paths[key_type] not in state]
     if machine_id not in state:
         commands.append(StringCommand("sh", "-c", QuoteString(MACHINE_ID_SCRIPT), "machine-id", QuoteString(machine_id)))
+    # Kept as they are, but for a mode looser than the profile's (a machine-id written by hand,
+    # as the guide does, is 0644): the content stays, the mode is set.
+    modes = {**{path: "600" for path in key_paths.values()}, machine_id: "444"}
+    loose = {path: mode for path, mode in modes.items() if state.get(path, {}).get("type") == "file"
+             and state[path]["mode"] != mode}
+    commands += [StringCommand("chmod", mode, QuoteString(path)) for path, mode in loose.items()]
     if not commands:
         run.noop(f"{', '.join([*key_paths.values(), machine_id])} already exist (kept as they are)")
         return
     made = [f"SSH host key {key_type}" + (f" {bits}" if bits else "") for key_type, bits in keys if key_paths[key_type] not in state]
+    made += [f"{path} kept, its mode {state[path]['mode']} set to {mode}" for path, mode in loose.items()]
     run.tell(f"in {etc}: " + ", ".join(made + (["machine-id"] if machine_id not in state else [])))
     run.record_fresh(ssh_dir, False)
     run.record_fresh(machine_id, False)
@@ -309,6 +317,23 @@ class PersistLayer(Layer):
         """After a rescue: /mnt/etc/nixos from <persist>/etc/nixos, as the install left it."""
         config_restored(run, f"{INSTALL_ROOT}{paths(run.profile).etc}/nixos", CONFIG_DIR,
                         name="Persist configuration restore")
+
+    def adopt_reads(self, found) -> list[FactRequest]:
+        return config_reads(found.root)
+
+    def adopt(self, found, draft) -> None:
+        """What persists and where, from the configuration's ``environment.persistence``; else
+        a mount named persist (nothing listed in it, said so)."""
+        configured = configured_persistence(config_texts(found))
+        if configured:
+            draft.persistence = configured
+            draft.infer(f"persistence: read from environment.persistence.\"{configured['root']}\" in /etc/nixos")
+            return
+        named = sorted(m["mountpoint"] for m in draft.all_mounts() if m["mountpoint"] in ("/persist", "/nix/persist"))
+        if named:
+            draft.persistence = {"root": named[0], "directories": [], "files": []}
+            draft.infer(f"persistence: {named[0]} by its name; nothing listed in it (no environment.persistence "
+                        "in /etc/nixos): add what the gap report (gaps.py) finds")
 
     def applies(self, profile: Profile) -> bool:
         return True             # every profile persists the secrets, the host identity and the configuration

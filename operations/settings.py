@@ -19,7 +19,7 @@ from operations.errors import TabulaError
 from operations.profile import Profile, load_profile
 
 
-def _true_or_false(value: Any) -> bool:
+def true_or_false(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"must be true or false, got {value!r}")
     return value
@@ -75,7 +75,7 @@ class Settings(BaseModel):
             raise ValueError("must be a list of disk ids (by-id paths or serials)")
         return tuple(value)
 
-    _booleans = field_validator("tabula_install", "tabula_export_pools", mode="before")(_true_or_false)
+    _booleans = field_validator("tabula_install", "tabula_export_pools", mode="before")(true_or_false)
 
     @field_validator("tabula_nix_check", mode="before")
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pyinfra import host, logger
 from pyinfra.context import ctx_host
 
+from operations import adopt as adoption
 from operations import disks, gaps, nixeval
 from operations.errors import TabulaError
 from operations.layers import LAYERS
@@ -53,6 +54,14 @@ def gaps_report(settings: Settings) -> Run:
     """gaps.py: what the ephemeral root holds since the last boot that nothing keeps (read only)."""
     run = Run(this_host(), settings, LAYERS)
     gaps.show(run)
+    return run
+
+
+def adopt(settings) -> Run:
+    """adopt.py: a profile read from the target's disks, each layer describing its own nodes
+    (read only; ``settings``: ``operations.adopt.AdoptSettings``)."""
+    run = Run(this_host(), None, LAYERS)
+    adoption.adopt(run, settings)
     return run
 
 

@@ -147,15 +147,7 @@ class BlockDeviceIds(FactBase):
         return StringCommand("sh", "-c", QuoteString(script), "ids", *[QuoteString(d) for d in devices])
 
     def process(self, output):
-        found: dict[str, dict[str, str]] = {}
-        current = None
-        for line in output:
-            key, _, value = line.partition("=")
-            if key == "DEVICE":
-                current = found.setdefault(value, {})
-            elif current is not None and key:
-                current[key] = value
-        return found
+        return parse_exports(output, "DEVICE")
 
     @staticmethod
     def default():
@@ -417,3 +409,29 @@ def describe_leftovers(found: list[tuple[str, str]]) -> str:
     """'junk-file, srv/ (and more)' for a message."""
     shown = ", ".join(path + ("/" if kind == "d" else "") for kind, path in found)
     return shown + (" (and more)" if len(found) >= LEFTOVER_LIMIT else "")
+
+
+class Folders(FactBase):
+    """The names in a folder (none when it is absent)."""
+
+    default = list
+
+    def command(self, path: str) -> str:
+        return f"ls -1A {shlex.quote(path)} 2>/dev/null || true"
+
+    def process(self, output) -> list[str]:
+        return sorted(line for line in output if line)
+
+
+def parse_exports(lines, marker: str) -> dict[str, dict[str, str]]:
+    """``blkid -o export`` of several devices, each after a ``<marker>=<device>`` line:
+    {device: {"TYPE": ..., "UUID": ...}}."""
+    found: dict[str, dict[str, str]] = {}
+    current = None
+    for line in lines:
+        key, _, value = line.partition("=")
+        if key == marker:
+            current = found.setdefault(value, {})
+        elif current is not None and key:
+            current[key] = value
+    return found

@@ -28,6 +28,7 @@ from operations import profile as profile_package  # noqa: E402
 from operations.profile import (REQUIRED, Bind, Dataset, DatasetEncryption, Disk, Filesystem,  # noqa: E402
                                 Luks, NixosSettings, Partition, Persistence, Pool, Profile, Subvolume, Swap, Swapfile,
                                 Tmpfs, Vdev, ZfsMember, available_profiles, profile_path)
+from operations.adopt import AdoptSettings  # noqa: E402
 from operations.settings import Settings  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "profiles.md"
@@ -115,6 +116,8 @@ def reference() -> str:
              "What a run is asked to do: pyinfra host data (`group_data/`, `inventory.py`, `--data`). A key that is",
              "not set takes its default; a bad value is refused before any command runs, naming the key.", ""]
     lines += table(Settings, Settings.inventory_keys())
+    lines += ["", "adopt.py (a profile read from a machine's disks) takes these, and `tabula_root`:", ""]
+    lines += table(AdoptSettings, ["tabula_adopt_profile", "tabula_adopt_partial"])
     lines += ["", "## A profile", ""]
     lines += inspect.cleandoc(profile_package.__doc__).split("\n\n", 1)[1].replace("``", "`").splitlines()
     lines += ["", "Profiles shipped in `profiles/` (their vars are what `tabula_vars` sets):", ""]

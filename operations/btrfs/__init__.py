@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import shlex
 
+from pyinfra import logger
+
 from operations.btrfs.facts import (BtrfsRootLeftovers, BtrfsSubvolumes, BtrfsTopLevelSubvolumes, SubvolumeAgainstBlank,
                                     SwapfileResumeOffset, SwapfileState, parse_resume_offset, parse_root_leftovers,
                                     parse_subvolume_list, parse_swapfile_state, top_level_path)
@@ -26,6 +28,7 @@ from operations.btrfs.rollback import (ROLLBACK_MOUNTDIR, BlankProblem, blank_pr
                                        rollback_script)
 from operations.btrfs.subvolumes import subvolumes, top_level
 from operations.btrfs.swapfile import swapfile, swapfile_commands, swapfile_problems
+from operations.adoptlit import EPHEMERAL_ROOTS, NOT_NEEDED_FOR_BOOT, size_text, user_options
 from operations.contract import Layer, Target
 from operations.diskolit import Script, bind_hooks, disko_size, mounted, new_flag
 from operations.filesystems import formatted_node
@@ -65,6 +68,43 @@ def swapfile_paths(profile: Profile) -> list[tuple[str, Subvolume]]:
             for sub in fs.subvolumes if sub.swapfile and sub.mountpoint]
 
 
+def top_level_notes(profile: Profile) -> list[str]:
+    """What a run that made (or rescued) the subvolumes leaves mounted outside /mnt, and the
+    commands that close the disks after it (the guide's own end of install, ``umount -R /mnt``
+    then ``cryptsetup close``, stops at "still in use" without the middle one)."""
+    notes = []
+    for device, fs in btrfs_filesystems(profile):
+        top = top_level_path(device, fs)
+        mapper = device.removeprefix("/dev/mapper/") if device.startswith("/dev/mapper/") else None
+        close = f"umount -R /mnt; umount {top}" + (f"; cryptsetup close {mapper}" if mapper else "")
+        notes.append(f"the top level of {device} stays mounted at {top} (the next run reads its subvolumes "
+                     f"there); to close the disks after this run: {close}")
+    return notes
+
+
+def adopt_top(found, device: str) -> str:
+    """Where the top level of a btrfs is mounted whole (Tabula's private path), else a path
+    never mounted (the fact then mounts it read-only for the read)."""
+    return next((mp for mp, m in sorted(found.mounts.items()) if found.real(m["device"]) == device
+                 and m["fstype"] == "btrfs" and m["root"] == "/"), "/nonexistent")
+
+
+def blank_snapshots(top: dict[str, dict]) -> dict[str, str]:
+    """{subvolume: its blank snapshot} among top-level subvolumes (BtrfsSubvolumes' form): a
+    read-only snapshot of it (its parent_uuid is the subvolume's), or, on a booted system whose
+    root was restored from the snapshot, the read-only subvolume it is a snapshot of."""
+    by_uuid = {sub["uuid"]: path for path, sub in top.items() if sub.get("uuid")}
+    found = {}
+    for path, sub in top.items():
+        if sub["ro"] and by_uuid.get(sub["parent_uuid"]) and not top[by_uuid[sub["parent_uuid"]]]["ro"]:
+            found[by_uuid[sub["parent_uuid"]]] = path
+    for path, sub in top.items():
+        origin = by_uuid.get(sub["parent_uuid"])
+        if not sub["ro"] and path not in found and origin and top[origin]["ro"] and origin not in found.values():
+            found[path] = origin
+    return found
+
+
 class BtrfsLayer(Layer):
     name = "btrfs"
     absent = "no btrfs subvolumes"
@@ -81,6 +121,12 @@ class BtrfsLayer(Layer):
         for path, sub in swapfile_paths(run.profile):
             swapfile(run, path=path, swapfile=sub.swapfile, name=f"Btrfs swapfile {path}")
 
+    def close(self, run: Run) -> None:
+        """Says where the top level stays mounted and how to close the disks (the next run and the
+        rescue read the subvolumes there; unmounting it would make every converged run mount it again)."""
+        for line in top_level_notes(run.profile):
+            logger.info(f"{run.prefix}{line}")
+
     def rescue(self, run: Run) -> None:
         """The top level mounted, each subvolume with a blank snapshot restored from it."""
         mountpoints = tuple(m.mountpoint for m in run.profile.all_mounts())
@@ -94,6 +140,58 @@ class BtrfsLayer(Layer):
             for sub in targets:
                 restored(run, top=top, subvolume=sub, device=device, mountpoints=mountpoints,
                          name=f"Btrfs restore {sub.path} from {sub.blank_snapshot}")
+
+    def adopt_reads(self, found) -> list[FactRequest]:
+        """The subvolumes of every btrfs (through a top level mounted whole, else a read-only
+        mount made for the read) and a swapfile in each mounted subvolume."""
+        reads: list[FactRequest] = []
+        for device in sorted({d["name"] for d in found.devices if d["fstype"] == "btrfs"}):
+            reads.append((BtrfsTopLevelSubvolumes, {"device": device, "path": adopt_top(found, device)}))
+        reads += [(SwapfileState, {"path": f"{found.root.rstrip('/')}{mp.rstrip('/')}/swapfile"})
+                  for mp, m in sorted(found.installed_mounts().items()) if m["fstype"] == "btrfs"]
+        return reads
+
+    def adopt(self, found, draft) -> None:
+        """Each btrfs filesystem's top-level subvolumes with where they are mounted, each one's
+        blank snapshot (a read-only snapshot of it, or on a booted system the one it was restored
+        from), a swapfile in a mounted one. A root subvolume without a blank snapshot is refused."""
+        for device in draft.adopted_devices():
+            node = draft.contents.get(device)
+            if not node or node.get("format") != "btrfs":
+                continue
+            seen = found.fact(BtrfsTopLevelSubvolumes, device=device, path=adopt_top(found, device))
+            if "unmountable" in seen:
+                draft.refuse(device, f"its btrfs top level cannot be mounted to read the subvolumes: {seen['unmountable']}")
+                continue
+            nested = sorted(path for path in seen if "/" in path)
+            if nested:
+                draft.infer(f"{device}: nested subvolumes left out (a profile describes top-level ones): {', '.join(nested)}")
+            top = {path: sub for path, sub in seen.items() if "/" not in path}
+            blanks = blank_snapshots(top)
+            mounts = found.mounts_of(device)
+            subvolumes = []
+            for path, sub in top.items():
+                if sub["ro"]:
+                    if path not in blanks.values():
+                        draft.infer(f"{device}: read-only subvolume {path} left out (not a blank snapshot)")
+                    continue
+                entry: dict = {"path": path}
+                mounted_at = sorted(mp for mp, m in mounts.items() if m["root"].lstrip("/") == path)
+                if mounted_at:
+                    entry["mountpoint"] = mounted_at[0]
+                    entry["mount_options"] = user_options(mounts[mounted_at[0]]["options"])
+                    if mounted_at[0] not in NOT_NEEDED_FOR_BOOT:
+                        entry["needed_for_boot"] = True
+                    swap = found.fact(SwapfileState, path=f"{found.root.rstrip('/')}{mounted_at[0].rstrip('/')}/swapfile")
+                    if swap and swap["swap"]:
+                        entry["swapfile"] = {"size": size_text(swap["size"])}
+                if path in blanks:
+                    entry["blank_snapshot"] = blanks[path]
+                elif mounted_at[:1] == ["/"]:
+                    draft.refuse(device, f"subvolume {path} is the root and has no blank snapshot: nothing rolls "
+                                         f"it back at boot (an ephemeral root is {EPHEMERAL_ROOTS})")
+                subvolumes.append(entry)
+            node["subvolumes"] = subvolumes
 
     def applies(self, profile: Profile) -> bool:
         return bool(btrfs_filesystems(profile))

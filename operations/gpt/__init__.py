@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from pyinfra.api import FactBase, QuoteString, StringCommand
 
+from operations.adoptlit import size_text
 from operations.contract import Layer, Target
 from operations.diskolit import disko_size
 from operations.errors import TabulaError
@@ -224,6 +225,17 @@ def settle_command(links: list[str], disk_path: str) -> StringCommand:
 # --- the layer ------------------------------------------------------------------------------------
 
 
+def adopted_entry_problem(position: int, entry: dict) -> str | None:
+    """Why a GPT entry cannot be a profile's partition, or None."""
+    if entry["number"] != position:
+        return f"GPT entry {entry['number']} in place {position}: a profile's partitions are entries 1, 2, ... in order"
+    if not entry["name"]:
+        return "no GPT partition name: a profile finds its partitions by their names (partlabels)"
+    if entry["code"].upper() not in GPT_TYPE_GUIDS:
+        return f"GPT type code {entry['code']} is not one Tabula knows (operations/gpt/types.py)"
+    return None
+
+
 class GptLayer(Layer):
     name = "gpt"
     absent = "no disk"
@@ -231,6 +243,50 @@ class GptLayer(Layer):
     def make(self, run: Run) -> None:
         for key, disk in run.profile.disks.items():
             partitions(run, disk_key=key, disk=disk, name=f"GPT disks.{key}")
+
+    def adopt_reads(self, found) -> list[FactRequest]:
+        return [(PartitionTable, {"disk": d["name"]}) for d in found.devices if d["type"] == "disk"]
+
+    def adopt(self, found, draft) -> None:
+        """Each disk with a GPT (by its stable id), its entries in order with their names, type
+        codes and sizes (``rest`` for a last one filling the disk); a disk of the running live
+        system is left alone, a blank one skipped."""
+        number = 0
+        for disk in [d for d in found.devices if d["type"] == "disk"]:
+            name, table = disk["name"], found.fact(PartitionTable, disk=disk["name"])
+            if found.in_use_outside(name):
+                draft.infer(f"{name} left out: the running system uses it ({', '.join(found.in_use_outside(name))})")
+                continue
+            if table is None:
+                if disk["fstype"]:
+                    draft.refuse(name, f"{disk['fstype']} on the whole disk, no partition table: Tabula describes "
+                                       "GPT partitions")
+                continue
+            if table["label"] != "gpt":
+                draft.refuse(name, f"a {table['label']} partition table: Tabula describes GPT only")
+                continue
+            device = found.stable_id(name)
+            if device is None:
+                draft.refuse(name, "no /dev/disk/by-id link: a profile names its disks by a stable id")
+                continue
+            partitions = []
+            for position, entry in enumerate(table["partitions"], start=1):
+                problem = adopted_entry_problem(position, entry)
+                if problem:
+                    draft.refuse(entry["node"], problem)
+                    break
+                size = entry["size"] * table["sectorsize"]
+                end = entry["start"] + entry["size"] - 1
+                last = position == len(table["partitions"])
+                fills = last and "lastlba" in table and (table["lastlba"] - end) * table["sectorsize"] <= REST_SLACK_BYTES
+                partitions.append({"label": entry["name"], "type": entry["code"].lower(),
+                                   "size": "rest" if fills else size_text(size), "kernel_name": entry["node"]})
+            else:
+                number += 1
+                node = {"device": device}
+                if disk["serial"]:
+                    node["serial"] = disk["serial"]
+                draft.disks[f"disk{number}"] = node | {"partitions": partitions}
 
     def applies(self, profile: Profile) -> bool:
         return bool(profile.disks)

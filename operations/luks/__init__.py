@@ -198,6 +198,12 @@ def mapping(run: Run, device: str, luks: Luks):
 # --- the layer ------------------------------------------------------------------------------------
 
 
+def open_mapper(found, device: str) -> str | None:
+    """The name of the open mapping of a LUKS device (adopt.py's survey), or None."""
+    mapping = next((c["name"] for c in found.children(device) if c["type"] == "crypt"), None)
+    return mapping.removeprefix("/dev/mapper/") if mapping else None
+
+
 class LuksLayer(Layer):
     name = "luks"
     absent = "no LUKS container"
@@ -219,6 +225,45 @@ class LuksLayer(Layer):
             passphrase(run)     # checked while the run is prepared, as in make()
         for part, luks in run.profile.luks_devices():
             mapping(run, device=part.device, luks=luks, name=f"LUKS open {luks.mapper}")
+
+    def adopt_reads(self, found) -> list[FactRequest]:
+        reads: list[FactRequest] = []
+        for device in [d["name"] for d in found.devices if d["fstype"] == "crypto_LUKS"]:
+            reads += [(LuksHeader, {"device": device}), (LuksTokens, {"device": device})]
+            mapper = open_mapper(found, device)
+            reads += [(LuksMapping, {"mapper": mapper})] if mapper else []
+        return reads
+
+    def adopt(self, found, draft) -> None:
+        """Each LUKS header: its version, key derivation, the open mapping's name and flags, a
+        TPM2 token. A closed container's content cannot be read: refused (open it first)."""
+        for device in [d["name"] for d in found.devices if d["fstype"] == "crypto_LUKS"]:
+            if device not in draft.adopted_devices():
+                continue
+            mapper = open_mapper(found, device)
+            if not mapper and (draft.gpt_code(device) or "") == "8200":
+                continue            # a swap partition keyed at random at every boot: the filesystems layer's
+            if not mapper:
+                draft.refuse(device, "a closed LUKS container: its content cannot be read (open it with "
+                                     "cryptsetup open, then adopt again)")
+                continue
+            header = found.fact(LuksHeader, device=device) or {}
+            slots = [slot for slot in header.get("keyslots", {}).values() if slot.get("pbkdf")]
+            first = slots[0] if slots else {}
+            node = {"type": "luks", "mapper": mapper, "luks_type": f"luks{header.get('version', 2)}",
+                    "mapping": f"/dev/mapper/{mapper}"}
+            if first.get("pbkdf") in ("argon2id", "argon2i", "pbkdf2"):
+                node["pbkdf"] = first["pbkdf"]
+                if first["pbkdf"] == "pbkdf2" and str(first.get("iterations", "")).isdigit():
+                    node["pbkdf_iterations"] = int(first["iterations"])
+            flags = set((found.fact(LuksMapping, mapper=mapper) or {}).get("flags", []))
+            node["allow_discards"] = "discards" in flags
+            node["bypass_workqueues"] = {"no_read_workqueue", "no_write_workqueue"} <= flags
+            tokens = [t for t in (found.fact(LuksTokens, device=device) or {}).values() if t.get("type") == "systemd-tpm2"]
+            if tokens:
+                node["tpm2_unlock"] = True
+                node["tpm2_pcrs"] = sorted(tokens[0].get("tpm2-pcrs", []))
+            draft.content(device, node)
 
     def applies(self, profile: Profile) -> bool:
         return bool(profile.luks_devices())

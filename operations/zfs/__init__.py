@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import shlex
 
+from operations.adoptlit import EPHEMERAL_ROOTS, NOT_NEEDED_FOR_BOOT, user_options
 from operations.contract import Layer, Target
 from operations.diskolit import DiskoError, Script, new_flag
 from operations.nixlit import DeviceIds, NixFragments
@@ -60,6 +61,35 @@ def pool_view(run: Run, pool_def: Pool) -> PoolView:
     encryption roots and the run's key."""
     return PoolView(mounts=tuple(run.profile.all_mounts()), encryption_roots=encryption_roots(pool_def),
                     key=run.secrets.get(KEY), exported_at_end=run.settings.tabula_export_pools)
+
+
+# What an encryption root says in ``encryption``, never in its properties.
+_ENCRYPTION_PROPERTIES = ("encryption", "keyformat", "keylocation", "pbkdf2iters")
+
+
+def local_properties(props: dict) -> dict[str, str]:
+    """The properties set on a dataset itself (``zfs get``'s source ``local``)."""
+    return {key: value for key, (value, source) in props.items()
+            if source == "local" and key not in _ENCRYPTION_PROPERTIES}
+
+
+def adopted_dataset(found, draft, pool_name: str, full: str, props: dict, datasets: dict) -> dict:
+    node: dict = {"name": full.removeprefix(f"{pool_name}/"), "properties": local_properties(props)}
+    mounts = found.mounts_of(full)
+    if mounts:
+        mountpoint = sorted(mounts)[0]
+        node.update({"mountpoint": mountpoint, "mount_options": user_options(mounts[mountpoint]["options"])})
+        if mountpoint not in NOT_NEEDED_FOR_BOOT:
+            node["needed_for_boot"] = True
+    if f"{full}@{EMPTY_SNAPSHOT}" in datasets:
+        node["empty_snapshot"] = True
+    elif node.get("mountpoint") == "/":
+        draft.refuse(full, f"the root dataset has no @{EMPTY_SNAPSHOT}: nothing rolls it back at boot (an "
+                           f"ephemeral root is {EPHEMERAL_ROOTS})")
+    if props.get("encryptionroot", ("-",))[0] == full and props.get("encryption", ("off",))[0] != "off":
+        node["encryption"] = {"keyformat": props["keyformat"][0], "keylocation": props["keylocation"][0],
+                              "encryption": props["encryption"][0]}
+    return node
 
 
 class ZfsLayer(Layer):
@@ -119,6 +149,43 @@ class ZfsLayer(Layer):
             if temps:
                 rolled_back(run, pool_def.name, temps, mountpoints,
                             name=f"ZFS rollback to @{EMPTY_SNAPSHOT}: {', '.join(n.split('/', 1)[1] for n, _ in temps)}")
+
+    def adopt_reads(self, found) -> list[FactRequest]:
+        return [request for pool_name in found.pools for request in (
+            (ZfsPoolState, {"pool_name": pool_name}), (ZfsPoolDatasets, {"pool_name": pool_name}),
+            (ZpoolProperties, {"pool_name": pool_name, "properties": ("ashift",)}))]
+
+    def adopt(self, found, draft) -> None:
+        """Each imported pool whose members are partitions of the described disks: its topology
+        by partlabel, ashift, the properties set on it and on each dataset, where each is
+        mounted, @empty, encryption roots. An exported pool is refused (import it first)."""
+        adopted = set(draft.adopted_devices())
+        for pool_name in found.exported_pools:
+            draft.refuse(pool_name, f"the ZFS pool is not imported: import it (zpool import -N -R {found.root} "
+                                    f"{pool_name}) and adopt again")
+        for pool_name in found.pools:
+            topology = found.fact(ZfsPoolState, pool_name=pool_name).get("topology", {})
+            members = [dev for _, group in topology.get("vdevs", []) for dev in group]
+            members += topology.get("log", []) + topology.get("cache", [])
+            outside = [dev for dev in members if dev not in adopted or not (found.device(dev) or {}).get("partlabel")]
+            if outside:
+                draft.refuse(pool_name, f"members {', '.join(outside)} are not named partitions of the described disks")
+                continue
+            label = {dev: found.device(dev)["partlabel"] for dev in members}
+            for dev in members:
+                draft.content(dev, {"type": "zfs", "pool": pool_name})
+            datasets = found.fact(ZfsPoolDatasets, pool_name=pool_name)
+            draft.pools[pool_name] = {
+                "name": pool_name,
+                "vdevs": [{"mode": mode, "members": [label[d] for d in group]} for mode, group in topology["vdevs"]],
+                "log": [label[d] for d in topology.get("log", [])],
+                "cache": [label[d] for d in topology.get("cache", [])],
+                "options": {"ashift": found.fact(ZpoolProperties, pool_name=pool_name, properties=("ashift",))
+                            .get("ashift", "0")},
+                "root_properties": local_properties(datasets.get(pool_name, {})),
+                "datasets": [adopted_dataset(found, draft, pool_name, full, props, datasets)
+                             for full, props in sorted(datasets.items()) if "@" not in full and full != pool_name],
+            }
 
     def applies(self, profile: Profile) -> bool:
         return bool(profile.pools)

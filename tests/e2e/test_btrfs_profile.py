@@ -259,3 +259,14 @@ def test_interrupted_run_converges(clean_disks, livevm, target, passphrase_env, 
     second, output = run_over_ssh(run_pyinfra, deploy_args(livevm), "-vv")
     assert second.returncode == 0, output[-8000:]
     assert_no_changes(output)
+    # the run says what it left mounted outside /mnt and how to close the disks (#22): its commands
+    # do, where the guide's own `umount -R /mnt; cryptsetup close cryptroot` stops at "still in use"
+    said = [line.split("to close the disks after this run: ", 1)[1] for line in output.splitlines()
+            if "stays mounted at /run/tabula/btrfs/nixos" in line]
+    assert said and set(said) == {"umount -R /mnt; umount /run/tabula/btrfs/nixos; cryptsetup close cryptroot"}, \
+        output[-4000:]
+    guide_end = livevm.run("umount -R /mnt && cryptsetup close cryptroot", check=False)
+    assert guide_end.returncode != 0 and "still in use" in guide_end.stderr, guide_end
+    livevm.run(said[0].replace("umount -R /mnt; ", ""))
+    assert livevm.run("cryptsetup status cryptroot", check=False).returncode != 0
+    assert "/run/tabula" not in livevm.run("cat /proc/mounts").stdout

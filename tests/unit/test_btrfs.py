@@ -132,3 +132,16 @@ def test_swapfile_absent_present_drifted(monkeypatch):
     cow = dict(good, nocow=False, active=True)
     with pytest.raises(TabulaError, match="No_COW.*active swap"):
         run_op(monkeypatch, btrfs, btrfs.swapfile, {btrfs.SwapfileState: cow}, path=SWAPFILE, swapfile=SIZE)
+
+
+def test_a_run_says_where_the_top_level_stays_mounted_and_how_to_close_the_disks():
+    """The guide's end of install (umount -R /mnt; cryptsetup close cryptroot) fails while the top
+    level is mounted at /run/tabula/btrfs/<label>: each run that keeps it says so, with the commands
+    (run by test_btrfs_profile in the VM). A profile without btrfs subvolumes says nothing."""
+    from tests.unit.vm_vars import ZFS_VARS
+    profile = load_profile("zephyrus-btrfs", {"disk": "/dev/disk/by-id/x", "swap_size": "256M"})
+    assert btrfs.top_level_notes(profile) == [
+        "the top level of /dev/mapper/cryptroot stays mounted at /run/tabula/btrfs/nixos (the next run reads its "
+        "subvolumes there); to close the disks after this run: umount -R /mnt; umount /run/tabula/btrfs/nixos; "
+        "cryptsetup close cryptroot"]
+    assert btrfs.top_level_notes(load_profile("zfs-raidz1", ZFS_VARS)) == []

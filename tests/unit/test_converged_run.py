@@ -41,7 +41,8 @@ def installed_target(profile) -> dict:
     state = {path: {"type": "file", "mode": "644", "user": "root", "sha256": hashlib.sha256(text.encode()).hexdigest()}
              for path, text in paths.items()}
     state[f"/mnt{where.secrets_dir}"] = {"type": "directory", "mode": "700", "user": "root", "sha256": ""}
-    state.update({path: {"type": "file", "mode": "600", "user": "root", "sha256": "x"} for path in seeded})
+    state.update({path: {"type": "file", "mode": "444" if path.endswith("machine-id") else "600", "user": "root",
+                         "sha256": "x"} for path in seeded})
     needed = disks.required_tools(profile, False)
     return dict([
         (disks.ToolsPresent, {"commands": sorted(needed), "modules": []}),

@@ -9,12 +9,12 @@ import operations
 PACKAGE = Path(operations.__file__).parent
 # Modules every layer may use; they import no layer (gpt.types: the GPT type table the profile
 # model checks codes against, data only).
-SHARED = {"errors", "profile", "run", "factbatch", "target", "nixlit", "diskolit", "secrets", "nixpatch", "settings", "contract",
-          "gpt.types"}
+SHARED = {"errors", "profile", "run", "factbatch", "target", "nixlit", "diskolit", "adoptlit", "secrets", "nixpatch",
+          "settings", "contract", "gpt.types"}
 # One module or package per layer: facts, operations, Nix fragment, problems.
 LAYERS = {"gpt", "luks", "filesystems", "btrfs", "zfs", "mounts", "nixos", "persist"}
 # What orders the layers and walks the registry (``layers``): the guard, verify, gaps, the export.
-STAGES = {"stages", "layers", "disks", "nixeval", "nixfiles", "gaps", "disko", "verify"}
+STAGES = {"stages", "layers", "disks", "nixeval", "nixfiles", "gaps", "disko", "verify", "adopt"}
 LIMIT = 500         # lines: a module a reader can hold
 
 

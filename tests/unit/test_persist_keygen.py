@@ -55,7 +55,7 @@ def test_only_missing_keys_are_made(monkeypatch, tmp_path):
     from tests.unit.pyinfra_fake import run_op
 
     file = {"type": "file", "mode": "600", "user": "root", "sha256": "x"}
-    present = {f"{tmp_path}/ssh/ssh_host_ed25519_key": file, f"{tmp_path}/machine-id": file}
+    present = {f"{tmp_path}/ssh/ssh_host_ed25519_key": file, f"{tmp_path}/machine-id": {**file, "mode": "444"}}
     commands, _, _ = run_op(monkeypatch, persist, persist.host_identity, {persist.PathsState: present},
                             etc=str(tmp_path), keys=[("ed25519", None), ("rsa", 1024)])
     (command,) = commands
@@ -115,3 +115,22 @@ def test_initrd_key_op_makes_a_private_folder_and_is_kept_on_rerun(monkeypatch, 
     commands, _, noop = run_op(monkeypatch, persist, persist.initrd_host_key, {target.PathsState: present},
                                path=str(key), comment="initrd@test")
     assert commands == [] and "already exists in a 0700 folder" in noop.noops[-1]
+
+
+def test_a_machine_id_made_by_hand_is_kept_and_its_mode_set(monkeypatch, tmp_path):
+    """The guide writes /persist/etc/machine-id with a shell redirect (0644): an adopted machine's
+    deploy keeps its content and sets 0444, which verify wants (seen on a guide-made machine)."""
+    from operations import persist
+    from tests.unit.pyinfra_fake import run_op
+
+    (tmp_path / "machine-id").write_text("0123456789abcdef0123456789abcdef\n")
+    (tmp_path / "machine-id").chmod(0o644)
+    key = {"type": "file", "mode": "600", "user": "root", "sha256": "x"}
+    present = {f"{tmp_path}/ssh/ssh_host_ed25519_key": key,
+               f"{tmp_path}/machine-id": {"type": "file", "mode": "644", "user": "root", "sha256": "y"}}
+    commands, _, _ = run_op(monkeypatch, persist, persist.host_identity, {persist.PathsState: present},
+                            etc=str(tmp_path), keys=[("ed25519", None)])
+    (command,) = commands
+    assert subprocess.run(command, shell=True).returncode == 0
+    assert (tmp_path / "machine-id").read_text() == "0123456789abcdef0123456789abcdef\n"
+    assert (tmp_path / "machine-id").stat().st_mode & 0o777 == 0o444

@@ -33,3 +33,19 @@ def test_each_e2e_test_runs_once_on_one_lane():
 def test_the_lanes_name_every_profile():
     named = {name.strip() for group in (testrun.ZFS, testrun.BTRFS) for name in group.split(" or ")}
     assert named == set(profile_cases.profile_names())
+
+
+def test_the_unit_and_nix_tests_yield_the_cpu_to_the_lanes(monkeypatch):
+    """The controller's pytest runs at the lowest priority, the lanes' at the normal one: the
+    lanes' VMs decide the wall time (two nix evals at the same priority slowed both lanes)."""
+    started = []
+    monkeypatch.setattr(testrun.Lanes, "run", lambda self, where, args, env, niceness=0: started.append((where, niceness)))
+    lanes = testrun.Lanes([], 2)
+    lanes.controller()
+    lanes.lane(1)
+    assert started[0] == ("controller", 19)
+    assert {niceness for where, niceness in started[1:]} == {0}
+    # and the priority is really lowered in the child
+    said = subprocess.run([sys.executable, "-c", "import os; print(os.nice(0))"], capture_output=True, text=True,
+                          preexec_fn=testrun.lowered(testrun.CONTROLLER_NICENESS), check=True)
+    assert int(said.stdout) >= 19
