@@ -100,7 +100,8 @@ def configured_persistence(texts: dict[str, str]) -> dict | None:
         found: dict = {"root": match.group(1)}
         for key in ("directories", "files"):
             listed = re.search(key + r"\s*=\s*\[(.*?)\];", body, re.S)
-            found[key] = re.findall(_STRING, listed.group(1)) if listed else []
+            plain = re.sub(r"\{[^{}]*\}", "", listed.group(1)) if listed else ""     # attribute-set entries out
+            found[key] = [path for path in re.findall(_STRING, plain) if path.startswith("/")]
         return found
     return None
 

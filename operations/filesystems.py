@@ -143,11 +143,13 @@ class FilesystemsLayer(Layer):
     def adopt(self, found, draft) -> None:
         """Each filesystem on a partition or an opened container: its format, label, mount point
         and options; swap (a swap partition without a signature is keyed at random at boot). A
-        root of ext4, f2fs or vfat is refused: nothing rolls it back at boot."""
+        filesystem mounted whole at / is refused: nothing rolls it back at boot."""
         for device in draft.adopted_devices():
             seen = found.device(device) or {}
             fstype, mounts = seen.get("fstype"), found.mounts_of(device)
             code = (draft.gpt_code(device) or "").upper()
+            if draft.contents.get(device, {}).get("type") == "luks":
+                continue                                  # an open container: the luks layer's
             if fstype == "swap" or (code == "8200" and fstype in (None, "crypto_LUKS")):
                 node = {"type": "swap"}
                 if fstype != "swap":
@@ -171,7 +173,7 @@ class FilesystemsLayer(Layer):
             whole = {mp: m for mp, m in mounts.items() if m["root"] == "/"}
             if whole:
                 mountpoint, mount = sorted(whole.items())[0]
-                if mountpoint == "/" and fstype != "btrfs":
+                if mountpoint == "/":
                     draft.refuse(device, f"a plain {fstype} root: nothing rolls it back at boot (an ephemeral "
                                          f"root is {EPHEMERAL_ROOTS})")
                     continue

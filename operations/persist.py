@@ -142,8 +142,8 @@ def host_identity(run: Run, etc: str, keys: list[tuple[str, int | None]], commen
                 for key_type, bits in keys if key_paths[key_type] not in state]
     if machine_id not in state:
         commands.append(StringCommand("sh", "-c", QuoteString(MACHINE_ID_SCRIPT), "machine-id", QuoteString(machine_id)))
-    # Kept as they are, but for a mode looser than the profile's (a machine-id written by hand,
-    # as the guide does, is 0644): the content stays, the mode is set.
+    # Kept as they are, but for a mode other than the profile's (a machine-id written by hand, as
+    # the guide does, is 0644): the content stays, the mode is set to what verify checks.
     modes = {**{path: "600" for path in key_paths.values()}, machine_id: "444"}
     loose = {path: mode for path, mode in modes.items() if state.get(path, {}).get("type") == "file"
              and state[path]["mode"] != mode}

@@ -59,9 +59,10 @@ UNIT_AND_NIX = ["tests/unit", "tests/nix"]
 CONTROLLER_NICENESS = 19
 
 
-def lowered(niceness: int):
-    """What the child runs before pytest: its CPU priority lowered by ``niceness`` (none for 0)."""
-    return (lambda: os.nice(niceness)) if niceness else None
+def lowered(niceness: int) -> list[str]:
+    """The command a child starts under: ``nice`` lowering its CPU priority (nothing for 0). (Not a
+    preexec_fn: the lanes start their children from threads, where that is unsafe.)"""
+    return ["nice", "-n", str(niceness)] if niceness else []
 
 
 def planned_files() -> set[str]:
@@ -87,9 +88,8 @@ class Lanes:
     def run(self, where: str, args: list[str], env: dict, niceness: int = 0) -> None:
         started = time.monotonic()
         with tempfile.TemporaryFile("w+") as log:
-            child = subprocess.Popen([sys.executable, "-m", "pytest", *self.options, *args], cwd=PROJECT, env=env,
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     preexec_fn=lowered(niceness))
+            child = subprocess.Popen([*lowered(niceness), sys.executable, "-m", "pytest", *self.options, *args],
+                                     cwd=PROJECT, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             with self.lock:
                 self.children.add(child)
             status = child.wait()

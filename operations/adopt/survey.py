@@ -189,10 +189,7 @@ class Found:
     def real(self, device: str) -> str:
         if device in self.ids:
             return self.ids[device]
-        for known in self.devices:          # /dev/mapper/x is listed as itself, dm-N as its mapper
-            if known["name"] == device:
-                return device
-        return device
+        return device                       # (lsblk -p lists a mapping as /dev/mapper/<name>, as mounts do)
 
 
 def survey(run: Run, root: str) -> Found:

@@ -90,17 +90,20 @@ def adopt_top(found, device: str) -> str:
 
 
 def blank_snapshots(top: dict[str, dict]) -> dict[str, str]:
-    """{subvolume: its blank snapshot} among top-level subvolumes (BtrfsSubvolumes' form): a
-    read-only snapshot of it (its parent_uuid is the subvolume's), or, on a booted system whose
-    root was restored from the snapshot, the read-only subvolume it is a snapshot of."""
+    """{subvolume: its blank snapshot} among top-level subvolumes (BtrfsSubvolumes' form): an
+    empty read-only snapshot of it (its parent_uuid is the subvolume's), or, on a booted system
+    whose root was restored from the snapshot, the empty read-only subvolume it is a snapshot of."""
     by_uuid = {sub["uuid"]: path for path, sub in top.items() if sub.get("uuid")}
     found = {}
-    for path, sub in top.items():
-        if sub["ro"] and by_uuid.get(sub["parent_uuid"]) and not top[by_uuid[sub["parent_uuid"]]]["ro"]:
-            found[by_uuid[sub["parent_uuid"]]] = path
+    # (empty: a read-only snapshot holding data is a backup; rolling back to it would be wrong)
     for path, sub in top.items():
         origin = by_uuid.get(sub["parent_uuid"])
-        if not sub["ro"] and path not in found and origin and top[origin]["ro"] and origin not in found.values():
+        if sub["ro"] and sub["empty"] and origin and not top[origin]["ro"]:
+            found[origin] = path
+    for path, sub in top.items():
+        origin = by_uuid.get(sub["parent_uuid"])
+        if (not sub["ro"] and path not in found and origin and top[origin]["ro"] and top[origin]["empty"]
+                and origin not in found.values()):
             found[path] = origin
     return found
 

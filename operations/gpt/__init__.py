@@ -254,6 +254,8 @@ class GptLayer(Layer):
         number = 0
         for disk in [d for d in found.devices if d["type"] == "disk"]:
             name, table = disk["name"], found.fact(PartitionTable, disk=disk["name"])
+            if name.startswith("/dev/zram"):
+                continue                    # compressed swap in RAM (a booted NixOS's zramSwap), no disk
             if found.in_use_outside(name):
                 draft.infer(f"{name} left out: the running system uses it ({', '.join(found.in_use_outside(name))})")
                 continue
@@ -273,7 +275,7 @@ class GptLayer(Layer):
             for position, entry in enumerate(table["partitions"], start=1):
                 problem = adopted_entry_problem(position, entry)
                 if problem:
-                    draft.refuse(entry["node"], problem)
+                    draft.refuse(entry["node"], f"{problem} (the disk {name} is left out)")
                     break
                 size = entry["size"] * table["sectorsize"]
                 end = entry["start"] + entry["size"] - 1

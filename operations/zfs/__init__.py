@@ -67,14 +67,29 @@ def pool_view(run: Run, pool_def: Pool) -> PoolView:
 _ENCRYPTION_PROPERTIES = ("encryption", "keyformat", "keylocation", "pbkdf2iters")
 
 
-def local_properties(props: dict) -> dict[str, str]:
-    """The properties set on a dataset itself (``zfs get``'s source ``local``)."""
-    return {key: value for key, (value, source) in props.items()
-            if source == "local" and key not in _ENCRYPTION_PROPERTIES}
+def local_properties(props: dict, root: str) -> dict[str, str]:
+    """The properties set on a dataset itself (``zfs get``'s source ``local``); a mount point as
+    the installed system has it (a pool imported under ``root`` shows it below the altroot)."""
+    found = {key: value for key, (value, source) in props.items()
+             if source == "local" and key not in _ENCRYPTION_PROPERTIES}
+    if root != "/" and found.get("mountpoint", "").startswith(root.rstrip("/") + "/"):
+        found["mountpoint"] = found["mountpoint"][len(root.rstrip("/")):]
+    return found
+
+
+def unadoptable_pool(topology: dict, root_props: dict) -> str | None:
+    """Why a pool's layout is not one a profile can hold, or None."""
+    if any(not isinstance(member, str) for member in topology.get("log", []) + topology.get("cache", [])):
+        return "a mirrored log or cache: a profile lists log and cache members as single devices"
+    if topology.get("spare"):
+        return "hot spares: a profile has no place for them"
+    if root_props.get("encryption", ("off",))[0] not in ("off", "-"):
+        return "its root dataset is encrypted: a profile encrypts datasets below the root only"
+    return None
 
 
 def adopted_dataset(found, draft, pool_name: str, full: str, props: dict, datasets: dict) -> dict:
-    node: dict = {"name": full.removeprefix(f"{pool_name}/"), "properties": local_properties(props)}
+    node: dict = {"name": full.removeprefix(f"{pool_name}/"), "properties": local_properties(props, found.root)}
     mounts = found.mounts_of(full)
     if mounts:
         mountpoint = sorted(mounts)[0]
@@ -165,6 +180,11 @@ class ZfsLayer(Layer):
                                     f"{pool_name}) and adopt again")
         for pool_name in found.pools:
             topology = found.fact(ZfsPoolState, pool_name=pool_name).get("topology", {})
+            datasets = found.fact(ZfsPoolDatasets, pool_name=pool_name)
+            problem = unadoptable_pool(topology, datasets.get(pool_name, {}))
+            if problem:
+                draft.refuse(pool_name, problem)
+                continue
             members = [dev for _, group in topology.get("vdevs", []) for dev in group]
             members += topology.get("log", []) + topology.get("cache", [])
             outside = [dev for dev in members if dev not in adopted or not (found.device(dev) or {}).get("partlabel")]
@@ -174,7 +194,6 @@ class ZfsLayer(Layer):
             label = {dev: found.device(dev)["partlabel"] for dev in members}
             for dev in members:
                 draft.content(dev, {"type": "zfs", "pool": pool_name})
-            datasets = found.fact(ZfsPoolDatasets, pool_name=pool_name)
             draft.pools[pool_name] = {
                 "name": pool_name,
                 "vdevs": [{"mode": mode, "members": [label[d] for d in group]} for mode, group in topology["vdevs"]],
@@ -182,7 +201,7 @@ class ZfsLayer(Layer):
                 "cache": [label[d] for d in topology.get("cache", [])],
                 "options": {"ashift": found.fact(ZpoolProperties, pool_name=pool_name, properties=("ashift",))
                             .get("ashift", "0")},
-                "root_properties": local_properties(datasets.get(pool_name, {})),
+                "root_properties": local_properties(datasets.get(pool_name, {}), found.root),
                 "datasets": [adopted_dataset(found, draft, pool_name, full, props, datasets)
                              for full, props in sorted(datasets.items()) if "@" not in full and full != pool_name],
             }

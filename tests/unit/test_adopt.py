@@ -29,6 +29,10 @@ def test_a_blank_snapshot_is_found_after_the_install_and_on_the_booted_system():
     alone = {path: dict(sub) for path, sub in installed.items()}
     alone["@root-blank"]["parent_uuid"] = None
     assert btrfs.blank_snapshots(alone) == {}
+    # a read-only snapshot that holds data is a backup, never a blank to roll back to
+    backup = {path: dict(sub) for path, sub in installed.items()}
+    backup["@root-blank"]["empty"] = False
+    assert btrfs.blank_snapshots(backup) == {}
 
 
 def test_mount_options_read_back_keep_what_the_profile_mounts_with():
@@ -103,3 +107,50 @@ def test_a_bad_adopt_setting_is_named():
         load_adopt_settings({"tabula_adopt_profile": "out.txt"})
     assert str(bad.value) == "tabula_adopt_profile: must be a path ending in .yaml, got 'out.txt'"
     assert str(load_adopt_settings({}).destination("install-target")).endswith("profiles/adopted-install-target.yaml")
+
+
+@pytest.mark.parametrize("signature", ["LVM2_member", "linux_raid_member", "xfs"])
+def test_lvm_mdraid_and_other_filesystems_are_refused_with_their_device(signature):
+    """The gpt and filesystems layers' adoption of a disk whose partition holds LVM, mdraid or a
+    filesystem no profile describes: the partition is kept, its content refused by name."""
+    from operations import filesystems, gpt
+    from operations.run import request_key
+
+    devices = [{"name": "/dev/vdb", "type": "disk", "size": 4 * 1024**3, "serial": "TABULA-RZ1", "partlabel": None,
+                "fstype": None, "label": None, "parent": None, "mountpoints": []},
+               {"name": "/dev/vdb1", "type": "part", "size": 1024**3, "serial": None, "partlabel": "data",
+                "fstype": signature, "label": None, "parent": "/dev/vdb", "mountpoints": []}]
+    table = {"label": "gpt", "device": "/dev/vdb", "sectorsize": 512, "lastlba": 8388574,
+             "partitions": [{"node": "/dev/vdb1", "number": 1, "start": 2048, "size": 2097152, "code": "8E00",
+                             "name": "data"}]}
+    found = Found(root="/mnt", devices=devices, ids={"/dev/disk/by-id/virtio-TABULA-RZ1": "/dev/vdb"}, mounts={}, pools=[])
+    found.facts[request_key(gpt.PartitionTable, {"disk": "/dev/vdb"})] = table
+    made = Draft(found, "adopted-t", "t")
+    gpt.LAYER.adopt(found, made)
+    filesystems.LAYER.adopt(found, made)
+    assert made.disks == {"disk1": {"device": "/dev/disk/by-id/virtio-TABULA-RZ1", "serial": "TABULA-RZ1", "partitions": [
+        {"label": "data", "type": "8e00", "size": "1GiB", "kernel_name": "/dev/vdb1"}]}}
+    assert made.refused == [f"/dev/vdb1: {signature}: not a filesystem a profile describes "
+                            "(btrfs, ext4, f2fs, vfat, swap, LUKS, ZFS)"]
+
+
+def test_pools_a_profile_cannot_hold_are_named_and_mount_points_lose_the_altroot():
+    from operations.zfs import local_properties, unadoptable_pool
+
+    plain = {"vdevs": [("raidz1", ["/dev/vdb1", "/dev/vdc1", "/dev/vdd1"])], "log": ["/dev/vda3"], "cache": [], "spare": []}
+    assert unadoptable_pool(plain, {"encryption": ("off", "default")}) is None
+    assert unadoptable_pool({**plain, "log": [("mirror", ["/dev/a", "/dev/b"])]}, {}).startswith("a mirrored log")
+    assert unadoptable_pool({**plain, "spare": ["/dev/vde1"]}, {}) == "hot spares: a profile has no place for them"
+    assert unadoptable_pool(plain, {"encryption": ("aes-256-gcm", "local")}).startswith("its root dataset is encrypted")
+    props = {"mountpoint": ("/mnt/home", "local"), "compression": ("zstd", "local"), "atime": ("on", "default"),
+             "keylocation": ("prompt", "local")}
+    assert local_properties(props, "/mnt") == {"mountpoint": "/home", "compression": "zstd"}
+    assert local_properties(props, "/") == {"mountpoint": "/mnt/home", "compression": "zstd"}
+
+
+def test_persistence_entries_given_as_attribute_sets_are_left_out():
+    text = {"c": 'environment.persistence."/persist" = {\n directories = [\n "/var/lib/nixos"\n'
+                 '  { directory = "/var/lib/colord"; user = "colord"; mode = "u=rwx,g=rx,o="; }\n ];\n'
+                 ' files = [ "/etc/machine-id" ];\n};'}
+    assert configured_persistence(text) == {"root": "/persist", "directories": ["/var/lib/nixos"],
+                                            "files": ["/etc/machine-id"]}

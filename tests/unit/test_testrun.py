@@ -46,6 +46,6 @@ def test_the_unit_and_nix_tests_yield_the_cpu_to_the_lanes(monkeypatch):
     assert started[0] == ("controller", 19)
     assert {niceness for where, niceness in started[1:]} == {0}
     # and the priority is really lowered in the child
-    said = subprocess.run([sys.executable, "-c", "import os; print(os.nice(0))"], capture_output=True, text=True,
-                          preexec_fn=testrun.lowered(testrun.CONTROLLER_NICENESS), check=True)
+    said = subprocess.run([*testrun.lowered(testrun.CONTROLLER_NICENESS), sys.executable, "-c",
+                           "import os; print(os.nice(0))"], capture_output=True, text=True, check=True)
     assert int(said.stdout) >= 19
