@@ -7,7 +7,8 @@
   A deploy with the adopted profile plans no change to any disk layer: no wipe, no format, no
   re-creation, nothing mounted again.
 - What no profile can express is described with its device and refused, no file written; with
-  ``tabula_adopt_partial=true`` the profile is written without it, saying so.
+  ``tabula_adopt_partial=true`` the profile is written without it, saying so (a root nothing rolls
+  back: tests/e2e/test_bad_input.py).
 """
 from __future__ import annotations
 
@@ -128,23 +129,6 @@ def test_what_no_profile_can_express_is_refused_and_a_partial_profile_says_what_
     original = load_profile("zephyrus-btrfs", state.variables)
     assert {k: v for k, v in layout(adopted)["disks"].items() if k != livevm.stable_path("TABULA-RZ1")} == \
         layout(original)["disks"]
-
-
-def test_a_plain_ext4_root_is_described_and_refused(clean_disks, livevm, run_pyinfra, tmp_path):
-    disk = livevm.disk_by_serial("TABULA-SSD")
-    livevm.run(f"sgdisk -n 1:0:+256M -t 1:ef00 -c 1:ESP -n 2:0:0 -t 2:8300 -c 2:root {disk} && udevadm settle && "
-               "mkfs.vfat -F 32 /dev/disk/by-partlabel/ESP >/dev/null && mkfs.ext4 -q -L nixos /dev/disk/by-partlabel/root && "
-               "mount /dev/disk/by-partlabel/root /mnt && mkdir -p /mnt/boot && mount /dev/disk/by-partlabel/ESP /mnt/boot")
-    root = livevm.run("readlink -f /dev/disk/by-partlabel/root").stdout.strip()
-    try:
-        destination = tmp_path / "adopted.yaml"
-        result, output = adopt(livevm, run_pyinfra, destination, "--data", "tabula_adopt_partial=true")
-    finally:
-        livevm.run("umount -R /mnt")
-    assert result.returncode != 0 and not destination.exists()
-    said = re.findall(r"^\s*(/dev/\S+: .*)$", output, re.M)
-    assert f"{root}: a plain ext4 root: nothing rolls it back at boot (an ephemeral root is a tmpfs, a btrfs " \
-           "subvolume with a blank snapshot or a ZFS dataset with @empty)" in said, output[-3000:]
 
 
 def test_a_machine_made_by_the_guides_commands_is_adopted_and_deployed_over(

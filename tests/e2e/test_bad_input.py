@@ -297,3 +297,24 @@ def test_refused_before_any_change(case: Case, livevm, blank_sums, tmp_path):
     finally:
         if case.prepare:
             states.blank(livevm)      # (whatever it prepared, mounted or moved aside: all put back)
+
+
+def test_adopt_describes_and_refuses_a_plain_ext4_root(clean_disks, livevm, run_pyinfra, tmp_path):
+    """adopt.py on a machine whose root is a plain ext4 (nothing rolls it back at boot): the root
+    is named with its device and why, and no profile is written, even partial (#22)."""
+    from tests.e2e.test_adopt import adopt
+
+    disk = livevm.disk_by_serial("TABULA-SSD")
+    livevm.run(f"sgdisk -n 1:0:+256M -t 1:ef00 -c 1:ESP -n 2:0:0 -t 2:8300 -c 2:root {disk} && udevadm settle && "
+               "mkfs.vfat -F 32 /dev/disk/by-partlabel/ESP >/dev/null && mkfs.ext4 -q -L nixos /dev/disk/by-partlabel/root && "
+               "mount /dev/disk/by-partlabel/root /mnt && mkdir -p /mnt/boot && mount /dev/disk/by-partlabel/ESP /mnt/boot")
+    root = livevm.run("readlink -f /dev/disk/by-partlabel/root").stdout.strip()
+    try:
+        destination = tmp_path / "adopted.yaml"
+        result, output = adopt(livevm, run_pyinfra, destination, "--data", "tabula_adopt_partial=true")
+    finally:
+        livevm.run("umount -R /mnt")
+    assert result.returncode != 0 and not destination.exists()
+    said = re.findall(r"^\s*(/dev/\S+: .*)$", output, re.M)
+    assert f"{root}: a plain ext4 root: nothing rolls it back at boot (an ephemeral root is a tmpfs, a btrfs " \
+           "subvolume with a blank snapshot or a ZFS dataset with @empty)" in said, output[-3000:]
