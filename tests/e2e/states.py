@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tests import profile_cases
 from tests.e2e.faults import CmdlineSampler
-from tools.livevm import PROJECT_DIR, LiveVM, project_files
+from tools.livevm import PROJECT_DIR, LiveVM, SavevmHung, project_files
 
 # What decides a state, besides its data: the deploy (code, profiles, templates) and the test bed.
 STATE_SOURCES = ("deploy.py", "operations/", "profiles/", "templates/", "group_data/", "tools/guest/",
@@ -87,7 +87,11 @@ def restore_or_make(vm: LiveVM, name: str, make) -> None:
         if stale.rsplit("-", 1)[0] == kind:
             vm.delete_state(stale)
     make()
-    vm.save_state(name)
+    try:
+        vm.save_state(name)
+    except SavevmHung:
+        make()                      # on the VM booted afresh (the save hung, rarely: livevm.SavevmHung)
+        vm.save_state(name)
 
 
 def blank(vm: LiveVM) -> None:
