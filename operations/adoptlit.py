@@ -16,7 +16,7 @@ KERNEL_OPTIONS = {"rw", "relatime", "seclabel", "subvol", "subvolid", "space_cac
                   "flush_merge", "extent_cache", "mode", "active_logs", "alloc_mode", "fsync_mode",
                   "checkpoint_merge", "discard_unit", "memory", "background_gc", "data", "utf8", "barrier",
                   "nodiscard", "nouser_xattr", "noinline_data", "lazytime", "nogc_merge", "age_extent_cache",
-                  "errors", "compress_log_size", "noquota"}
+                  "compress_log_size", "noquota"}
 
 
 # What the initrd need not mount: everything else is mounted there (``neededForBoot``), as

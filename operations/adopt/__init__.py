@@ -4,7 +4,7 @@ commands, with disko, by hand), so verify, gaps, the rescue and in-place changes
 
     run = Run(host, None, LAYERS)
     found = survey(run, root)                    # operations/adopt/survey.py: read only
-    draft = Draft(found, "adopted-laptop")
+    draft = Draft(found, "adopted-laptop", host="laptop")
     for layer in LAYERS:
         layer.adopt(found, draft)                # each layer describes its own nodes (the contract)
     text = draft.yaml()                          # the profile, with what was inferred in comments
