@@ -26,6 +26,15 @@ NOT_NEEDED_FOR_BOOT = ("/", "/boot", "/tmp", "/swap")
 EPHEMERAL_ROOTS = ("a tmpfs, a btrfs subvolume with a blank snapshot or a ZFS dataset with @empty")
 
 
+def mounted_at(mountpoint: str, options: list[str]) -> dict:
+    """A node's mount as a profile holds it: where, its options as a user writes them, and
+    ``needed_for_boot`` (inferred: every mount but NOT_NEEDED_FOR_BOOT)."""
+    node = {"mountpoint": mountpoint, "mount_options": user_options(options)}
+    if mountpoint not in NOT_NEEDED_FOR_BOOT:
+        node["needed_for_boot"] = True
+    return node
+
+
 def size_text(size: int) -> str:
     """Bytes as the largest exact binary unit: 1073741824 -> 1GiB, 3221225472 -> 3GiB."""
     for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):

@@ -10,7 +10,7 @@ import shlex
 
 from pyinfra.api import QuoteString, StringCommand
 
-from operations.adoptlit import EPHEMERAL_ROOTS, NOT_NEEDED_FOR_BOOT, user_options
+from operations.adoptlit import EPHEMERAL_ROOTS, mounted_at
 from operations.contract import Layer, Target
 from operations.diskolit import bind_hooks, mounted
 from operations.errors import TabulaError
@@ -177,9 +177,7 @@ class FilesystemsLayer(Layer):
                     draft.refuse(device, f"a plain {fstype} root: nothing rolls it back at boot (an ephemeral "
                                          f"root is {EPHEMERAL_ROOTS})")
                     continue
-                node.update({"mountpoint": mountpoint, "mount_options": user_options(mount["options"])})
-                if mountpoint not in NOT_NEEDED_FOR_BOOT:
-                    node["needed_for_boot"] = True
+                node.update(mounted_at(mountpoint, mount["options"]))
             draft.content(device, node)
 
     def applies(self, profile: Profile) -> bool:

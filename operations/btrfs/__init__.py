@@ -28,7 +28,8 @@ from operations.btrfs.rollback import (ROLLBACK_MOUNTDIR, BlankProblem, blank_pr
                                        rollback_script)
 from operations.btrfs.subvolumes import subvolumes, top_level
 from operations.btrfs.swapfile import swapfile, swapfile_commands, swapfile_problems
-from operations.adoptlit import EPHEMERAL_ROOTS, NOT_NEEDED_FOR_BOOT, size_text, user_options
+from operations.adoptlit import EPHEMERAL_ROOTS, size_text
+from operations.adoptlit import mounted_at as mount_fields
 from operations.contract import Layer, Target
 from operations.diskolit import Script, bind_hooks, disko_size, mounted, new_flag
 from operations.filesystems import formatted_node
@@ -181,10 +182,7 @@ class BtrfsLayer(Layer):
                 entry: dict = {"path": path}
                 mounted_at = sorted(mp for mp, m in mounts.items() if m["root"].lstrip("/") == path)
                 if mounted_at:
-                    entry["mountpoint"] = mounted_at[0]
-                    entry["mount_options"] = user_options(mounts[mounted_at[0]]["options"])
-                    if mounted_at[0] not in NOT_NEEDED_FOR_BOOT:
-                        entry["needed_for_boot"] = True
+                    entry.update(mount_fields(mounted_at[0], mounts[mounted_at[0]]["options"]))
                     swap = found.fact(SwapfileState, path=f"{found.root.rstrip('/')}{mounted_at[0].rstrip('/')}/swapfile")
                     if swap and swap["swap"]:
                         entry["swapfile"] = {"size": size_text(swap["size"])}

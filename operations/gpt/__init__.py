@@ -256,8 +256,9 @@ class GptLayer(Layer):
             name, table = disk["name"], found.fact(PartitionTable, disk=disk["name"])
             if name.startswith("/dev/zram"):
                 continue                    # compressed swap in RAM (a booted NixOS's zramSwap), no disk
-            if found.in_use_outside(name):
-                draft.infer(f"{name} left out: the running system uses it ({', '.join(found.in_use_outside(name))})")
+            in_use = found.in_use_outside(name)
+            if in_use:
+                draft.infer(f"{name} left out: the running system uses it ({', '.join(in_use)})")
                 continue
             if table is None:
                 if disk["fstype"]:

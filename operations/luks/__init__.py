@@ -237,8 +237,9 @@ class LuksLayer(Layer):
     def adopt(self, found, draft) -> None:
         """Each LUKS header: its version, key derivation, the open mapping's name and flags, a
         TPM2 token. A closed container's content cannot be read: refused (open it first)."""
+        adopted = set(draft.adopted_devices())
         for device in [d["name"] for d in found.devices if d["fstype"] == "crypto_LUKS"]:
-            if device not in draft.adopted_devices():
+            if device not in adopted:
                 continue
             mapper = open_mapper(found, device)
             if not mapper and (draft.gpt_code(device) or "") == "8200":

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import shlex
 
-from operations.adoptlit import EPHEMERAL_ROOTS, NOT_NEEDED_FOR_BOOT, user_options
+from operations.adoptlit import EPHEMERAL_ROOTS, mounted_at
 from operations.contract import Layer, Target
 from operations.diskolit import DiskoError, Script, new_flag
 from operations.nixlit import DeviceIds, NixFragments
@@ -93,9 +93,7 @@ def adopted_dataset(found, draft, pool_name: str, full: str, props: dict, datase
     mounts = found.mounts_of(full)
     if mounts:
         mountpoint = sorted(mounts)[0]
-        node.update({"mountpoint": mountpoint, "mount_options": user_options(mounts[mountpoint]["options"])})
-        if mountpoint not in NOT_NEEDED_FOR_BOOT:
-            node["needed_for_boot"] = True
+        node.update(mounted_at(mountpoint, mounts[mountpoint]["options"]))
     if f"{full}@{EMPTY_SNAPSHOT}" in datasets:
         node["empty_snapshot"] = True
     elif node.get("mountpoint") == "/":
